@@ -1,0 +1,165 @@
+"""The `lenet-tf` command line: the only module that knows about flags.
+
+Subcommands: train (the default of train.py), summary, export, evaluate,
+predict, tensorboard. Every mistake a user can make ends in one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from lenet_tf.config import (
+    ACTIVATIONS, DATASETS, EXPORT_FORMATS, POOLINGS, PRESETS, STRATEGIES, TrainConfig, preset,
+)
+from lenet_tf.errors import UsageError
+
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) buries the output
+# users care about; keep warnings and errors unless the user chose otherwise.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default=defaults.dataset, help="which dataset (default: %(default)s)")
+    data.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the four IDX files (.gz or not). Default: $LENET_TF_DATA_DIR, then "
+        "/usr/share/datasets/fashion-mnist, then ~/.keras/datasets/<name>, then tensorflow_datasets",
+    )
+    data.add_argument("--limit-train", type=int, default=None, help="train on the first N examples only (default: all)")
+    data.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N examples only (default: all)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", choices=PRESETS, default="classic", help="named configuration (default: %(default)s)")
+    model.add_argument("--activation", choices=ACTIVATIONS, help=f"default: {defaults.activation}")
+    model.add_argument("--pooling", choices=POOLINGS, help=f"default: {defaults.pooling}")
+    model.add_argument("--conv-filters", type=_int_list, help="filters per conv layer, comma-separated (default: 6,16)")
+    model.add_argument("--kernel-size", type=int, help=f"conv kernel size (default: {defaults.kernel_size})")
+    model.add_argument("--dense-units", type=_int_list, help="hidden dense widths, comma-separated (default: 120,84)")
+    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="batch normalisation after each conv/dense layer (default: off)")
+    model.add_argument("--dropout", type=float, help=f"dropout after hidden dense layers (default: {defaults.dropout})")
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--learning-rate", type=float, help=f"SGD learning rate (default: {defaults.learning_rate})")
+    optimisation.add_argument("--batch-size", type=int, help=f"per-replica batch size (default: {defaults.batch_size})")
+    optimisation.add_argument("--epochs", type=int, help=f"default: {defaults.epochs}")
+    optimisation.add_argument("--seed", type=int, help=f"random seed (default: {defaults.seed})")
+
+    runtime = parser.add_argument_group("runtime and outputs")
+    runtime.add_argument("--strategy", choices=STRATEGIES, help="tf.distribute strategy; auto = mirrored on GPUs, default on CPU (default: auto)")
+    runtime.add_argument("--worker-hosts", type=_str_list, help="multi-worker: comma-separated host:port of every worker (default: use TF_CONFIG)")
+    runtime.add_argument("--task-index", type=int, help="multi-worker: this worker's index in --worker-hosts")
+    runtime.add_argument("--run-dir", help="where config, logs, checkpoints and metrics go (default: runs/<dataset>)")
+    runtime.add_argument("--export-dir", help=f"where exported models go (default: {defaults.export_dir})")
+    runtime.add_argument("--model-name", help="exports go to <export-dir>/<model-name>/<version> (default: lenet_<dataset>)")
+    runtime.add_argument(
+        "--format", dest="export_formats", type=_str_list,
+        help=f"comma list of {', '.join(EXPORT_FORMATS)}; empty string disables export (default: saved_model,tflite)",
+    )
+    runtime.add_argument("--tensorboard-update-freq", help="'epoch', 'batch' or N batches (default: epoch)")
+    runtime.add_argument("--histogram-freq", type=int, help="weight histograms every N epochs, 0 = off (default: 0)")
+    runtime.add_argument("--profile-batch", help="profile this batch range, e.g. 10,20 (default: off)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Starts from the preset and overrides every field the user gave."""
+    config = preset(args.preset)
+    for name in TrainConfig.__dataclass_fields__:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    if args.run_dir is None:
+        config.run_dir = f"runs/{config.dataset}"
+    return config.validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lenet-tf", description="Train, export and serve LeNet-5 on Fashion-MNIST and MNIST.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train, evaluate and export a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_train_flags(train)
+    train.add_argument("--summary", action="store_true", help="print the layer summary and exit without training")
+
+    summary = commands.add_parser("summary", help="print each layer's output shape and parameters")
+    _add_train_flags(summary)
+
+    export = commands.add_parser("export", help="export a run's checkpoint without retraining")
+    export.add_argument("--run-dir", required=True, help="a run directory written by `lenet-tf train`")
+    export.add_argument("--format", dest="export_formats", type=_str_list, help=f"comma list of {', '.join(EXPORT_FORMATS)} (default: the run's)")
+    export.add_argument("--export-dir", help="where to write (default: the run's)")
+    return parser
+
+
+def _train(args) -> int:
+    config = config_from_args(args)
+    if args.summary:
+        return _summary_for(config)
+    from lenet_tf.train import train_and_evaluate
+
+    train_and_evaluate(config)
+    return 0
+
+
+def _summary(args) -> int:
+    return _summary_for(config_from_args(args))
+
+
+def _summary_for(config: TrainConfig) -> int:
+    from lenet_tf.model import build_model, layer_summary
+
+    layer_summary(build_model(config), sys.stdout)
+    return 0
+
+
+def _export(args) -> int:
+    from lenet_tf.export import export_from_run_dir
+
+    result = export_from_run_dir(args.run_dir, args.export_formats, args.export_dir)
+    for name, path in result.artifacts.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+HANDLERS = {"train": _train, "summary": _summary, "export": _export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return HANDLERS[args.command](args)
+    except UsageError as error:
+        print(f"lenet-tf {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"lenet-tf {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""One typed config for every knob of a run, with named presets.
+
+The CLI is the only place that knows about flags: it turns them into a
+`TrainConfig` and hands that to the library. Tests build configs directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lenet_tf.errors import UsageError
+
+DATASETS = ("fashion_mnist", "mnist")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
+ACTIVATIONS = ("sigmoid", "relu")
+POOLINGS = ("avg", "max")
+EXPORT_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8")
+PRESETS = ("classic",)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a run computes and where it writes.
+
+    The defaults are the book's classic LeNet-5 run (D2L, chapter 7.6):
+    sigmoid activations, average pooling, SGD at learning rate 0.9, batch 256,
+    10 epochs.
+    """
+
+    # --- data -------------------------------------------------------------
+    dataset: str = "fashion_mnist"
+    # A folder holding the four IDX files; None searches the usual places
+    # (see lenet_tf.data.find_data_dir).
+    data_dir: str | None = None
+    # Train/evaluate on the first N examples only; None uses the whole split.
+    # Handy for quick runs and tests.
+    limit_train: int | None = None
+    limit_test: int | None = None
+
+    # --- model ------------------------------------------------------------
+    activation: str = "sigmoid"  # The book's LeNet predates ReLU.
+    pooling: str = "avg"  # LeNet-5 subsamples by averaging.
+    conv_filters: tuple[int, ...] = (6, 16)  # One entry per conv layer.
+    kernel_size: int = 5
+    dense_units: tuple[int, ...] = (120, 84)  # Hidden dense layers before the 10 logits.
+    batch_norm: bool = False
+    dropout: float = 0.0  # Dropout rate after each hidden dense layer; 0 disables it.
+
+    # --- optimisation -----------------------------------------------------
+    learning_rate: float = 0.9  # Large, because sigmoid nets train slowly with plain SGD.
+    # Per-replica batch; the global batch is this times the number of replicas,
+    # so one CPU or one GPU sees the book's batch of 256.
+    batch_size: int = 256
+    epochs: int = 10
+    seed: int = 0
+
+    # --- runtime ----------------------------------------------------------
+    strategy: str = "auto"
+    # Multi-worker training without TF_CONFIG: every worker's host:port and
+    # this process's index among them.
+    worker_hosts: tuple[str, ...] = ()
+    task_index: int | None = None
+    run_dir: str = "runs/fashion_mnist"
+    export_dir: str = "exports"
+    # Exports go to <export_dir>/<model_name>/<version>/; None means "lenet_<dataset>".
+    model_name: str | None = None
+    export_formats: tuple[str, ...] = ("saved_model", "tflite")
+    # TensorBoard: "epoch" keeps the overhead of per-batch writes away.
+    tensorboard_update_freq: str = "epoch"
+    histogram_freq: int = 0
+    # "start,stop" batch range to profile; empty disables the profiler.
+    profile_batch: str = ""
+
+    def validate(self) -> "TrainConfig":
+        """Raises UsageError naming the first bad field; returns self."""
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("pooling", self.pooling, POOLINGS)
+        for name in ("epochs", "batch_size", "kernel_size"):
+            _positive(name, getattr(self, name))
+        for name in ("limit_train", "limit_test"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if not self.learning_rate > 0:
+            raise UsageError(f"--learning-rate must be a positive number (got {self.learning_rate})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if not self.conv_filters:
+            raise UsageError("--conv-filters needs at least one conv layer, e.g. 6,16")
+        for name in ("conv_filters", "dense_units"):
+            for value in getattr(self, name):
+                _positive(name, value)
+        for export_format in self.export_formats:
+            _choice("format", export_format, EXPORT_FORMATS)
+        if self.export_formats and "saved_model" not in self.export_formats:
+            # Every TFLite variant is converted from the SavedModel.
+            raise UsageError("--format must include saved_model: the TFLite files are converted from it")
+        if self.histogram_freq < 0:
+            raise UsageError(f"--histogram-freq must be 0 or more (got {self.histogram_freq})")
+        if self.tensorboard_update_freq not in ("epoch", "batch") and not self.tensorboard_update_freq.isdigit():
+            raise UsageError(
+                f"--tensorboard-update-freq must be 'epoch', 'batch' or a number of batches "
+                f"(got {self.tensorboard_update_freq!r})"
+            )
+        if self.worker_hosts and self.task_index is None:
+            raise UsageError("--worker-hosts needs --task-index (this worker's position in the list)")
+        if self.task_index is not None and not 0 <= self.task_index < max(len(self.worker_hosts), 1):
+            raise UsageError(
+                f"--task-index {self.task_index} is outside --worker-hosts (0..{len(self.worker_hosts) - 1})"
+            )
+        return self
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def write(self, path: Path) -> None:
+        from lenet_tf.io_utils import write_json_atomic
+
+        write_json_atomic(path, self.to_json_dict())
+
+    @classmethod
+    def from_json_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                continue  # A config written by a newer version: ignore what we don't know.
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+    @classmethod
+    def read(cls, path: Path) -> "TrainConfig":
+        try:
+            return cls.from_json_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot read run config {path}: {error}") from None
+
+
+def preset(name: str) -> TrainConfig:
+    """Returns the named preset; every field can still be overridden."""
+    _choice("preset", name, PRESETS)
+    return TrainConfig()
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        flag = "--" + name.replace("_", "-")
+        raise UsageError(f"{flag} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        flag = "--" + name.replace("_", "-")
+        raise UsageError(f"{flag} must be a positive integer (got {value!r})")

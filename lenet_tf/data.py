@@ -1,0 +1,243 @@
+"""Finding, reading and streaming the data: IDX files, tfds, and a tf.data pipeline.
+
+Where data comes from, first match wins:
+  1. an explicit `data_dir` (the `--data-dir` flag);
+  2. the environment variable LENET_TF_DATA_DIR;
+  3. the Debian package location (`apt-get install dataset-fashion-mnist`);
+  4. the Keras cache, ~/.keras/datasets/<name>/ (where keras.datasets puts them);
+  5. tensorflow_datasets, which downloads when the machine is online.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lenet_tf.errors import UsageError
+
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "fashion_mnist": (
+        "t-shirt", "trouser", "pullover", "dress", "coat",
+        "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    ),
+    "mnist": tuple(str(digit) for digit in range(10)),
+}
+
+# The four standard file stems; each may be stored as .gz or uncompressed.
+IDX_STEMS = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+DATA_DIR_ENV = "LENET_TF_DATA_DIR"
+DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
+KERAS_CACHE_NAMES = {"fashion_mnist": "fashion-mnist", "mnist": "mnist"}
+
+# IDX magic numbers: two zero bytes, a type code (0x08 = unsigned byte), and
+# the number of dimensions.
+_UBYTE_TYPE = 0x08
+# No real IDX file in this family is anywhere near this; a header claiming more
+# is corrupt, and trusting it would allocate absurd memory.
+_MAX_IDX_BYTES = 1 << 31
+
+
+@dataclass
+class Datasets:
+    """In-memory splits: images uint8 (N, 28, 28, 1), labels int32 (N,)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str = "memory"
+
+    def limited(self, limit_train: int | None, limit_test: int | None) -> "Datasets":
+        return Datasets(
+            self.train_images[:limit_train],
+            self.train_labels[:limit_train],
+            self.test_images[:limit_test],
+            self.test_labels[:limit_test],
+            self.source,
+        )
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads one IDX file (optionally gzip-compressed) into a uint8 array.
+
+    Checks the magic number, the dimensions and that the payload length
+    matches the header exactly; raises UsageError naming the file otherwise.
+    """
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            header = handle.read(4)
+            if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] != _UBYTE_TYPE:
+                raise UsageError(
+                    f"{path} is not an unsigned-byte IDX file (bad magic number {header.hex() or 'empty'}); "
+                    "re-download it"
+                )
+            rank = header[3]
+            if not 1 <= rank <= 3:
+                raise UsageError(f"{path} has an IDX rank of {rank}, expected 1 (labels) or 3 (images)")
+            dims_bytes = handle.read(4 * rank)
+            if len(dims_bytes) < 4 * rank:
+                raise UsageError(f"{path} is truncated inside its header; re-download it")
+            shape = struct.unpack(f">{rank}I", dims_bytes)
+            expected = int(np.prod(shape, dtype=np.int64))
+            if expected > _MAX_IDX_BYTES:
+                raise UsageError(f"{path} claims {expected} bytes of data, which is not a real IDX file")
+            payload = handle.read(expected + 1)
+    except UsageError:
+        raise
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        # gzip raises EOFError on a truncated stream and BadGzipFile on garbage.
+        raise UsageError(f"cannot read {path}: {error}; re-download it") from None
+    if len(payload) != expected:
+        problem = "truncated" if len(payload) < expected else "longer than its header says"
+        raise UsageError(
+            f"{path} is {problem} ({len(payload)} data bytes, header says {expected}); re-download it"
+        )
+    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+
+
+def _idx_path(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _has_idx_files(directory: Path) -> bool:
+    return all(_idx_path(directory, stem) for stem in IDX_STEMS.values())
+
+
+def load_idx_dir(directory: str | os.PathLike) -> Datasets:
+    """Reads the four IDX files in `directory` and checks they fit together."""
+    directory = Path(directory)
+    arrays = {}
+    for key, stem in IDX_STEMS.items():
+        path = _idx_path(directory, stem)
+        if path is None:
+            raise UsageError(
+                f"{directory} has no {stem}[.gz]; it needs the four IDX files "
+                f"({', '.join(IDX_STEMS.values())})"
+            )
+        arrays[key] = read_idx(path)
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+            raise UsageError(
+                f"{split} images in {directory} have shape {images.shape}, expected (N, 28, 28)"
+            )
+        if labels.ndim != 1:
+            raise UsageError(f"{split} labels in {directory} have shape {labels.shape}, expected (N,)")
+        if len(images) != len(labels):
+            raise UsageError(
+                f"{directory}: {len(images)} {split} images but {len(labels)} labels; "
+                "the files come from different sets"
+            )
+        if len(labels) and labels.max() >= NUM_CLASSES:
+            raise UsageError(f"{split} labels in {directory} go up to {labels.max()}, expected 0..9")
+    return Datasets(
+        arrays["train_images"][..., np.newaxis],
+        arrays["train_labels"].astype(np.int32),
+        arrays["test_images"][..., np.newaxis],
+        arrays["test_labels"].astype(np.int32),
+        source=str(directory),
+    )
+
+
+def candidate_dirs(dataset: str, data_dir: str | None = None) -> list[tuple[str, Path]]:
+    """The local folders searched, in order, each with a label for messages."""
+    candidates = []
+    if data_dir:
+        candidates.append(("--data-dir", Path(data_dir).expanduser()))
+    if os.environ.get(DATA_DIR_ENV):
+        candidates.append((DATA_DIR_ENV, Path(os.environ[DATA_DIR_ENV]).expanduser()))
+    if dataset in DEBIAN_DIRS:
+        candidates.append(("Debian package", DEBIAN_DIRS[dataset]))
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    candidates.append(("Keras cache", keras_home / "datasets" / KERAS_CACHE_NAMES[dataset]))
+    return candidates
+
+
+def load_datasets(dataset: str, data_dir: str | None = None, allow_download: bool = True) -> Datasets:
+    """Loads both splits of `dataset` from the first place that has them."""
+    if dataset not in CLASS_NAMES:
+        raise UsageError(f"--dataset must be one of {', '.join(CLASS_NAMES)} (got {dataset!r})")
+    candidates = candidate_dirs(dataset, data_dir)
+    explicit = [path for label, path in candidates if label in ("--data-dir", DATA_DIR_ENV)]
+    for path in explicit:
+        # A folder the user named must work: falling through to another source
+        # would silently train on data they did not ask for.
+        if not path.is_dir():
+            raise UsageError(f"data folder {path} does not exist or is not a folder")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise UsageError(f"data folder {path} is not readable; fix its permissions")
+        return load_idx_dir(path)
+    for _, path in candidates:
+        if path.is_dir() and _has_idx_files(path):
+            return load_idx_dir(path)
+    if allow_download:
+        tfds_error = None
+        try:
+            return load_with_tfds(dataset)
+        except UsageError:
+            raise
+        except Exception as error:  # tfds raises many types when offline.
+            tfds_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    searched = ", ".join(f"{label} {path}" for label, path in candidates)
+    install_hint = (
+        "run `apt-get install dataset-fashion-mnist`, " if dataset == "fashion_mnist" else ""
+    )
+    raise UsageError(
+        f"no {dataset} data found (searched {searched}"
+        + (f"; tensorflow_datasets download failed: {tfds_error}" if allow_download else "")
+        + f"); {install_hint}pass --data-dir DIR with the four IDX files, set {DATA_DIR_ENV}, "
+        "or connect to the internet so tensorflow_datasets can download it"
+    )
+
+
+def load_with_tfds(dataset: str, data_dir: str | None = None) -> Datasets:
+    """Loads both splits through tensorflow_datasets (downloads when online)."""
+    import tensorflow_datasets as tfds
+
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = tfds.as_numpy(
+            tfds.load(dataset, split=split, batch_size=-1, as_supervised=True, data_dir=data_dir)
+        )
+        splits[split] = (images.astype(np.uint8), labels.astype(np.int32))
+    return Datasets(*splits["train"], *splits["test"], source="tensorflow_datasets")
+
+
+def make_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    global_batch_size: int,
+    shuffle: bool,
+    seed: int,
+):
+    """A tf.data pipeline over in-memory arrays.
+
+    Shuffling happens per example before batching, with a seed, and reshuffles
+    every epoch; the cache sits before the shuffle so it stores the examples
+    once and the shuffle still changes every epoch.
+    """
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
+    if shuffle:
+        dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(global_batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,11 @@
+"""The one exception type for mistakes a user can make.
+
+The CLI prints a UsageError as a single line and exits with code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class UsageError(Exception):
+    """A problem with the user's input: a flag, a file, a path, a model."""
+
+    exit_code = 2

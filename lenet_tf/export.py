@@ -1,0 +1,346 @@
+"""Exports: a SavedModel in TF Serving layout, TFLite variants, a model card, a parity proof.
+
+Layout, one folder per version, never overwritten:
+
+    <export_dir>/<model_name>/<version>/
+        saved_model.pb, variables/, fingerprint.pb   the SavedModel (TF Serving loads this)
+        lenet.float32.tflite, lenet.int8.tflite ...  TFLite variants converted from it
+        metadata.json                                the model card
+
+A version is assembled in a hidden temporary folder beside the versions and
+renamed into place only when complete and proven, so a crash leaves the
+previous versions untouched and no partial version that TF Serving would load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from lenet_tf.config import TrainConfig
+from lenet_tf.data import CLASS_NAMES, Datasets
+from lenet_tf.errors import UsageError
+from lenet_tf.inference import INPUT_KEY, SIGNATURE_KEY
+from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, PIXEL_SCALE
+
+METADATA_FILE = "metadata.json"
+# Export format -> TFLite variant name used in the file name.
+TFLITE_VARIANTS = {
+    "tflite": "float32",
+    "tflite-fp16": "float16",
+    "tflite-dynamic": "dynamic",
+    "tflite-int8": "int8",
+}
+FLOAT_VARIANTS = ("saved_model", "float32")
+# Parity bounds against the Keras model on the same images.
+FLOAT_MAX_ABS_DIFF = 1e-4
+QUANTISED_MAX_ACCURACY_DROP = 0.01  # 1.0 accuracy point.
+CALIBRATION_EXAMPLES = 500
+
+
+class ParityError(RuntimeError):
+    """An exported model disagrees with the Keras model beyond the stated bounds."""
+
+
+@dataclass
+class ExportResult:
+    version_dir: Path
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+
+
+def model_name(config: TrainConfig) -> str:
+    return config.model_name or f"lenet_{config.dataset}"
+
+
+def tflite_file_name(variant: str) -> str:
+    return f"lenet.{variant}.tflite"
+
+
+def next_version(model_dir: Path) -> int:
+    existing = [int(child.name) for child in model_dir.iterdir() if child.name.isdigit()] if model_dir.is_dir() else []
+    return max(existing, default=0) + 1
+
+
+def write_saved_model(model: keras.Model, directory: Path) -> None:
+    """Writes a SavedModel whose `serving_default` signature takes `image` uint8
+    [batch, 28, 28, 1] and returns `probabilities`, `class_id` and `logits`.
+
+    A second signature, `serving_hw`, takes [batch, 28, 28] for clients that
+    send images without a channel axis.
+    """
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def outputs(image):
+        logits = model(image, training=False)
+        return {
+            "probabilities": tf.nn.softmax(logits),
+            "class_id": tf.argmax(logits, axis=-1),
+            "logits": logits,
+        }
+
+    def serve(image):
+        return outputs(image)
+
+    def serve_hw(image):
+        return outputs(image[..., tf.newaxis])
+
+    archive.add_endpoint(
+        SIGNATURE_KEY, serve, input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.uint8, name=INPUT_KEY)]
+    )
+    archive.add_endpoint(
+        "serving_hw", serve_hw, input_signature=[tf.TensorSpec([None, *INPUT_SHAPE[:2]], tf.uint8, name=INPUT_KEY)]
+    )
+    archive.write_out(str(directory), verbose=False)
+
+
+def convert_tflite(saved_model_dir: Path, variant: str, calibration_images: np.ndarray) -> bytes:
+    """Converts the SavedModel's serving signature to one TFLite variant.
+
+    float32: exact; float16: weights stored as half floats; dynamic: int8
+    weights, float activations; int8: everything int8, with uint8 input and
+    output, calibrated on `calibration_images` from the training split.
+    """
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[SIGNATURE_KEY])
+    if variant != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if variant == "int8":
+
+        def representative_dataset():
+            for image in calibration_images:
+                yield {INPUT_KEY: image[np.newaxis]}
+
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+    with warnings.catch_warnings():
+        # Calibration uses tf.lite.Interpreter internally, which warns about
+        # its own deprecation; our runtime uses LiteRT.
+        warnings.simplefilter("ignore", UserWarning)
+        return converter.convert()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_parity_in_subprocess(model_paths: dict[str, Path], images: np.ndarray) -> dict[str, np.ndarray]:
+    """Runs every exported model on `images` in a fresh Python process.
+
+    A separate process proves the artifacts stand alone: nothing from the
+    exporting process (Keras objects, traced functions) can leak into them.
+    """
+    with tempfile.TemporaryDirectory(prefix="lenet-parity-") as scratch:
+        images_path = Path(scratch) / "images.npy"
+        output_path = Path(scratch) / "probabilities.npz"
+        np.save(images_path, images)
+        command = [
+            sys.executable, "-m", "lenet_tf.parity_worker", str(images_path), str(output_path),
+            *[f"{name}={path}" for name, path in model_paths.items()],
+        ]
+        environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        # Make this package importable in the child however it was imported here.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
+        completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+        if completed.returncode != 0:
+            raise ParityError(f"reloading the exports in a fresh process failed:\n{completed.stderr[-4000:]}")
+        with np.load(output_path) as outputs:
+            return {name: outputs[name] for name in outputs.files}
+
+
+def parity_report(
+    keras_probabilities: np.ndarray, exported: dict[str, np.ndarray], labels: np.ndarray
+) -> dict[str, dict[str, float]]:
+    keras_top1 = keras_probabilities.argmax(axis=1)
+    report = {"keras": {"test_accuracy": float((keras_top1 == labels).mean()), "examples": int(len(labels))}}
+    for name, probabilities in exported.items():
+        top1 = probabilities.argmax(axis=1)
+        report[name] = {
+            "max_abs_probability_diff": float(np.abs(probabilities - keras_probabilities).max()),
+            "top1_agreement": float((top1 == keras_top1).mean()),
+            "test_accuracy": float((top1 == labels).mean()),
+            "examples": int(len(labels)),
+        }
+    return report
+
+
+def check_parity(report: dict[str, dict[str, float]]) -> list[str]:
+    """Returns one message per broken bound (empty when every variant passes)."""
+    failures = []
+    float_accuracy = report["keras"]["test_accuracy"]
+    for name, numbers in report.items():
+        if name == "keras":
+            continue
+        if name in FLOAT_VARIANTS:
+            if numbers["max_abs_probability_diff"] > FLOAT_MAX_ABS_DIFF or numbers["top1_agreement"] < 1.0:
+                failures.append(
+                    f"{name}: max |Δp| {numbers['max_abs_probability_diff']:.2e} (bound {FLOAT_MAX_ABS_DIFF:.0e}), "
+                    f"top-1 agreement {numbers['top1_agreement']:.4f} (bound 1.0)"
+                )
+        elif float_accuracy - numbers["test_accuracy"] > QUANTISED_MAX_ACCURACY_DROP:
+            failures.append(
+                f"{name}: test accuracy {numbers['test_accuracy']:.4f} is more than "
+                f"{QUANTISED_MAX_ACCURACY_DROP * 100:.1f} points below the float model's {float_accuracy:.4f}"
+            )
+    return failures
+
+
+def export_model(
+    model: keras.Model,
+    config: TrainConfig,
+    datasets: Datasets,
+    metrics: dict[str, Any] | None = None,
+) -> ExportResult:
+    """Exports `model` as a new version under the config's export folder and proves it.
+
+    Raises ParityError, leaving no new version behind, when an exported model
+    breaks a parity bound.
+    """
+    model_dir = Path(config.export_dir) / model_name(config)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        artifacts = _write_artifacts(model, config, datasets, staging)
+        images, labels = datasets.test_images, datasets.test_labels
+        keras_probabilities = tf.nn.softmax(model.predict(images, batch_size=1024, verbose=0)).numpy()
+        exported = run_parity_in_subprocess(artifacts, images)
+        report = parity_report(keras_probabilities, exported, labels)
+        failures = check_parity(report)
+        card = _model_card(config, metrics or {}, artifacts, report, staging)
+        from lenet_tf.io_utils import write_json_atomic
+
+        write_json_atomic(staging / METADATA_FILE, card)
+        if failures:
+            raise ParityError("exported models disagree with the Keras model: " + "; ".join(failures))
+        version_dir = _publish(staging, model_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    final_artifacts = {name: version_dir / path.relative_to(staging) for name, path in artifacts.items()}
+    final_artifacts["metadata"] = version_dir / METADATA_FILE
+    return ExportResult(version_dir, final_artifacts, report)
+
+
+def _write_artifacts(model, config, datasets, staging) -> dict[str, Path]:
+    artifacts = {}
+    write_saved_model(model, staging)
+    artifacts["saved_model"] = staging
+    rng = np.random.default_rng(config.seed)
+    count = min(CALIBRATION_EXAMPLES, len(datasets.train_images))
+    calibration = datasets.train_images[rng.choice(len(datasets.train_images), count, replace=False)]
+    for export_format in config.export_formats:
+        if export_format in TFLITE_VARIANTS:
+            variant = TFLITE_VARIANTS[export_format]
+            path = staging / tflite_file_name(variant)
+            path.write_bytes(convert_tflite(staging, variant, calibration))
+            artifacts[variant] = path
+    return artifacts
+
+
+def _publish(staging: Path, model_dir: Path) -> Path:
+    """Renames the finished staging folder to the next free version number.
+
+    rename() of a folder onto an existing non-empty one fails, so a version
+    that appeared meanwhile (another export) is never overwritten: we take
+    the next number instead.
+    """
+    for _ in range(100):
+        version_dir = model_dir / str(next_version(model_dir))
+        try:
+            os.rename(staging, version_dir)
+            return version_dir
+        except OSError:
+            if not version_dir.exists():
+                raise
+    raise RuntimeError(f"could not find a free version number under {model_dir}")
+
+
+def _model_card(config, metrics, artifacts, report, staging) -> dict[str, Any]:
+    files = {}
+    for path in sorted(staging.rglob("*")):
+        if path.is_file() and path.name != METADATA_FILE:
+            files[str(path.relative_to(staging))] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+    final_metrics = {key: value for key, value in metrics.items() if key not in ("history", "exports")}
+    return {
+        "model_name": model_name(config),
+        "dataset": config.dataset,
+        "class_names": list(CLASS_NAMES[config.dataset]),
+        "input": {
+            "name": INPUT_KEY,
+            "dtype": INPUT_DTYPE,
+            "shape": [None, *INPUT_SHAPE],
+            "also_accepts": "[batch, 28, 28] through the serving_hw signature",
+            "preprocessing": f"raw pixels 0..255 (white object on black, as in the dataset); "
+            f"the model multiplies by {PIXEL_SCALE:.10f} (1/255) itself",
+        },
+        "outputs": {
+            "probabilities": "float32 [batch, 10], softmax over class_names",
+            "class_id": "int64 [batch], index into class_names",
+            "logits": "float32 [batch, 10]",
+        },
+        "signatures": [SIGNATURE_KEY, "serving_hw"],
+        "artifacts": {name: str(path.relative_to(staging)) or "." for name, path in artifacts.items()},
+        "files": files,
+        "parity": report,
+        "parity_bounds": {
+            "float_max_abs_probability_diff": FLOAT_MAX_ABS_DIFF,
+            "float_top1_agreement": 1.0,
+            "quantised_max_accuracy_drop": QUANTISED_MAX_ACCURACY_DROP,
+        },
+        "training_config": config.to_json_dict(),
+        "metrics": final_metrics,
+        "versions": {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def export_from_run_dir(run_dir: str | Path, export_formats: tuple[str, ...] | None = None,
+                        export_dir: str | None = None) -> ExportResult:
+    """Exports the checkpoint of a finished or interrupted run, without retraining."""
+    from lenet_tf.data import load_datasets
+    from lenet_tf.train import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
+
+    run_dir = Path(run_dir)
+    config_path, checkpoint = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
+    if not config_path.is_file() or not checkpoint.is_file():
+        raise UsageError(
+            f"{run_dir} is not a run directory with a checkpoint (needs {CONFIG_FILE} and {CHECKPOINT_FILE}); "
+            "train first or pass the --run-dir of a run that finished at least one epoch"
+        )
+    config = TrainConfig.read(config_path)
+    if export_formats:
+        config.export_formats = tuple(export_formats)
+    if export_dir:
+        config.export_dir = export_dir
+    config.validate()
+    model = keras.models.load_model(checkpoint)
+    datasets = load_datasets(config.dataset, config.data_dir).limited(config.limit_train, config.limit_test)
+    metrics = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).is_file() else {}
+    return export_model(model, config, datasets, metrics)

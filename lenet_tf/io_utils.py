@@ -1,0 +1,60 @@
+"""Small filesystem helpers that never leave half-written files behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lenet_tf.errors import UsageError
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Writes JSON to a temporary file beside `path`, then renames it into place.
+
+    A crash mid-write leaves the old file (or none), never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+            handle.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def ensure_writable_dir(path: Path, purpose: str, min_free_bytes: int = 50 * 2**20) -> Path:
+    """Creates `path` if needed and proves we can write there, before any work starts.
+
+    Checking up front turns "permission denied after an hour of training" into
+    an error in the first second.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UsageError(f"cannot write the {purpose} {path}: {reason}; choose a writable folder") from None
+    free = _free_bytes(path)
+    if free is not None and free < min_free_bytes:
+        raise UsageError(
+            f"only {free // 2**20} MiB free under the {purpose} {path}; "
+            f"free at least {min_free_bytes // 2**20} MiB or choose another folder"
+        )
+    return path
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        stats = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return stats.f_bavail * stats.f_frsize

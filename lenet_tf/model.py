@@ -1,0 +1,97 @@
+"""LeNet-5 as a Keras Sequential model, built from a TrainConfig."""
+
+from __future__ import annotations
+
+import io
+from typing import TextIO
+
+import keras
+from keras import layers
+
+from lenet_tf.config import TrainConfig
+from lenet_tf.data import IMAGE_SIZE, NUM_CLASSES
+
+# One definition of the model's input and its preprocessing, read by training,
+# export and predict alike: raw uint8 pixels in, scaled to [0, 1] inside.
+INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
+INPUT_DTYPE = "uint8"
+PIXEL_SCALE = 1.0 / 255.0
+
+
+def build_model(config: TrainConfig) -> keras.Sequential:
+    """Builds the LeNet described by `config`; the default is the book's LeNet-5.
+
+    Classic layout: conv 6@5x5 (same) -> pool -> conv 16@5x5 (valid) -> pool ->
+    flatten -> dense 120 -> dense 84 -> dense 10 logits. The first conv pads
+    so that 28x28 inputs play the role of LeNet's original 32x32.
+    """
+    initializer = "glorot_uniform"  # Keras's default, spelled out because the book relies on it.
+    pool = layers.AveragePooling2D if config.pooling == "avg" else layers.MaxPooling2D
+    model_layers: list[layers.Layer] = [
+        keras.Input(shape=INPUT_SHAPE, dtype=INPUT_DTYPE, name="image"),
+        layers.Rescaling(PIXEL_SCALE, name="rescale"),
+    ]
+    for index, filters in enumerate(config.conv_filters, start=1):
+        model_layers.append(
+            layers.Conv2D(
+                filters,
+                kernel_size=config.kernel_size,
+                # Only the first conv pads, as in the book.
+                padding="same" if index == 1 else "valid",
+                kernel_initializer=initializer,
+                name=f"conv{index}",
+                **_activation_arguments(config),
+            )
+        )
+        _append_batch_norm(model_layers, config, f"conv{index}")
+        model_layers.append(pool(pool_size=2, strides=2, name=f"pool{index}"))
+    model_layers.append(layers.Flatten(name="flatten"))
+    for index, units in enumerate(config.dense_units, start=1):
+        model_layers.append(
+            layers.Dense(units, kernel_initializer=initializer, name=f"dense{index}", **_activation_arguments(config))
+        )
+        _append_batch_norm(model_layers, config, f"dense{index}")
+        if config.dropout:
+            model_layers.append(layers.Dropout(config.dropout, name=f"dense{index}_dropout"))
+    model_layers.append(layers.Dense(NUM_CLASSES, kernel_initializer=initializer, name="logits"))
+    return keras.Sequential(model_layers, name="lenet")
+
+
+def _activation_arguments(config: TrainConfig) -> dict:
+    """Without batch norm the activation lives inside the conv/dense layer, as in
+    the book, so each layer's output is its activation map. With batch norm the
+    order must be layer -> BN -> activation, and BN's shift makes a bias redundant."""
+    if config.batch_norm:
+        return {"activation": None, "use_bias": False}
+    return {"activation": config.activation}
+
+
+def _append_batch_norm(model_layers: list, config: TrainConfig, name: str) -> None:
+    if config.batch_norm:
+        model_layers.append(layers.BatchNormalization(name=f"{name}_bn"))
+        model_layers.append(layers.Activation(config.activation, name=f"{name}_{config.activation}"))
+
+
+def layer_summary(model: keras.Model, out: TextIO | None = None) -> str:
+    """Prints each layer's output shape for one 28x28 image, like the book's layer_summary.
+
+    Each row also shows the layer's parameter count.
+    """
+    import numpy as np
+
+    buffer = io.StringIO()
+    tensor = np.zeros((1, *INPUT_SHAPE), dtype=INPUT_DTYPE)
+    rows = []
+    for layer in model.layers:
+        tensor = layer(tensor)
+        rows.append((layer.name, type(layer).__name__, tuple(tensor.shape), layer.count_params()))
+    name_width = max(len(row[0]) for row in rows)
+    class_width = max(len(row[1]) for row in rows)
+    for name, class_name, shape, params in rows:
+        buffer.write(f"{name:<{name_width}}  {class_name:<{class_width}}  output shape: {str(shape):<18} params: {params:,}\n")
+    trainable = sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
+    buffer.write(f"total trainable parameters: {trainable:,}\n")
+    text = buffer.getvalue()
+    if out is not None:
+        out.write(text)
+    return text

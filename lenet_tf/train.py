@@ -1,0 +1,215 @@
+"""Training: strategy, compile, callbacks, model.fit, metrics, export.
+
+The seam is `train_and_evaluate(config, datasets=None, placement=None)`:
+tests pass small in-memory datasets and a strategy; the CLI passes neither.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from lenet_tf.config import TrainConfig
+from lenet_tf.data import Datasets, load_datasets, make_dataset
+from lenet_tf.distribute import Placement, make_placement
+from lenet_tf.errors import UsageError
+from lenet_tf.io_utils import ensure_writable_dir, write_json_atomic
+from lenet_tf.model import build_model
+
+# Names of the files and folders inside a run directory, in one place.
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+LOGS_DIR = "logs"
+CHECKPOINT_FILE = "checkpoints/last.keras"
+BACKUP_DIR = "backup"
+
+
+class ThroughputCallback(keras.callbacks.Callback):
+    """Measures training examples/sec per epoch, excluding validation.
+
+    The clock runs from the start of an epoch to the start of its validation
+    pass. The number goes into the epoch logs, so History and TensorBoard
+    both record it.
+    """
+
+    def __init__(self, examples_per_epoch: int):
+        super().__init__()
+        self.examples_per_epoch = examples_per_epoch
+        self.epoch_seconds: list[float] = []
+        self._epoch_start = 0.0
+        self._train_end: float | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+        self._train_end = None
+
+    def on_test_begin(self, logs=None):
+        if self._train_end is None:
+            self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        end = self._train_end or time.perf_counter()
+        seconds = end - self._epoch_start
+        self.epoch_seconds.append(seconds)
+        if logs is not None:
+            logs["examples_per_sec"] = self.examples_per_epoch / seconds
+
+    def examples_per_sec(self) -> float:
+        """Throughput over the epochs after the first, which pays for tracing."""
+        steady = self.epoch_seconds[1:] or self.epoch_seconds
+        return self.examples_per_epoch * len(steady) / sum(steady) if steady else float("nan")
+
+
+class NonFiniteLossError(UsageError):
+    pass
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    datasets: Datasets | None = None,
+    placement: Placement | None = None,
+    out: TextIO = sys.stdout,
+) -> dict[str, Any]:
+    """Trains, evaluates and exports one run; returns the metrics dict it writes.
+
+    Args:
+        config: the validated run configuration.
+        datasets: in-memory splits to use instead of loading `config.dataset`.
+        placement: the strategy to train under; created from the config if None.
+        out: where progress lines go.
+    """
+    config.validate()
+    started = time.perf_counter()
+    # The strategy comes first: multi-worker collectives must be set up before
+    # any other TensorFlow op runs in this process.
+    placement = placement or make_placement(config)
+    run_dir = Path(config.run_dir)
+    # Non-chief workers write to a scratch folder that is removed afterwards,
+    # so that only the chief's outputs exist.
+    write_dir = run_dir if placement.is_chief else Path(tempfile.mkdtemp(prefix=f"lenet-worker{placement.task_index}-"))
+    try:
+        return _run(config, datasets, placement, run_dir, write_dir, started, out)
+    finally:
+        if not placement.is_chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[str, Any]:
+    # Fail in the first second, not after an hour, when outputs cannot be written.
+    ensure_writable_dir(write_dir, "run directory")
+    if placement.is_chief and config.export_formats:
+        ensure_writable_dir(Path(config.export_dir), "export directory")
+    if datasets is None:
+        datasets = load_datasets(config.dataset, config.data_dir)
+    datasets = datasets.limited(config.limit_train, config.limit_test)
+    if len(datasets.train_images) == 0 or len(datasets.test_images) == 0:
+        raise UsageError("the training or test split is empty; check the data files and --limit-train/--limit-test")
+
+    keras.utils.set_random_seed(config.seed)
+    global_batch_size = config.batch_size * placement.replicas
+    if global_batch_size > len(datasets.train_images):
+        raise UsageError(
+            f"the global batch size {global_batch_size} is larger than the {len(datasets.train_images)} "
+            "training examples; lower --batch-size or raise --limit-train"
+        )
+    train_data = make_dataset(datasets.train_images, datasets.train_labels, global_batch_size, True, config.seed)
+    test_data = make_dataset(datasets.test_images, datasets.test_labels, global_batch_size, False, config.seed)
+
+    config.write(write_dir / CONFIG_FILE)
+    print(
+        f"training on {len(datasets.train_images)} {config.dataset} images from {datasets.source}; "
+        f"strategy {placement.name} over {placement.replicas} replica(s) {', '.join(placement.devices)}; "
+        f"global batch {global_batch_size}",
+        file=out,
+        flush=True,
+    )
+    with placement.strategy.scope():
+        model = build_model(config)
+        model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+    throughput = ThroughputCallback(len(datasets.train_images))
+    callbacks = [
+        throughput,  # First, so the others see examples_per_sec in the logs.
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.BackupAndRestore(str(write_dir / BACKUP_DIR)),
+        keras.callbacks.ModelCheckpoint(str(write_dir / CHECKPOINT_FILE)),
+        keras.callbacks.TensorBoard(
+            log_dir=str(write_dir / LOGS_DIR),
+            update_freq=int(config.tensorboard_update_freq)
+            if config.tensorboard_update_freq.isdigit()
+            else config.tensorboard_update_freq,
+            histogram_freq=config.histogram_freq,
+            profile_batch=config.profile_batch or 0,
+        ),
+    ]
+    history = model.fit(
+        train_data,
+        epochs=config.epochs,
+        validation_data=test_data,
+        callbacks=callbacks,
+        # The progress bar on a terminal; one line per epoch in logs and CI.
+        verbose=1 if out.isatty() else 2,
+        shuffle=False,  # The pipeline already shuffles, seeded, per epoch.
+    )
+    epochs_run = len(history.history.get("loss", []))
+    last_loss = history.history["loss"][-1] if epochs_run else float("nan")
+    if not math.isfinite(last_loss):
+        raise NonFiniteLossError(
+            f"training stopped: the loss became {last_loss} (diverged); lower --learning-rate "
+            f"(was {config.learning_rate}). The last good checkpoint is in {write_dir / CHECKPOINT_FILE}"
+        )
+    test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
+    metrics: dict[str, Any] = {
+        "dataset": config.dataset,
+        "train_loss": float(last_loss),
+        "train_accuracy": float(history.history["accuracy"][-1]) if epochs_run else float("nan"),
+        "test_loss": float(test_loss),
+        "test_accuracy": float(test_accuracy),
+        "examples_per_sec": float(throughput.examples_per_sec()),
+        "epochs": config.epochs,
+        "epochs_run_this_session": epochs_run,
+        "strategy": placement.name,
+        "replicas": placement.replicas,
+        "devices": list(placement.devices),
+        "global_batch_size": global_batch_size,
+        "train_examples": len(datasets.train_images),
+        "test_examples": len(datasets.test_images),
+        "history": {key: [float(value) for value in values] for key, values in history.history.items()},
+        "exports": {},
+    }
+    if placement.is_chief and config.export_formats:
+        from lenet_tf.export import export_model
+
+        export = export_model(model, config, datasets, metrics)
+        metrics["exports"] = {key: str(path) for key, path in export.artifacts.items()}
+        metrics["export_version_dir"] = str(export.version_dir)
+    metrics["wall_seconds"] = time.perf_counter() - started
+    write_json_atomic(write_dir / METRICS_FILE, metrics)
+    device_kind = "GPU" if any("GPU" in device.upper() for device in placement.devices) else "CPU"
+    print(
+        f"loss {metrics['train_loss']:.3f}, train acc {metrics['train_accuracy']:.3f}, "
+        f"test acc {metrics['test_accuracy']:.3f}",
+        file=out,
+    )
+    print(f"{metrics['examples_per_sec']:.1f} examples/sec on {device_kind} ({', '.join(placement.devices)})", file=out)
+    if metrics["exports"]:
+        print(f"exported to {metrics['export_version_dir']}", file=out, flush=True)
+    return metrics
+
+
+def probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities of a Keras model on uint8 images."""
+    logits = model.predict(images, batch_size=batch_size, verbose=0)
+    return tf.nn.softmax(logits).numpy()

@@ -1,0 +1,75 @@
+"""Shared fixtures: real data where the tests need it, tiny synthetic data elsewhere."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Real MNIST, shipped beside the checkout for tests and benchmarks only.
+MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
+    """Runs `python -m lenet_tf ARGS` in a fresh process and returns the CompletedProcess."""
+    import subprocess
+
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "lenet_tf", *args],
+        cwd=cwd or REPO_ROOT, env=environment, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST files not found at {MNIST_DIR}")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    return FASHION_MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def small_real_datasets(mnist_dir):
+    """2,000 real MNIST training images and 500 test images, enough to learn something fast."""
+    from lenet_tf.data import load_idx_dir
+
+    return load_idx_dir(mnist_dir).limited(2000, 500)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """Writes a uint8 array as an IDX file, the format the real datasets use."""
+    import gzip
+    import struct
+
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def write_idx_dir(directory: Path, train: int = 64, test: int = 32, seed: int = 0) -> Path:
+    """A folder of the four IDX files with random images and labels."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, count in (("train", train), ("t10k", test)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (count,), dtype=np.uint8))
+    return directory

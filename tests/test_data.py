@@ -1,0 +1,144 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from lenet_tf.data import CLASS_NAMES, load_datasets, load_idx_dir, make_dataset, read_idx
+from lenet_tf.errors import UsageError
+
+from conftest import write_idx, write_idx_dir
+
+
+def test_reads_real_mnist_with_the_canonical_sizes(mnist_dir):
+    data = load_idx_dir(mnist_dir)
+    assert data.train_images.shape == (60_000, 28, 28, 1) and data.train_images.dtype == np.uint8
+    assert data.test_images.shape == (10_000, 28, 28, 1)
+    assert data.train_labels.shape == (60_000,) and data.train_labels.dtype == np.int32
+    assert set(np.unique(data.test_labels)) == set(range(10))
+    # The first MNIST training label is famously a 5.
+    assert data.train_labels[0] == 5
+
+
+def test_reads_real_fashion_mnist_from_the_debian_package(fashion_mnist_dir):
+    data = load_datasets("fashion_mnist")
+    assert data.source == str(fashion_mnist_dir)
+    assert data.train_images.shape == (60_000, 28, 28, 1)
+    # Fashion-MNIST's first training image is an ankle boot (label 9).
+    assert CLASS_NAMES["fashion_mnist"][data.train_labels[0]] == "ankle boot"
+
+
+def test_reads_uncompressed_and_gzip_idx_alike(tmp_path):
+    array = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    raw = write_idx(tmp_path / "raw-idx3-ubyte", array, gz=False)
+    packed = write_idx(tmp_path / "packed-idx3-ubyte", array, gz=True)
+    np.testing.assert_array_equal(read_idx(raw), array)
+    np.testing.assert_array_equal(read_idx(packed), array)
+
+
+def test_rejects_wrong_magic(tmp_path):
+    path = tmp_path / "bad.gz"
+    path.write_bytes(gzip.compress(b"\x00\x00\x0d\x03" + b"\x00" * 100))
+    with pytest.raises(UsageError, match="magic"):
+        read_idx(path)
+
+
+def test_rejects_truncated_payload(tmp_path, mnist_dir):
+    payload = gzip.decompress((mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    path.write_bytes(payload[:-10])
+    with pytest.raises(UsageError, match="truncated"):
+        read_idx(path)
+
+
+def test_rejects_truncated_gzip_stream(tmp_path, mnist_dir):
+    compressed = (mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(compressed[: len(compressed) // 2])
+    with pytest.raises(UsageError, match="re-download"):
+        read_idx(path)
+
+
+def test_rejects_trailing_garbage(tmp_path):
+    path = tmp_path / "labels"
+    path.write_bytes(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + b"\x01\x02\x03\x04")
+    with pytest.raises(UsageError, match="longer than its header"):
+        read_idx(path)
+
+
+def test_rejects_image_and_label_counts_that_disagree(tmp_path):
+    directory = write_idx_dir(tmp_path / "data", train=10, test=5)
+    write_idx(directory / "t10k-labels-idx1-ubyte", np.zeros(7, np.uint8))
+    with pytest.raises(UsageError, match="5 test images but 7 labels"):
+        load_idx_dir(directory)
+
+
+def test_rejects_wrong_image_size(tmp_path):
+    directory = write_idx_dir(tmp_path / "data", train=10, test=5)
+    write_idx(directory / "train-images-idx3-ubyte", np.zeros((10, 32, 32), np.uint8))
+    with pytest.raises(UsageError, match=r"expected \(N, 28, 28\)"):
+        load_idx_dir(directory)
+
+
+def test_explicit_folder_must_exist_and_have_the_files(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_datasets("mnist", str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="train-images-idx3-ubyte"):
+        load_datasets("mnist", str(tmp_path / "empty"))
+
+
+def test_environment_variable_is_searched_before_system_locations(tmp_path, monkeypatch):
+    directory = write_idx_dir(tmp_path / "mine", train=12, test=6)
+    monkeypatch.setenv("LENET_TF_DATA_DIR", str(directory))
+    data = load_datasets("fashion_mnist")
+    assert data.source == str(directory) and len(data.train_images) == 12
+
+
+def test_keras_cache_folder_is_found(tmp_path, monkeypatch):
+    monkeypatch.delenv("LENET_TF_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    directory = write_idx_dir(tmp_path / "keras" / "datasets" / "mnist", train=9, test=3)
+    data = load_datasets("mnist")
+    assert data.source == str(directory)
+
+
+def test_offline_with_nothing_found_names_every_option(tmp_path, monkeypatch):
+    monkeypatch.delenv("LENET_TF_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    # tensorflow_datasets is really tried; this machine has no internet, and
+    # an empty data_dir stops it from finding a prepared copy.
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with pytest.raises(UsageError) as error:
+        load_datasets("mnist")
+    message = str(error.value)
+    for hint in ("--data-dir", "LENET_TF_DATA_DIR", "Keras cache", "tensorflow_datasets"):
+        assert hint in message
+    assert "\n" not in message
+
+
+def test_pipeline_batches_shuffles_with_seed_and_keeps_dtypes():
+    images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1) * np.ones((1, 28, 28, 1), np.uint8)
+    labels = np.arange(100, dtype=np.int32) % 10
+    dataset = make_dataset(images, labels, global_batch_size=32, shuffle=True, seed=7)
+    batches = list(dataset.as_numpy_iterator())
+    assert [len(batch[0]) for batch in batches] == [32, 32, 32, 4]
+    first_images, first_labels = batches[0]
+    assert first_images.dtype == np.uint8 and first_images.shape == (32, 28, 28, 1)
+    assert first_labels.dtype == np.int32
+    order = np.concatenate([batch[0][:, 0, 0, 0] for batch in batches])
+    assert sorted(order.tolist()) == list(range(100))  # Every example exactly once.
+    assert order.tolist() != list(range(100))  # Shuffled across batches, not within.
+    # Pairs stay intact through the shuffle.
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), order % 10)
+    # The same seed gives the same first epoch; the next epoch is reshuffled.
+    again = make_dataset(images, labels, 32, True, seed=7)
+    assert np.array_equal(next(again.as_numpy_iterator())[0], first_images)
+    second_epoch = np.concatenate([b[0][:, 0, 0, 0] for b in dataset.as_numpy_iterator()])
+    assert second_epoch.tolist() != order.tolist()
+
+
+def test_evaluation_pipeline_keeps_order():
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) * np.ones((1, 28, 28, 1), np.uint8)
+    dataset = make_dataset(images, np.zeros(10, np.int32), 4, shuffle=False, seed=0)
+    order = np.concatenate([b[0][:, 0, 0, 0] for b in dataset.as_numpy_iterator()])
+    assert order.tolist() == list(range(10))

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from lenet_tf.config import TrainConfig
+from lenet_tf.model import build_model, layer_summary
+
+# The book's layer_summary for the classic LeNet-5 on one 28x28 image.
+CLASSIC_SHAPES = {
+    "conv1": (1, 28, 28, 6),
+    "pool1": (1, 14, 14, 6),
+    "conv2": (1, 10, 10, 16),
+    "pool2": (1, 5, 5, 16),
+    "flatten": (1, 400),
+    "dense1": (1, 120),
+    "dense2": (1, 84),
+    "logits": (1, 10),
+}
+
+
+def test_classic_model_has_the_books_shapes_and_61706_parameters():
+    model = build_model(TrainConfig())
+    assert model.count_params() == 61_706
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 61_706
+    tensor = np.zeros((1, 28, 28, 1), np.uint8)
+    shapes = {}
+    for layer in model.layers:
+        tensor = layer(tensor)
+        shapes[layer.name] = tuple(tensor.shape)
+    assert {name: shapes[name] for name in CLASSIC_SHAPES} == CLASSIC_SHAPES
+
+
+def test_classic_layers_are_sigmoid_average_pooling_glorot():
+    model = build_model(TrainConfig())
+    conv1 = model.get_layer("conv1")
+    assert conv1.activation.__name__ == "sigmoid"
+    assert conv1.padding == "same" and model.get_layer("conv2").padding == "valid"
+    assert type(model.get_layer("pool1")).__name__ == "AveragePooling2D"
+    assert type(conv1.kernel_initializer).__name__ == "GlorotUniform"
+    assert model.get_layer("logits").activation.__name__ == "linear"
+
+
+def test_model_takes_raw_uint8_and_scales_inside():
+    model = build_model(TrainConfig())
+    assert model.inputs[0].dtype == "uint8"
+    white = np.full((1, 28, 28, 1), 255, np.uint8)
+    scaled = model.get_layer("rescale")(white)
+    np.testing.assert_allclose(np.asarray(scaled), 1.0, rtol=1e-6)
+
+
+def test_layer_summary_lists_every_layer_with_shapes_and_total():
+    text = layer_summary(build_model(TrainConfig()))
+    for name, shape in CLASSIC_SHAPES.items():
+        line = next(line for line in text.splitlines() if line.startswith(name + " "))
+        assert str(shape) in line
+    assert "total trainable parameters: 61,706" in text
+
+
+@pytest.mark.parametrize(
+    "overrides, expected_layer_types",
+    [
+        (dict(activation="relu", pooling="max"), {"MaxPooling2D"}),
+        (dict(batch_norm=True), {"BatchNormalization"}),
+        (dict(dropout=0.3), {"Dropout"}),
+    ],
+)
+def test_book_exercise_knobs_change_the_architecture(overrides, expected_layer_types):
+    model = build_model(TrainConfig(**overrides))
+    assert expected_layer_types <= {type(layer).__name__ for layer in model.layers}
+    assert model(np.zeros((2, 28, 28, 1), np.uint8)).shape == (2, 10)
+
+
+def test_conv_and_dense_counts_and_widths_follow_the_config():
+    model = build_model(TrainConfig(conv_filters=(8, 16, 32), kernel_size=3, dense_units=(64,)))
+    conv_layers = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    dense_layers = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
+    assert [layer.filters for layer in conv_layers] == [8, 16, 32]
+    assert all(layer.kernel_size == (3, 3) for layer in conv_layers)
+    assert [layer.units for layer in dense_layers] == [64, 10]
