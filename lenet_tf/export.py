@@ -35,6 +35,7 @@ from lenet_tf.config import TrainConfig
 from lenet_tf.data import CLASS_NAMES, Datasets
 from lenet_tf.errors import UsageError
 from lenet_tf.inference import INPUT_KEY, SIGNATURE_KEY
+from lenet_tf.io_utils import current_umask, write_json_atomic
 from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, PIXEL_SCALE
 
 METADATA_FILE = "metadata.json"
@@ -222,6 +223,9 @@ def export_model(
     model_dir = Path(config.export_dir) / model_name(config)
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    # mkdtemp makes the folder private (0700); a model server running as
+    # another user must be able to read the published version.
+    os.chmod(staging, 0o777 & ~current_umask())
     try:
         artifacts = _write_artifacts(model, config, datasets, staging)
         images, labels = datasets.test_images, datasets.test_labels
@@ -230,8 +234,6 @@ def export_model(
         report = parity_report(keras_probabilities, exported, labels)
         failures = check_parity(report)
         card = _model_card(config, metrics or {}, artifacts, report, staging)
-        from lenet_tf.io_utils import write_json_atomic
-
         write_json_atomic(staging / METADATA_FILE, card)
         if failures:
             raise ParityError("exported models disagree with the Keras model: " + "; ".join(failures))

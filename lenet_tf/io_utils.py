@@ -23,6 +23,8 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         with os.fdopen(descriptor, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=True, default=str)
             handle.write("\n")
+        # mkstemp creates the file private (0600); give it ordinary permissions.
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -58,3 +60,10 @@ def _free_bytes(path: Path) -> int | None:
     except (OSError, AttributeError):
         return None
     return stats.f_bavail * stats.f_frsize
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

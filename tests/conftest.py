@@ -73,3 +73,29 @@ def write_idx_dir(directory: Path, train: int = 64, test: int = 32, seed: int = 
         write_idx(directory / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
         write_idx(directory / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (count,), dtype=np.uint8))
     return directory
+
+
+def read_event_tags(log_dir: Path):
+    """Loads an event folder the way TensorBoard does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar summary in an event folder: tag -> [(step, value)].
+
+    tf.summary stores scalars as tensors tagged with the "scalars" plugin;
+    other tensors (the Keras model config, images) are skipped.
+    """
+    import tensorflow as tf
+
+    accumulator = read_event_tags(log_dir)
+    scalars = {}
+    for tag in accumulator.Tags()["tensors"]:
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
+            continue
+        scalars[tag] = [(event.step, float(tf.make_ndarray(event.tensor_proto))) for event in accumulator.Tensors(tag)]
+    return scalars
