@@ -16,6 +16,7 @@ from lenet_tf.config import (
     ACTIVATIONS, DATASETS, EXPORT_FORMATS, POOLINGS, PRESETS, STRATEGIES, TrainConfig, preset,
 )
 from lenet_tf.errors import UsageError
+from lenet_tf.images import INVERT_CHOICES
 
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) buries the output
 # users care about; keep warnings and errors unless the user chose otherwise.
@@ -112,6 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run-dir", required=True, help="a run directory written by `lenet-tf train`")
     export.add_argument("--format", dest="export_formats", type=_str_list, help=f"comma list of {', '.join(EXPORT_FORMATS)} (default: the run's)")
     export.add_argument("--export-dir", help="where to write (default: the run's)")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a model")
+    evaluate.add_argument("--model", required=True, help="a .keras checkpoint, a SavedModel folder (or its parent with versions) or a .tflite file")
+    evaluate.add_argument("--dataset", choices=DATASETS, help="test split to use (default: the model's, from its model card)")
+    evaluate.add_argument("--data-dir", help="folder with the IDX files (default: searched as for training)")
+    evaluate.add_argument("--limit-test", type=int, help="evaluate on the first N test images only")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    predict = commands.add_parser("predict", help="classify image files (PNG, JPEG, ...)")
+    predict.add_argument("--model", required=True, help="a .keras checkpoint, a SavedModel folder or a .tflite file")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size, colour or grey")
+    predict.add_argument("--dataset", choices=DATASETS, help="class names to use (default: the model's)")
+    predict.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
+                         help="invert dark-on-light pictures: auto decides from the border (default: %(default)s)")
+    predict.add_argument("--top", type=int, default=3, help="how many classes to show (default: %(default)s)")
+    predict.add_argument("--json", action="store_true", help="JSON Lines on stdout, one object per file")
+
+    board = commands.add_parser("tensorboard", help="serve a run (or a folder of runs) in TensorBoard")
+    board.add_argument("--run-dir", default="runs", help="a run directory or a folder of them (default: %(default)s)")
+    board.add_argument("--host", default="127.0.0.1", help="address to bind; localhost unless you mean to share it (default: %(default)s)")
+    board.add_argument("--port", type=int, default=6006, help="0 picks a free port (default: %(default)s)")
     return parser
 
 
@@ -145,7 +167,73 @@ def _export(args) -> int:
     return 0
 
 
-HANDLERS = {"train": _train, "summary": _summary, "export": _export}
+def _model_dataset(args) -> str:
+    from lenet_tf.evaluate import dataset_of_model
+
+    return args.dataset or dataset_of_model(args.model) or "fashion_mnist"
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from lenet_tf.data import load_datasets
+    from lenet_tf.evaluate import evaluate_predictor, format_evaluation
+    from lenet_tf.inference import load_predictor
+
+    if args.limit_test is not None and args.limit_test <= 0:
+        raise UsageError(f"--limit-test must be a positive integer (got {args.limit_test})")
+    dataset = _model_dataset(args)
+    predictor = load_predictor(args.model)
+    data = load_datasets(dataset, args.data_dir).limited(None, args.limit_test)
+    result = evaluate_predictor(predictor, data.test_images, data.test_labels, dataset)
+    print(json.dumps(result) if args.json else format_evaluation(result))
+    return 0
+
+
+def _predict(args) -> int:
+    import json
+
+    from lenet_tf.evaluate import predict_files
+    from lenet_tf.inference import load_predictor
+
+    predictor = load_predictor(args.model)
+    results = predict_files(predictor, args.images, _model_dataset(args), args.invert, args.top)
+    for result in results:
+        if "error" in result:
+            print(f"lenet-tf predict: error: {result['error']}", file=sys.stderr)
+        elif args.json:
+            print(json.dumps(result))
+        else:
+            tops = ", ".join(f"{entry['class_name']} {entry['probability']:.3f}" for entry in result["top"])
+            print(f"{result['file']}: {tops}")
+    # Partial success still reports the failures in the exit code.
+    return 2 if any("error" in result for result in results) else 0
+
+
+def _tensorboard(args) -> int:
+    from pathlib import Path
+
+    from tensorboard import program
+
+    if not Path(args.run_dir).is_dir():
+        raise UsageError(f"--run-dir {args.run_dir} is not a folder; train first or pass a run directory")
+    board = program.TensorBoard()
+    board.configure(argv=[None, "--logdir", args.run_dir, "--host", args.host, "--port", str(args.port)])
+    url = board.launch()
+    print(f"TensorBoard serving {args.run_dir} at {url} (Ctrl-C to stop)", flush=True)
+    try:
+        import threading
+
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+HANDLERS = {
+    "train": _train, "summary": _summary, "export": _export, "evaluate": _evaluate,
+    "predict": _predict, "tensorboard": _tensorboard,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

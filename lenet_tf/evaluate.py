@@ -1,0 +1,96 @@
+"""Evaluating and predicting with any model this package writes (Keras, SavedModel, TFLite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lenet_tf.data import CLASS_NAMES, NUM_CLASSES
+from lenet_tf.errors import UsageError
+from lenet_tf.images import load_image
+from lenet_tf.inference import Predictor
+
+
+def evaluate_predictor(predictor: Predictor, images: np.ndarray, labels: np.ndarray, dataset: str) -> dict[str, Any]:
+    """Accuracy, cross-entropy loss, per-class accuracy and the confusion matrix."""
+    probabilities = predictor.predict(images)
+    predicted = probabilities.argmax(axis=1)
+    # Loss from probabilities works for every format, quantised ones included;
+    # the clip keeps a confident mistake from becoming infinite.
+    chosen = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for class_id, name in enumerate(CLASS_NAMES[dataset]):
+        total = confusion[class_id].sum()
+        per_class[name] = float(confusion[class_id, class_id] / total) if total else None
+    return {
+        "model": str(predictor.path),
+        "format": predictor.kind,
+        "dataset": dataset,
+        "examples": int(len(labels)),
+        "accuracy": float((predicted == labels).mean()),
+        "loss": float(-np.log(chosen).mean()),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "class_names": list(CLASS_NAMES[dataset]),
+    }
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    names = result["class_names"]
+    lines = [
+        f"{result['format']} model {result['model']} on {result['examples']} {result['dataset']} test images",
+        f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}",
+        "per-class accuracy:",
+    ]
+    lines += [f"  {name:<11} {accuracy:.4f}" for name, accuracy in result["per_class_accuracy"].items()]
+    width = max(len(name) for name in names)
+    lines.append("confusion matrix (rows: true class, columns: predicted class):")
+    lines.append(" " * (width + 2) + " ".join(f"{index:>5}" for index in range(len(names))))
+    for index, row in enumerate(result["confusion_matrix"]):
+        lines.append(f"{names[index]:>{width}} {index}" + " ".join(f"{count:>5}" for count in row))
+    return "\n".join(lines)
+
+
+def predict_files(
+    predictor: Predictor, paths: list[str], dataset: str, invert: str = "auto", top: int = 3
+) -> list[dict[str, Any]]:
+    """One result per file: a prediction, or {"file", "error"} for a file that failed."""
+    if not 1 <= top <= NUM_CLASSES:
+        raise UsageError(f"--top must be between 1 and {NUM_CLASSES} (got {top})")
+    names = CLASS_NAMES[dataset]
+    results: list[dict[str, Any]] = []
+    loaded: list[tuple[int, np.ndarray]] = []
+    for path in paths:
+        try:
+            loaded.append((len(results), load_image(path, dataset, invert)))
+            results.append({"file": path})
+        except UsageError as error:
+            results.append({"file": path, "error": str(error)})
+    if loaded:
+        probabilities = predictor.predict(np.stack([image for _, image in loaded]))
+        for (index, _), row in zip(loaded, probabilities):
+            order = np.argsort(row)[::-1][:top]
+            results[index].update(
+                class_id=int(order[0]),
+                class_name=names[order[0]],
+                probability=float(row[order[0]]),
+                top=[{"class_id": int(k), "class_name": names[k], "probability": float(row[k])} for k in order],
+            )
+    return results
+
+
+def dataset_of_model(path: str | Path) -> str | None:
+    """The dataset a model was trained on, from its model card or run config, if known."""
+    import json
+
+    path = Path(path)
+    for candidate in (path / "metadata.json", path.parent / "metadata.json", path.parent.parent / "config.json"):
+        try:
+            return json.loads(candidate.read_text()).get("dataset")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None

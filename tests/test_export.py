@@ -1,0 +1,174 @@
+"""Exports: signature, versions, atomicity, parity in a fresh process, TFLite variants."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lenet_tf.config import TrainConfig
+from lenet_tf.export import (
+    METADATA_FILE, ParityError, check_parity, export_model, parity_report, sha256_of,
+)
+from lenet_tf.train import train_and_evaluate
+
+from conftest import REPO_ROOT, run_cli
+
+ALL_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir):
+    """A ReLU LeNet trained for 2 epochs on 6,000 real MNIST images, exported in every format."""
+    from lenet_tf.data import load_idx_dir
+
+    root = tmp_path_factory.mktemp("export")
+    datasets = load_idx_dir(mnist_dir).limited(6000, 500)
+    config = TrainConfig(
+        dataset="mnist", epochs=2, batch_size=32, activation="relu", learning_rate=0.1, data_dir=str(mnist_dir),
+        limit_train=6000, limit_test=500,
+        run_dir=str(root / "run"), export_dir=str(root / "exports"), export_formats=ALL_FORMATS,
+    )
+    metrics = train_and_evaluate(config, datasets=datasets)
+    return config, metrics, datasets
+
+
+def test_every_format_lands_in_a_numbered_version_with_a_model_card(trained):
+    config, metrics, _ = trained
+    version_dir = Path(metrics["export_version_dir"])
+    assert version_dir == Path(config.export_dir) / "lenet_mnist" / "1"
+    names = sorted(path.name for path in version_dir.glob("*.tflite"))
+    assert names == ["lenet.dynamic.tflite", "lenet.float16.tflite", "lenet.float32.tflite", "lenet.int8.tflite"]
+    card = json.loads((version_dir / METADATA_FILE).read_text())
+    assert card["class_names"] == [str(digit) for digit in range(10)]
+    assert card["input"]["dtype"] == "uint8" and card["input"]["shape"] == [None, 28, 28, 1]
+    assert card["training_config"]["epochs"] == 2
+    assert card["metrics"]["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert card["versions"]["tensorflow"] and card["versions"]["keras"]
+    for relative, entry in card["files"].items():
+        assert sha256_of(version_dir / relative) == entry["sha256"], relative
+    # Directory permissions must let a model server running as another user read it.
+    assert version_dir.stat().st_mode & 0o005 == 0o005
+
+
+def test_parity_numbers_meet_the_bounds(trained):
+    config, metrics, _ = trained
+    parity = json.loads((Path(metrics["export_version_dir"]) / METADATA_FILE).read_text())["parity"]
+    keras_accuracy = parity["keras"]["test_accuracy"]
+    assert keras_accuracy > 0.85
+    for name in ("saved_model", "float32"):
+        assert parity[name]["max_abs_probability_diff"] <= 1e-4
+        assert parity[name]["top1_agreement"] == 1.0
+    for name in ("float16", "dynamic", "int8"):
+        assert parity[name]["test_accuracy"] >= keras_accuracy - 0.01, name
+    assert parity["int8"]["examples"] == 500
+
+
+def test_signature_names_dtypes_and_shapes_in_a_fresh_process(trained):
+    _, metrics, datasets = trained
+    script = f"""
+import json, numpy as np, tensorflow as tf, sys
+# Plain tf.saved_model.load, as TF Serving would: no Keras objects are rebuilt.
+loaded = tf.saved_model.load({metrics['export_version_dir']!r})
+serve = loaded.signatures["serving_default"]
+inputs = serve.structured_input_signature[1]
+outputs = serve.structured_outputs
+images = np.load(sys.argv[1])
+result = serve(image=tf.constant(images))
+hw = loaded.signatures["serving_hw"](image=tf.constant(images[..., 0]))
+print(json.dumps({{
+    "inputs": {{k: [v.dtype.name, v.shape.as_list()] for k, v in inputs.items()}},
+    "outputs": {{k: [v.dtype.name, v.shape.as_list()] for k, v in outputs.items()}},
+    "probabilities": result["probabilities"].numpy().tolist(),
+    "class_id": result["class_id"].numpy().tolist(),
+    "hw_equal": bool(np.array_equal(hw["probabilities"].numpy(), result["probabilities"].numpy())),
+}}))
+"""
+    images_path = Path(metrics["export_version_dir"]).parent.parent / "sample.npy"
+    np.save(images_path, datasets.test_images[:64])
+    completed = subprocess.run([sys.executable, "-c", script, str(images_path)], capture_output=True, text=True,
+                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["inputs"] == {"image": ["uint8", [None, 28, 28, 1]]}
+    assert report["outputs"] == {
+        "probabilities": ["float32", [None, 10]], "class_id": ["int64", [None]], "logits": ["float32", [None, 10]],
+    }
+    assert report["hw_equal"]
+    import keras
+
+    model = keras.models.load_model(Path(metrics["exports"]["saved_model"]).parent.parent.parent / "run" / "checkpoints" / "last.keras")
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(model(datasets.test_images[:64])))
+    np.testing.assert_allclose(np.array(report["probabilities"]), expected, atol=1e-4)
+    assert report["class_id"] == expected.argmax(axis=1).tolist()
+
+
+def test_tflite_float32_matches_keras_in_a_fresh_process(trained):
+    _, metrics, datasets = trained
+    completed = run_cli("evaluate", "--model", metrics["exports"]["float32"], "--data-dir", trained[0].data_dir,
+                        "--limit-test", "500", "--json")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout)
+    assert result["format"] == "tflite" and result["dataset"] == "mnist"
+    assert result["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert np.array(result["confusion_matrix"]).sum() == 500
+
+
+def test_versions_increase_and_never_overwrite(trained, tmp_path):
+    config, metrics, datasets = trained
+    import keras
+
+    model = keras.models.load_model(Path(config.run_dir) / "checkpoints" / "last.keras")
+    small = TrainConfig(**{**config.to_json_dict(), "export_dir": str(tmp_path), "export_formats": ("saved_model",)})
+    first = export_model(model, small, datasets.limited(100, 100))
+    first_hash = sha256_of(first.version_dir / "saved_model.pb")
+    second = export_model(model, small, datasets.limited(100, 100))
+    assert [first.version_dir.name, second.version_dir.name] == ["1", "2"]
+    assert sha256_of(first.version_dir / "saved_model.pb") == first_hash
+    assert sorted(p.name for p in (tmp_path / "lenet_mnist").iterdir()) == ["1", "2"]
+
+
+def test_broken_parity_bound_fails_loudly():
+    keras_probabilities = np.eye(10, dtype=np.float32)[np.arange(100) % 10]
+    labels = np.arange(100) % 10
+    shifted = keras_probabilities.copy()
+    shifted[0] = np.roll(shifted[0], 1)
+    report = parity_report(keras_probabilities, {"float32": shifted, "int8": shifted}, labels)
+    failures = check_parity(report)
+    assert len(failures) == 1 and failures[0].startswith("float32: max |Δp| 1.00e+00")
+    worse = keras_probabilities.copy()
+    worse[:5] = np.roll(worse[:5], 1, axis=1)
+    failures = check_parity(parity_report(keras_probabilities, {"int8": worse}, labels))
+    assert failures and "more than 1.0 points below" in failures[0]
+
+
+def test_export_killed_midway_leaves_previous_versions_and_no_partial_version(trained, tmp_path):
+    config, _, _ = trained
+    export_dir = tmp_path / "exports"
+    first = run_cli("export", "--run-dir", config.run_dir, "--export-dir", str(export_dir), "--format", "saved_model")
+    assert first.returncode == 0, first.stderr[-3000:]
+    model_dir = export_dir / "lenet_mnist"
+    before = {p.name: sha256_of(p / "saved_model.pb") for p in model_dir.iterdir() if p.name.isdigit()}
+    assert list(before) == ["1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lenet_tf", "export", "--run-dir", config.run_dir, "--export-dir", str(export_dir),
+         "--format", ",".join(ALL_FORMATS)],
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(model_dir.glob(".staging-*/saved_model.pb")) and time.monotonic() < deadline:
+        assert process.poll() is None, "export ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    after = {p.name: sha256_of(p / "saved_model.pb") for p in model_dir.iterdir() if p.name.isdigit()}
+    assert after == before
+    # The next export sweeps away the dead export's hidden staging folder.
+    again = run_cli("export", "--run-dir", config.run_dir, "--export-dir", str(export_dir), "--format", "saved_model")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
