@@ -17,6 +17,7 @@ from lenet_tf.config import (
 )
 from lenet_tf.errors import UsageError
 from lenet_tf.images import INVERT_CHOICES
+from lenet_tf.quiet import import_tensorflow_quietly
 
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) buries the output
 # users care about; keep warnings and errors unless the user chose otherwise.
@@ -239,6 +240,7 @@ HANDLERS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import_tensorflow_quietly()
     try:
         return HANDLERS[args.command](args)
     except UsageError as error:

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from lenet_tf.errors import UsageError
+from lenet_tf.quiet import native_stderr_silenced
 
 SIGNATURE_KEY = "serving_default"
 INPUT_KEY = "image"
@@ -111,7 +112,9 @@ def _saved_model_predictor(path: Path, batch_size: int) -> Predictor:
 def _tflite_predictor(path: Path) -> Predictor:
     Interpreter = tflite_interpreter_class()
     try:
-        interpreter = Interpreter(model_path=str(path))
+        with native_stderr_silenced():
+            interpreter = Interpreter(model_path=str(path))
+            interpreter.allocate_tensors()
         runner = interpreter.get_signature_runner(SIGNATURE_KEY)
     except Exception as error:  # The interpreter raises ValueError/RuntimeError for bad files.
         raise UsageError(f"cannot load TFLite model {path}: {str(error).splitlines()[0]}") from None

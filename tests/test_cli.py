@@ -1,0 +1,122 @@
+"""The command line: help, summary, and one-line errors with exit code 2 for user mistakes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lenet_tf.cli import build_parser, config_from_args, main
+from lenet_tf.config import TrainConfig
+
+from conftest import REPO_ROOT, run_cli, write_idx, write_idx_dir
+
+
+def _train_args(*argv):
+    return build_parser().parse_args(["train", *argv])
+
+
+def test_help_documents_every_flag_with_its_default():
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in ("--dataset", "--data-dir", "--epochs", "--batch-size", "--learning-rate", "--strategy",
+                 "--run-dir", "--export-dir", "--format", "--seed", "--limit-train", "--activation", "--summary"):
+        assert flag in help_text
+    assert "default: 0.9" in help_text and "default: 256" in help_text and "default: 10" in help_text
+
+
+def test_flags_override_the_preset():
+    config = config_from_args(_train_args("--epochs", "3", "--conv-filters", "8,16", "--no-batch-norm",
+                                          "--format", "saved_model,tflite-int8", "--dataset", "mnist"))
+    assert config.epochs == 3 and config.conv_filters == (8, 16) and config.batch_norm is False
+    assert config.export_formats == ("saved_model", "tflite-int8")
+    assert config.run_dir == "runs/mnist"
+    assert config.learning_rate == TrainConfig().learning_rate
+
+
+def test_train_py_summary_prints_the_books_shapes():
+    completed = subprocess.run([sys.executable, "train.py", "--summary"], cwd=REPO_ROOT, capture_output=True,
+                               text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    for shape in ("(1, 28, 28, 6)", "(1, 14, 14, 6)", "(1, 10, 10, 16)", "(1, 5, 5, 16)", "(1, 400)",
+                  "(1, 120)", "(1, 84)", "(1, 10)"):
+        assert shape in completed.stdout
+    assert "61,706" in completed.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "-1"], "--epochs must be a positive integer"),
+        (["--epochs", "0"], "--epochs must be a positive integer"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--learning-rate", "-0.1"], "--learning-rate must be a positive number"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--format", "saved_model,pickle"], "--format must be one of"),
+        (["--conv-filters", "6,x"], "expected comma-separated integers"),
+        (["--dataset", "cifar10"], "invalid choice: 'cifar10'"),
+        (["--strategy", "tpu"], "invalid choice: 'tpu'"),
+        (["--activation", "tanh"], "invalid choice: 'tanh'"),
+        (["--epochs", "ten"], "invalid int value"),
+    ],
+)
+def test_invalid_flags_give_one_line_and_exit_2(argv, message, capsys):
+    try:
+        code = main(["train", *argv])  # Config checks return 2 ...
+    except SystemExit as exit_info:  # ... argparse's own checks exit 2.
+        code = exit_info.code
+    error = capsys.readouterr().err
+    assert code == 2
+    assert message in error
+    assert error.count("\n") == 1, error
+
+
+def _assert_one_line_error(completed, *fragments):
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    error_lines = [line for line in completed.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def test_missing_data_dir_is_one_line(tmp_path):
+    completed = run_cli("train", "--data-dir", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"))
+    _assert_one_line_error(completed, "does not exist")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_empty_data_dir_names_the_files_needed(tmp_path):
+    (tmp_path / "empty").mkdir()
+    completed = run_cli("train", "--data-dir", str(tmp_path / "empty"), "--run-dir", str(tmp_path / "run"))
+    _assert_one_line_error(completed, "train-images-idx3-ubyte")
+
+
+def test_truncated_gzip_is_one_line(tmp_path):
+    directory = write_idx_dir(tmp_path / "data")
+    path = directory / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    completed = run_cli("train", "--data-dir", str(directory), "--run-dir", str(tmp_path / "run"))
+    _assert_one_line_error(completed, "train-images-idx3-ubyte.gz", "re-download")
+
+
+def test_batch_larger_than_data_is_one_line(tmp_path):
+    directory = write_idx_dir(tmp_path / "data", train=64, test=32)
+    completed = run_cli("train", "--data-dir", str(directory), "--run-dir", str(tmp_path / "run"))
+    _assert_one_line_error(completed, "global batch size 256 is larger than the 64 training examples")
+
+
+def test_model_path_that_is_not_a_model_is_one_line(tmp_path):
+    (tmp_path / "model.tflite").write_bytes(b"garbage")
+    completed = run_cli("evaluate", "--model", str(tmp_path / "model.tflite"))
+    _assert_one_line_error(completed, "cannot load TFLite model")
+    (tmp_path / "folder").mkdir()
+    completed = run_cli("predict", "--model", str(tmp_path / "folder"), "x.png")
+    _assert_one_line_error(completed, "is not a model this package can load")
+    (tmp_path / "bad.keras").write_bytes(b"not a zip")
+    completed = run_cli("evaluate", "--model", str(tmp_path / "bad.keras"))
+    _assert_one_line_error(completed, "cannot load Keras model")
+
+
+def test_export_from_a_folder_that_is_not_a_run_is_one_line(tmp_path):
+    completed = run_cli("export", "--run-dir", str(tmp_path))
+    _assert_one_line_error(completed, "is not a run directory with a checkpoint")

@@ -1,0 +1,119 @@
+"""`lenet-tf predict` on real image files the tests write: PNG, JPEG, colour, odd sizes, broken files."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lenet_tf.errors import UsageError
+from lenet_tf.images import frame, load_image
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def fashion_model(tmp_path_factory, fashion_mnist_dir):
+    """A quick Fashion-MNIST model: 2 epochs of a ReLU LeNet on 10,000 real images."""
+    from lenet_tf.config import TrainConfig
+    from lenet_tf.data import load_datasets
+    from lenet_tf.train import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("predict")
+    datasets = load_datasets("fashion_mnist").limited(10_000, 1000)
+    config = TrainConfig(epochs=2, batch_size=32, activation="relu", learning_rate=0.1,
+                         run_dir=str(root / "run"), export_dir=str(root / "exports"))
+    metrics = train_and_evaluate(config, datasets=datasets)
+    return metrics, datasets
+
+
+def _write_test_images(directory, datasets):
+    """Real test images, written the ways users' files come: big, colour, dark-on-light, JPEG."""
+    files = {}
+    for index in range(6):
+        image, label = datasets.test_images[index, ..., 0], int(datasets.test_labels[index])
+        big = Image.fromarray(image).resize((113, 113), Image.Resampling.BICUBIC)
+        if index % 3 == 0:
+            path = directory / f"grey_{index}.png"
+            big.save(path)
+        elif index % 3 == 1:
+            # A colour photo of a dark object on a white background, odd size.
+            inverted = Image.fromarray(255 - np.asarray(big)).resize((97, 131))
+            path = directory / f"colour_{index}.jpg"
+            Image.merge("RGB", [inverted, inverted, inverted]).save(path, quality=95)
+        else:
+            rgba = big.convert("RGBA")
+            path = directory / f"alpha_{index}.png"
+            rgba.save(path)
+        files[path] = label
+    return files
+
+
+def test_predict_json_lines_on_png_and_jpeg(fashion_model, tmp_path):
+    metrics, datasets = fashion_model
+    files = _write_test_images(tmp_path, datasets)
+    completed = run_cli("predict", "--model", metrics["exports"]["float32"], "--json", *map(str, files))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(path) for path in files]
+    for line in lines:
+        assert set(line) == {"file", "class_id", "class_name", "probability", "top"}
+        assert len(line["top"]) == 3 and line["top"][0]["class_id"] == line["class_id"]
+        assert 0 < line["probability"] <= 1
+    correct = sum(line["class_id"] == label for line, label in zip(lines, files.values()))
+    # The model is ~80% accurate on real test images; resized, recoloured
+    # copies of six of them should still mostly be recognised.
+    assert correct >= 4, lines
+
+
+def test_broken_files_get_one_line_each_and_the_others_still_run(fashion_model, tmp_path):
+    metrics, datasets = fashion_model
+    good = tmp_path / "good.png"
+    Image.fromarray(datasets.test_images[0, ..., 0]).save(good)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is text, not a picture")
+    truncated = tmp_path / "truncated.jpg"
+    Image.fromarray(datasets.test_images[1, ..., 0]).resize((300, 300)).save(tmp_path / "full.jpg")
+    truncated.write_bytes((tmp_path / "full.jpg").read_bytes()[:400])
+    missing = tmp_path / "missing.png"
+    completed = run_cli("predict", "--model", metrics["exports"]["saved_model"], "--json",
+                        str(not_image), str(good), str(truncated), str(missing))
+    assert completed.returncode == 2
+    assert [json.loads(line)["file"] for line in completed.stdout.splitlines()] == [str(good)]
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("lenet-tf predict: error:")]
+    assert len(errors) == 3
+    assert "notes.png: not an image" in errors[0]
+    assert "truncated.jpg" in errors[1]
+    assert "missing.png" in errors[2]
+    assert "Traceback" not in completed.stderr
+
+
+def test_absurdly_large_image_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("L", (8000, 8000)).save(path)  # 64 megapixels, above the 50 MP limit.
+    with pytest.raises(UsageError, match="pixel limit"):
+        load_image(path)
+
+
+def test_framing_matches_the_dataset_look():
+    # A dark-on-light, off-centre, non-square object.
+    canvas = np.full((200, 300), 255, np.float32)
+    canvas[20:120, 40:90] = 0
+    image = Image.fromarray(canvas.astype(np.uint8))
+    grey = 255 - np.asarray(image, np.float32)
+    framed = frame(grey, 28)
+    rows, columns = np.nonzero(framed > 25)
+    assert rows.min() == 0 and rows.max() == 27  # The longer side fills the frame.
+    assert abs((columns.min() + columns.max()) / 2 - 13.5) <= 1  # Centred horizontally.
+    assert framed[0, 0] == 0  # Background is black.
+
+
+def test_invert_auto_detects_dark_on_light(tmp_path):
+    light = np.zeros((40, 40), np.uint8)
+    light[10:30, 10:30] = 255
+    Image.fromarray(light).save(tmp_path / "light.png")
+    Image.fromarray(255 - light).save(tmp_path / "dark.png")
+    a = load_image(tmp_path / "light.png")
+    b = load_image(tmp_path / "dark.png")
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (28, 28, 1) and a.dtype == np.uint8 and a.max() == 255
