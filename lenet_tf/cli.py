@@ -85,12 +85,16 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--tensorboard-update-freq", help="'epoch', 'batch' or N batches (default: epoch)")
     runtime.add_argument("--histogram-freq", type=int, help="weight histograms every N epochs, 0 = off (default: 0)")
     runtime.add_argument("--profile-batch", help="profile this batch range, e.g. 10,20 (default: off)")
+    runtime.add_argument("--image-every-epochs", type=int, help="TensorBoard image dashboards every N epochs and at the end; 0 = only at the end (default: 5)")
+    runtime.add_argument("--activation-indices", type=_int_list, help="test-set indices whose conv activations are shown (default: first of each class)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Starts from the preset and overrides every field the user gave."""
     config = preset(args.preset)
     for name in TrainConfig.__dataclass_fields__:
+        if name == "preset":
+            continue
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)

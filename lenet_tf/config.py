@@ -31,6 +31,9 @@ class TrainConfig:
     10 epochs.
     """
 
+    # Which named starting point this config came from (recorded, not applied).
+    preset: str = "classic"
+
     # --- data -------------------------------------------------------------
     dataset: str = "fashion_mnist"
     # A folder holding the four IDX files; None searches the usual places
@@ -74,6 +77,11 @@ class TrainConfig:
     histogram_freq: int = 0
     # "start,stop" batch range to profile; empty disables the profiler.
     profile_batch: str = ""
+    # Image dashboards (confusion matrix, predictions, activations, out-of-
+    # distribution) every N epochs and always at the end; 0 = only at the end.
+    image_every_epochs: int = 5
+    # Test-set indices whose conv activations are shown; empty = first of each class.
+    activation_indices: tuple[int, ...] = ()
 
     def validate(self) -> "TrainConfig":
         """Raises UsageError naming the first bad field; returns self."""
@@ -100,6 +108,10 @@ class TrainConfig:
         if self.export_formats and "saved_model" not in self.export_formats:
             # Every TFLite variant is converted from the SavedModel.
             raise UsageError("--format must include saved_model: the TFLite files are converted from it")
+        if self.image_every_epochs < 0:
+            raise UsageError(f"--image-every-epochs must be 0 or more (got {self.image_every_epochs})")
+        if any(index < 0 for index in self.activation_indices):
+            raise UsageError("--activation-indices must be test-set indices (0 or more)")
         if self.histogram_freq < 0:
             raise UsageError(f"--histogram-freq must be 0 or more (got {self.histogram_freq})")
         if self.tensorboard_update_freq not in ("epoch", "batch") and not self.tensorboard_update_freq.isdigit():
@@ -144,7 +156,7 @@ class TrainConfig:
 def preset(name: str) -> TrainConfig:
     """Returns the named preset; every field can still be overridden."""
     _choice("preset", name, PRESETS)
-    return TrainConfig()
+    return TrainConfig(preset=name)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

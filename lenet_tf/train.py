@@ -19,7 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from lenet_tf.config import TrainConfig
-from lenet_tf.data import Datasets, load_datasets, make_dataset
+from lenet_tf import dashboards
+from lenet_tf.data import CLASS_NAMES, Datasets, load_datasets, make_dataset
 from lenet_tf.distribute import Placement, make_placement
 from lenet_tf.errors import UsageError
 from lenet_tf.io_utils import ensure_writable_dir, write_json_atomic
@@ -31,6 +32,7 @@ METRICS_FILE = "metrics.json"
 LOGS_DIR = "logs"
 CHECKPOINT_FILE = "checkpoints/last.keras"
 BACKUP_DIR = "backup"
+CURVES_FILE = "curves.png"
 
 
 class ThroughputCallback(keras.callbacks.Callback):
@@ -113,6 +115,10 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
     datasets = datasets.limited(config.limit_train, config.limit_test)
     if len(datasets.train_images) == 0 or len(datasets.test_images) == 0:
         raise UsageError("the training or test split is empty; check the data files and --limit-train/--limit-test")
+    if any(index >= len(datasets.test_images) for index in config.activation_indices):
+        raise UsageError(
+            f"--activation-indices must be below the {len(datasets.test_images)} test examples"
+        )
 
     keras.utils.set_random_seed(config.seed)
     global_batch_size = config.batch_size * placement.replicas
@@ -139,14 +145,20 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
+    logs_dir = write_dir / LOGS_DIR
+    dashboards.write_hparams_start(logs_dir, config, run_name=str(run_dir))
     throughput = ThroughputCallback(len(datasets.train_images))
     callbacks = [
         throughput,  # First, so the others see examples_per_sec in the logs.
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.BackupAndRestore(str(write_dir / BACKUP_DIR)),
         keras.callbacks.ModelCheckpoint(str(write_dir / CHECKPOINT_FILE)),
+        dashboards.ImageDashboardsCallback(
+            logs_dir, datasets.test_images, datasets.test_labels, CLASS_NAMES[config.dataset],
+            config.image_every_epochs, config.activation_indices, seed=config.seed,
+        ),
         keras.callbacks.TensorBoard(
-            log_dir=str(write_dir / LOGS_DIR),
+            log_dir=str(logs_dir),
             update_freq=int(config.tensorboard_update_freq)
             if config.tensorboard_update_freq.isdigit()
             else config.tensorboard_update_freq,
@@ -189,6 +201,9 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
         "history": {key: [float(value) for value in values] for key, values in history.history.items()},
         "exports": {},
     }
+    dashboards.write_final_metrics(logs_dir, metrics, step=config.epochs - 1)
+    dashboards.write_op_graph(logs_dir, model)
+    dashboards.write_curves_png(history.history, write_dir / CURVES_FILE)
     if placement.is_chief and config.export_formats:
         from lenet_tf.export import export_model
 

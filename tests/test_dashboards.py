@@ -1,0 +1,148 @@
+"""TensorBoard dashboards: event files read back, and a real TensorBoard server serving them."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lenet_tf.config import TrainConfig
+from lenet_tf.train import CURVES_FILE, train_and_evaluate
+
+from conftest import REPO_ROOT, read_event_tags, read_scalars
+
+IMAGE_TAGS = ("confusion_matrix", "test_predictions", "activations/conv1", "activations/conv2", "out_of_distribution")
+
+
+@pytest.fixture(scope="module")
+def dashboard_run(tmp_path_factory, small_real_datasets):
+    root = tmp_path_factory.mktemp("dashboards")
+    config = TrainConfig(dataset="mnist", epochs=3, batch_size=64, activation="relu", learning_rate=0.1,
+                         image_every_epochs=2, activation_indices=(0, 1, 2), run_dir=str(root / "runs" / "lenet"),
+                         export_formats=())
+    metrics = train_and_evaluate(config, datasets=small_real_datasets)
+    return config, metrics, root
+
+
+def _images(log_dir: Path) -> dict[str, list]:
+    accumulator = read_event_tags(log_dir)
+    images = {}
+    for tag in accumulator.Tags()["tensors"]:
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "images":
+            images[tag] = accumulator.Tensors(tag)
+    return images
+
+
+def test_image_dashboards_every_n_epochs_and_at_the_end(dashboard_run):
+    config, _, _ = dashboard_run
+    images = _images(Path(config.run_dir) / "logs" / "images")
+    assert set(images) == set(IMAGE_TAGS)
+    for tag, events in images.items():
+        # Every 2 epochs (epoch index 1) and at the end (epoch index 2).
+        assert [event.step for event in events] == [1, 2], tag
+        width, height, png = tf.make_ndarray(events[-1].tensor_proto)[:3]
+        decoded = tf.io.decode_png(png).numpy()
+        assert decoded.shape == (int(height), int(width), 4), tag
+        assert int(width) >= 200 and int(height) >= 150
+        assert decoded[..., :3].std() > 10, f"{tag} is a blank picture"
+
+
+def test_confusion_matrix_picture_has_class_names_and_changes_with_training(dashboard_run):
+    config, _, _ = dashboard_run
+    events = _images(Path(config.run_dir) / "logs" / "images")["confusion_matrix"]
+    first, last = (tf.make_ndarray(event.tensor_proto)[2] for event in events)
+    assert first != last
+
+
+def test_out_of_distribution_confidence_is_logged(dashboard_run):
+    config, _, _ = dashboard_run
+    scalars = read_scalars(Path(config.run_dir) / "logs" / "images")
+    values = [value for _, value in scalars["out_of_distribution/mean_max_probability"]]
+    assert len(values) == 2 and all(0.1 <= value <= 1.0 for value in values)
+
+
+def test_hparams_session_and_final_metrics(dashboard_run):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    config, metrics, _ = dashboard_run
+    accumulator = read_event_tags(Path(config.run_dir) / "logs")
+    metadata = accumulator.SummaryMetadata("_hparams_/session_start_info")
+    assert metadata.plugin_data.plugin_name == "hparams"
+    session = plugin_data_pb2.HParamsPluginData.FromString(metadata.plugin_data.content).session_start_info
+    hparams = {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+               for key, value in session.hparams.items()}
+    assert hparams["learning_rate"] == pytest.approx(0.1)
+    assert hparams["batch_size"] == 64 and hparams["epochs"] == 3
+    assert hparams["activation"] == "relu" and hparams["dataset"] == "mnist"
+    assert hparams["conv_filters"] == "6,16"
+    scalars = read_scalars(Path(config.run_dir) / "logs")
+    assert scalars["final/test_accuracy"] == [(2, pytest.approx(metrics["test_accuracy"], rel=1e-6))]
+    assert "lenet_forward" in accumulator.Tags()["tensors"]  # The traced op graph.
+
+
+def test_curves_png_is_written(dashboard_run):
+    config, _, _ = dashboard_run
+    png = (Path(config.run_dir) / CURVES_FILE).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tf.io.decode_png(png).shape[1] >= 300
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_real_tensorboard_server_serves_the_run(dashboard_run):
+    config, metrics, root = dashboard_run
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lenet_tf", "tensorboard", "--run-dir", str(root / "runs"), "--port", str(port)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        runs = []
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                runs = _get_json(f"{base}/data/runs")
+                if "lenet/logs/images" in runs:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert {"lenet/logs/train", "lenet/logs/validation", "lenet/logs/images", "lenet/logs"} <= set(runs), runs
+        tags = _get_json(f"{base}/data/plugin/scalars/tags")
+        assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_examples_per_sec"} <= set(tags["lenet/logs/train"])
+        served = _get_json(f"{base}/data/plugin/scalars/scalars?run=lenet/logs/train&tag=epoch_loss")
+        assert [step for _, step, _ in served] == [0, 1, 2]
+        assert served[-1][2] == pytest.approx(metrics["history"]["loss"][-1], rel=1e-5)
+        validation = _get_json(f"{base}/data/plugin/scalars/scalars?run=lenet/logs/validation&tag=epoch_accuracy")
+        assert validation[-1][2] == pytest.approx(metrics["history"]["val_accuracy"][-1], rel=1e-5)
+        image_tags = _get_json(f"{base}/data/plugin/images/tags")
+        assert set(IMAGE_TAGS) <= set(image_tags["lenet/logs/images"])
+        listing = _get_json(f"{base}/data/plugin/images/images?run=lenet/logs/images&tag=confusion_matrix")
+        assert [entry["step"] for entry in listing] == [1, 2]
+        with urllib.request.urlopen(f"{base}/data/plugin/images/individualImage?{listing[-1]['query']}", timeout=10) as response:
+            assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
