@@ -8,7 +8,6 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
@@ -18,10 +17,6 @@ from lenet_tf.config import (
 from lenet_tf.errors import UsageError
 from lenet_tf.images import INVERT_CHOICES
 from lenet_tf.quiet import import_tensorflow_quietly
-
-# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) buries the output
-# users care about; keep warnings and errors unless the user chose otherwise.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,6 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from lenet_tf.model import predict_probabilities
+
 IMAGES_RUN = "images"
 HPARAM_KEYS = ("preset", "activation", "pooling", "learning_rate", "batch_size", "epochs", "dataset", "seed",
                "batch_norm", "dropout", "conv_filters", "dense_units", "strategy")
@@ -139,7 +141,8 @@ def curves_figure(history: dict[str, list[float]]):
         if key in history:
             axes.plot(epochs, history[key], style, label=label)
     axes.set_xlabel("epoch")
-    axes.set_xlim(1, max(len(epochs), 1))
+    if len(epochs) > 1:
+        axes.set_xlim(1, len(epochs))
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -198,8 +201,7 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
     def write(self, epoch: int) -> None:
         """Step = epoch index, matching Keras's epoch scalars."""
         self._last_written_epoch = epoch
-        logits = self.model.predict(self.test_images, batch_size=1024, verbose=0)
-        probabilities = tf.nn.softmax(logits).numpy()
+        probabilities = predict_probabilities(self.model, self.test_images)
         predicted = probabilities.argmax(axis=1)
         confusion = np.zeros((len(self.class_names),) * 2, np.int64)
         np.add.at(confusion, (self.test_labels, predicted), 1)
@@ -211,7 +213,7 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
                 self.test_images[:count], self.test_labels[:count], predicted[:count],
                 probabilities[np.arange(count), predicted[:count]], self.class_names)))
             self._write_activations()
-            ood_probabilities = tf.nn.softmax(self.model.predict(self.ood_images, verbose=0)).numpy()
+            ood_probabilities = predict_probabilities(self.model, self.ood_images)
             ood_predicted = ood_probabilities.argmax(axis=1)
             tf.summary.image("out_of_distribution", _figure_to_image(prediction_grid_figure(
                 self.ood_images, None, ood_predicted, ood_probabilities.max(axis=1), self.class_names,

@@ -36,7 +36,8 @@ from lenet_tf.data import CLASS_NAMES, Datasets
 from lenet_tf.errors import UsageError
 from lenet_tf.inference import INPUT_KEY, SIGNATURE_KEY
 from lenet_tf.io_utils import current_umask, write_json_atomic
-from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, PIXEL_SCALE
+from lenet_tf.quiet import native_stderr_silenced
+from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, PIXEL_SCALE, predict_probabilities
 
 METADATA_FILE = "metadata.json"
 # Export format -> TFLite variant name used in the file name.
@@ -133,9 +134,10 @@ def convert_tflite(saved_model_dir: Path, variant: str, calibration_images: np.n
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8
         converter.inference_output_type = tf.uint8
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), native_stderr_silenced():
         # Calibration uses tf.lite.Interpreter internally, which warns about
-        # its own deprecation; our runtime uses LiteRT.
+        # its own deprecation (our runtime uses LiteRT), and the converter
+        # prints its quantisation settings from C++.
         warnings.simplefilter("ignore", UserWarning)
         return converter.convert()
 
@@ -232,7 +234,7 @@ def export_model(
     try:
         artifacts = _write_artifacts(model, config, datasets, staging)
         images, labels = datasets.test_images, datasets.test_labels
-        keras_probabilities = tf.nn.softmax(model.predict(images, batch_size=1024, verbose=0)).numpy()
+        keras_probabilities = predict_probabilities(model, images)
         exported = run_parity_in_subprocess(artifacts, images)
         report = parity_report(keras_probabilities, exported, labels)
         failures = check_parity(report)

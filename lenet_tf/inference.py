@@ -78,7 +78,8 @@ def _batches(images: np.ndarray, batch_size: int):
 
 def _keras_predictor(path: Path, batch_size: int) -> Predictor:
     import keras
-    import tensorflow as tf
+
+    from lenet_tf.model import predict_probabilities
 
     try:
         model = keras.models.load_model(path)
@@ -88,7 +89,7 @@ def _keras_predictor(path: Path, batch_size: int) -> Predictor:
     def logits(images):
         return model.predict(images, batch_size=batch_size, verbose=0)
 
-    return Predictor("keras", path, lambda images: tf.nn.softmax(logits(images)).numpy(), logits)
+    return Predictor("keras", path, lambda images: predict_probabilities(model, images, batch_size), logits)
 
 
 def _saved_model_predictor(path: Path, batch_size: int) -> Predictor:

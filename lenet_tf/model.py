@@ -95,3 +95,9 @@ def layer_summary(model: keras.Model, out: TextIO | None = None) -> str:
     if out is not None:
         out.write(text)
     return text
+
+
+def predict_probabilities(model: keras.Model, images, batch_size: int = 1024):
+    """Softmax probabilities (numpy) of a logits model on uint8 images."""
+    logits = model.predict(images, batch_size=batch_size, verbose=0)
+    return keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))

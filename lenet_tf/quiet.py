@@ -32,7 +32,12 @@ def native_stderr_silenced():
 
 
 def import_tensorflow_quietly() -> None:
-    """Imports TensorFlow and probes its devices, where the chatter happens."""
+    """Imports TensorFlow and probes its devices, where the chatter happens.
+
+    Command-line entry points call this first; TF_CPP_MIN_LOG_LEVEL defaults
+    to 2 (warnings and errors only) unless the user set it.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules:
         return
     with native_stderr_silenced():

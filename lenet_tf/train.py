@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import keras
-import numpy as np
-import tensorflow as tf
 
 from lenet_tf.config import TrainConfig
 from lenet_tf import dashboards
@@ -73,6 +71,44 @@ class ThroughputCallback(keras.callbacks.Callback):
 
 class NonFiniteLossError(UsageError):
     pass
+
+
+def build_compiled_model(config: TrainConfig) -> keras.Model:
+    """The model, compiled as the book does: SGD, cross-entropy on logits, accuracy.
+
+    Call inside `strategy.scope()` so the variables are mirrored.
+    """
+    model = build_model(config)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def make_callbacks(config: TrainConfig, write_dir: Path, datasets: Datasets,
+                   throughput: ThroughputCallback) -> list[keras.callbacks.Callback]:
+    """Every callback of a training run, in the order they must run."""
+    logs_dir = write_dir / LOGS_DIR
+    return [
+        throughput,  # First, so the others see examples_per_sec in the logs.
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.BackupAndRestore(str(write_dir / BACKUP_DIR)),
+        keras.callbacks.ModelCheckpoint(str(write_dir / CHECKPOINT_FILE)),
+        dashboards.ImageDashboardsCallback(
+            logs_dir, datasets.test_images, datasets.test_labels, CLASS_NAMES[config.dataset],
+            config.image_every_epochs, config.activation_indices, seed=config.seed,
+        ),
+        keras.callbacks.TensorBoard(
+            log_dir=str(logs_dir),
+            update_freq=int(config.tensorboard_update_freq)
+            if config.tensorboard_update_freq.isdigit()
+            else config.tensorboard_update_freq,
+            histogram_freq=config.histogram_freq,
+            profile_batch=config.profile_batch or 0,
+        ),
+    ]
 
 
 def train_and_evaluate(
@@ -139,33 +175,11 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
         flush=True,
     )
     with placement.strategy.scope():
-        model = build_model(config)
-        model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+        model = build_compiled_model(config)
     logs_dir = write_dir / LOGS_DIR
     dashboards.write_hparams_start(logs_dir, config, run_name=str(run_dir))
     throughput = ThroughputCallback(len(datasets.train_images))
-    callbacks = [
-        throughput,  # First, so the others see examples_per_sec in the logs.
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.BackupAndRestore(str(write_dir / BACKUP_DIR)),
-        keras.callbacks.ModelCheckpoint(str(write_dir / CHECKPOINT_FILE)),
-        dashboards.ImageDashboardsCallback(
-            logs_dir, datasets.test_images, datasets.test_labels, CLASS_NAMES[config.dataset],
-            config.image_every_epochs, config.activation_indices, seed=config.seed,
-        ),
-        keras.callbacks.TensorBoard(
-            log_dir=str(logs_dir),
-            update_freq=int(config.tensorboard_update_freq)
-            if config.tensorboard_update_freq.isdigit()
-            else config.tensorboard_update_freq,
-            histogram_freq=config.histogram_freq,
-            profile_batch=config.profile_batch or 0,
-        ),
-    ]
+    callbacks = make_callbacks(config, write_dir, datasets, throughput)
     history = model.fit(
         train_data,
         epochs=config.epochs,
@@ -223,8 +237,3 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
         print(f"exported to {metrics['export_version_dir']}", file=out, flush=True)
     return metrics
 
-
-def probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Softmax probabilities of a Keras model on uint8 images."""
-    logits = model.predict(images, batch_size=batch_size, verbose=0)
-    return tf.nn.softmax(logits).numpy()

@@ -1,6 +1,5 @@
 """The command line: help, summary, and one-line errors with exit code 2 for user mistakes."""
 
-import json
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 from lenet_tf.cli import build_parser, config_from_args, main
 from lenet_tf.config import TrainConfig
 
-from conftest import REPO_ROOT, run_cli, write_idx, write_idx_dir
+from conftest import REPO_ROOT, run_cli, write_idx_dir
 
 
 def _train_args(*argv):

@@ -8,7 +8,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tensorflow as tf
 

@@ -13,7 +13,7 @@ import pytest
 
 from lenet_tf.config import TrainConfig
 from lenet_tf.export import (
-    METADATA_FILE, ParityError, check_parity, export_model, parity_report, sha256_of,
+    METADATA_FILE, check_parity, export_model, parity_report, sha256_of,
 )
 from lenet_tf.train import train_and_evaluate
 

@@ -1,0 +1,297 @@
+"""Benchmarks: the package's paths against plain Keras, measured in one process.
+
+    python -m lenet_tf.bench                       # training + evaluation ratios, peak memory
+    python -m lenet_tf.bench --export-dir exports/lenet_fashion_mnist/2   # + latency of every export
+    python -m lenet_tf.bench --full-run            # + wall time of `python train.py` on real data
+
+Every number is a median over repeats after a warm-up, with the spread
+(min..max) beside it; ratios compare runs made in the same process on the
+same synthetic data (random uint8 images, 60,000 by default). Results are
+printed as a table and written as JSON and Markdown (for the README).
+Timing targets live here, never in unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lenet_tf.quiet import import_tensorflow_quietly
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
+
+
+def synthetic_data(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, count).astype(np.int32)
+
+
+def plain_keras_model():
+    """The book's LeNet as a tutorial writes it: float32 inputs already scaled to [0, 1]."""
+    import keras
+    from keras import layers
+
+    model = keras.Sequential([
+        keras.Input(shape=(28, 28, 1)),
+        layers.Conv2D(6, 5, padding="same", activation="sigmoid"),
+        layers.AveragePooling2D(2, 2),
+        layers.Conv2D(16, 5, activation="sigmoid"),
+        layers.AveragePooling2D(2, 2),
+        layers.Flatten(),
+        layers.Dense(120, activation="sigmoid"),
+        layers.Dense(84, activation="sigmoid"),
+        layers.Dense(10),
+    ])
+    model.compile(optimizer=keras.optimizers.SGD(0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+
+class _EpochTimer:
+    """Collects per-epoch wall times inside model.fit."""
+
+    def __new__(cls):
+        import keras
+
+        class Timer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.seconds: list[float] = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self._start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds.append(time.perf_counter() - self._start)
+
+        return Timer()
+
+
+def bench_training(images, labels, repeats: int, batch_size: int) -> dict[str, Any]:
+    """Images/s of one training epoch: the package's path vs plain Keras, same data."""
+    import keras
+
+    from lenet_tf.config import TrainConfig
+    from lenet_tf.data import Datasets, make_dataset
+    from lenet_tf.train import ThroughputCallback, build_compiled_model, make_callbacks
+
+    count = len(images)
+    results = {}
+    # Plain Keras: model.fit on float32 numpy arrays, as in the tutorials.
+    keras.utils.set_random_seed(0)
+    baseline = plain_keras_model()
+    timer = _EpochTimer()
+    baseline.fit(images.astype(np.float32) / 255.0, labels, batch_size=batch_size, epochs=1 + repeats,
+                 verbose=0, callbacks=[timer])
+    results["plain_keras"] = _summary([count / seconds for seconds in timer.seconds[1:]])
+
+    # The package: its model, tf.data pipeline and every callback of a real run.
+    config = TrainConfig(batch_size=batch_size, image_every_epochs=0)
+    keras.utils.set_random_seed(0)
+    model = build_compiled_model(config)
+    with tempfile.TemporaryDirectory() as scratch:
+        small_test = Datasets(images[:1], labels[:1], images[:256], labels[:256])
+        throughput = ThroughputCallback(count)
+        # Drop the image dashboards: they run at epoch ends outside the timed span anyway.
+        callbacks = [c for c in make_callbacks(config, Path(scratch), small_test, throughput)
+                     if type(c).__name__ != "ImageDashboardsCallback"]
+        data = make_dataset(images, labels, batch_size, shuffle=True, seed=0)
+        model.fit(data, epochs=1 + repeats, verbose=0, callbacks=callbacks, shuffle=False)
+    results["package"] = _summary([count / seconds for seconds in throughput.epoch_seconds[1:]])
+    results["ratio"] = results["package"]["median"] / results["plain_keras"]["median"]
+    return results
+
+
+def bench_evaluation(images, repeats: int) -> dict[str, Any]:
+    """Images/s of inference on the whole set: the package's predict path vs plain model.predict."""
+    from lenet_tf.config import TrainConfig
+    from lenet_tf.model import build_model, predict_probabilities
+
+    baseline = plain_keras_model()
+    scaled = images.astype(np.float32) / 255.0
+    model = build_model(TrainConfig())
+    timings: dict[str, list[float]] = {"plain_keras_predict": [], "package": []}
+    for repeat in range(repeats + 1):
+        start = time.perf_counter()
+        baseline.predict(scaled, verbose=0)
+        middle = time.perf_counter()
+        predict_probabilities(model, images)
+        end = time.perf_counter()
+        if repeat:  # The first pass pays for tracing.
+            timings["plain_keras_predict"].append(len(images) / (middle - start))
+            timings["package"].append(len(images) / (end - middle))
+    results = {name: _summary(values) for name, values in timings.items()}
+    results["ratio"] = results["package"]["median"] / results["plain_keras_predict"]["median"]
+    return results
+
+
+def _latency(call: Callable[[], Any], calls: int) -> dict[str, float]:
+    for _ in range(min(100, calls)):
+        call()
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter_ns()
+        call()
+        samples.append((time.perf_counter_ns() - start) / 1000)
+    return {"p50_us": float(np.percentile(samples, 50)), "p99_us": float(np.percentile(samples, 99)), "calls": calls}
+
+
+def bench_exports(version_dir: Path, calls: int) -> dict[str, Any]:
+    """Batch-1 latency of the SavedModel signature and each TFLite file, plus size and parity."""
+    import tensorflow as tf
+
+    from lenet_tf.inference import INPUT_KEY, SIGNATURE_KEY, tflite_interpreter_class
+    from lenet_tf.quiet import native_stderr_silenced
+
+    card = json.loads((version_dir / "metadata.json").read_text())
+    image = np.zeros((1, 28, 28, 1), np.uint8)
+    results = {}
+    serve = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE_KEY]
+    tensor = tf.constant(image)
+    saved_model_bytes = sum(entry["bytes"] for name, entry in card["files"].items() if not name.endswith(".tflite"))
+    results["saved_model"] = {"bytes": saved_model_bytes, **_latency(lambda: serve(image=tensor), max(200, calls // 10))}
+    for path in sorted(version_dir.glob("*.tflite")):
+        variant = path.name.split(".")[1]
+        with native_stderr_silenced():
+            interpreter = tflite_interpreter_class()(model_path=str(path))
+        runner = interpreter.get_signature_runner(SIGNATURE_KEY)
+        results[variant] = {"bytes": path.stat().st_size,
+                            **_latency(lambda: runner(**{INPUT_KEY: image}), calls)}
+    for name, numbers in results.items():
+        numbers.update(card["parity"].get(name, {}))
+    results["_keras_test_accuracy"] = card["parity"]["keras"]["test_accuracy"]
+    return results
+
+
+def bench_full_run(extra_args: list[str]) -> dict[str, Any]:
+    """Wall time and peak memory of `python train.py` in a fresh process."""
+    with tempfile.TemporaryDirectory() as scratch:
+        command = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"),
+                   "--run-dir", f"{scratch}/run", "--export-dir", f"{scratch}/exports", *extra_args]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        start = time.perf_counter()
+        completed = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if completed.returncode != 0:
+            return {"command": " ".join(command[1:]), "error": completed.stderr.strip().splitlines()[-1:]}
+        metrics = json.loads(Path(f"{scratch}/run/metrics.json").read_text())
+    return {
+        "command": "python train.py " + " ".join(extra_args),
+        "wall_seconds": wall,
+        "peak_rss_mib": max(peak_kib, before) / 1024,
+        "test_accuracy": metrics["test_accuracy"],
+        "examples_per_sec": metrics["examples_per_sec"],
+    }
+
+
+def machine_description() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import keras
+    import tensorflow as tf
+
+    return {"cpu": model, "cores": os.cpu_count(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "date": datetime.date.today().isoformat(),
+            "gpus": [device.name for device in tf.config.list_physical_devices("GPU")]}
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [f"Measured {machine['date']} on {machine['cores']} cores of {machine['cpu']}"
+             f"{', GPUs ' + ', '.join(machine['gpus']) if machine['gpus'] else ''}; "
+             f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}. "
+             f"Median of {results['settings']['repeats']} repeats after a warm-up (min..max).", ""]
+    if "training" in results:
+        training, evaluation = results["training"], results["evaluation"]
+        lines += ["| measurement | plain Keras | lenet_tf | ratio |", "| --- | --- | --- | --- |"]
+        for label, block, base in (("training, images/s", training, "plain_keras"),
+                                   ("evaluation, images/s", evaluation, "plain_keras_predict")):
+            lines.append(f"| {label} | {_cell(block[base])} | {_cell(block['package'])} | {block['ratio']:.2f}x |")
+        lines.append("")
+    if "exports" in results:
+        lines += ["| format | size | test accuracy | max abs Δp vs Keras | top-1 agreement | batch-1 p50 | batch-1 p99 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, numbers in results["exports"].items():
+            if name.startswith("_"):
+                continue
+            lines.append(
+                f"| {name} | {numbers['bytes'] / 1024:.0f} KiB | {numbers.get('test_accuracy', float('nan')):.4f} | "
+                f"{numbers.get('max_abs_probability_diff', float('nan')):.1e} | {numbers.get('top1_agreement', float('nan')):.4f} | "
+                f"{numbers['p50_us']:.0f} µs | {numbers['p99_us']:.0f} µs |")
+        lines.append("")
+    for key in ("full_run",):
+        if key in results:
+            run = results[key]
+            if "error" in run:
+                lines.append(f"`{run['command']}` failed: {run['error']}")
+            else:
+                lines.append(f"`{run['command']}`: {run['wall_seconds']:.1f} s wall, peak RSS {run['peak_rss_mib']:.0f} MiB, "
+                             f"test accuracy {run['test_accuracy']:.4f}, {run['examples_per_sec']:.0f} examples/s.")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(summary: dict[str, float]) -> str:
+    return f"{summary['median']:,.0f} ({summary['min']:,.0f}..{summary['max']:,.0f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lenet_tf.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=60_000, help="synthetic training images (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs/passes after the warm-up (default: %(default)s)")
+    parser.add_argument("--skip-training", action="store_true", help="only the export latencies")
+    parser.add_argument("--export-dir", type=Path, help="an export version folder to measure latency on")
+    parser.add_argument("--latency-calls", type=int, default=5000, help="batch-1 calls per TFLite model (default: %(default)s)")
+    parser.add_argument("--full-run", action="store_true", help="also time `python train.py` with defaults on real data")
+    parser.add_argument("--output", type=Path, default=Path("bench_results.json"), help="JSON output (default: %(default)s)")
+    parser.add_argument("--markdown", type=Path, help="also write the Markdown table here")
+    args = parser.parse_args(argv)
+    for name in ("examples", "batch_size", "repeats", "latency_calls"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.export_dir and not (args.export_dir / "metadata.json").is_file():
+        parser.error(f"--export-dir {args.export_dir} is not an export version folder (no metadata.json)")
+    import_tensorflow_quietly()
+    results: dict[str, Any] = {"machine": machine_description(),
+                               "settings": {"examples": args.examples, "batch_size": args.batch_size,
+                                            "repeats": args.repeats}}
+    if not args.skip_training:
+        images, labels = synthetic_data(args.examples)
+        results["training"] = bench_training(images, labels, args.repeats, args.batch_size)
+        results["evaluation"] = bench_evaluation(images[:10_000], args.repeats)
+    if args.export_dir:
+        results["exports"] = bench_exports(args.export_dir, args.latency_calls)
+    if args.full_run:
+        results["full_run"] = bench_full_run([])
+    markdown = to_markdown(results)
+    print(markdown)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
