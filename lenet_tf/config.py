@@ -63,6 +63,9 @@ class TrainConfig:
 
     # --- runtime ----------------------------------------------------------
     strategy: str = "auto"
+    # Split the CPU into this many logical devices before TensorFlow starts,
+    # so `--strategy mirrored` has several replicas without a GPU (tests, demos).
+    logical_cpus: int = 0
     # Multi-worker training without TF_CONFIG: every worker's host:port and
     # this process's index among them.
     worker_hosts: tuple[str, ...] = ()
@@ -108,6 +111,8 @@ class TrainConfig:
         if self.export_formats and "saved_model" not in self.export_formats:
             # Every TFLite variant is converted from the SavedModel.
             raise UsageError("--format must include saved_model: the TFLite files are converted from it")
+        if self.logical_cpus < 0:
+            raise UsageError(f"--logical-cpus must be 0 or more (got {self.logical_cpus})")
         if self.image_every_epochs < 0:
             raise UsageError(f"--image-every-epochs must be 0 or more (got {self.image_every_epochs})")
         if any(index < 0 for index in self.activation_indices):

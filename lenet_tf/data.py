@@ -240,4 +240,10 @@ def make_dataset(
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
     if shuffle:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(global_batch_size).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Under multi-worker training every worker builds this same pipeline (same
+    # seed, same order) and keeps its own share of each global batch: DATA
+    # sharding. In-memory data has no files to shard by, so AUTO would fall
+    # back to this anyway, with a warning.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.batch(global_batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)

@@ -6,7 +6,9 @@ tests pass small in-memory datasets and a strategy; the CLI passes neither.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -19,7 +21,7 @@ import keras
 from lenet_tf.config import TrainConfig
 from lenet_tf import dashboards
 from lenet_tf.data import CLASS_NAMES, Datasets, load_datasets, make_dataset
-from lenet_tf.distribute import Placement, make_placement
+from lenet_tf.distribute import Placement, adapt_model_for_multi_worker, make_placement
 from lenet_tf.errors import UsageError
 from lenet_tf.io_utils import ensure_writable_dir, write_json_atomic
 from lenet_tf.model import build_model
@@ -31,6 +33,7 @@ LOGS_DIR = "logs"
 CHECKPOINT_FILE = "checkpoints/last.keras"
 BACKUP_DIR = "backup"
 CURVES_FILE = "curves.png"
+HISTORY_FILE = "history.json"
 
 
 class ThroughputCallback(keras.callbacks.Callback):
@@ -73,6 +76,84 @@ class NonFiniteLossError(UsageError):
     pass
 
 
+def _finite_loss(logs) -> bool:
+    return math.isfinite(float((logs or {}).get("loss", 0.0)))
+
+
+class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that never backs up a diverged (NaN/Inf) epoch."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if _finite_loss(logs):
+            super().on_epoch_end(epoch, logs)
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Saves the whole model (.keras) after every epoch, atomically.
+
+    Keras's ModelCheckpoint writes in place, so a kill mid-save leaves a
+    corrupt file; here the model goes to a temporary file that is renamed
+    over the old one, so the checkpoint is always a complete epoch.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _finite_loss(logs):
+            return  # Keep the last good checkpoint.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.keras")
+        try:
+            self.model.save(temporary)
+            os.replace(temporary, self.path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+class EpochHistory(keras.callbacks.Callback):
+    """Keeps every epoch's logs in <run_dir>/history.json across interruptions.
+
+    Keras's History only covers the current session; after a resume the run's
+    metrics and curves must still show every epoch. The first epoch of a
+    session drops any recorded epoch at or after it (a fresh start, or a
+    resume that repeats an epoch), so stale entries never survive.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+        self.epochs: dict[int, dict[str, float]] = {}
+        self._started = False
+
+    def _recorded(self) -> dict[int, dict[str, float]]:
+        try:
+            return {int(key): value for key, value in json.loads(self.path.read_text()).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._started:
+            self._started = True
+            self.epochs = {key: value for key, value in self._recorded().items() if key < epoch}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs[epoch] = {key: float(value) for key, value in (logs or {}).items()}
+        write_json_atomic(self.path, {str(key): value for key, value in sorted(self.epochs.items())})
+
+    def as_history(self) -> dict[str, list[float]]:
+        """Keras History layout: metric -> one value per epoch, in order."""
+        # A session resumed after its last epoch had been backed up runs no
+        # epoch at all; everything it reports was recorded before.
+        epochs = self.epochs if self._started else self._recorded()
+        history: dict[str, list[float]] = {}
+        for epoch in sorted(epochs):
+            for key, value in epochs[epoch].items():
+                history.setdefault(key, []).append(value)
+        return history
+
+
 def build_compiled_model(config: TrainConfig) -> keras.Model:
     """The model, compiled as the book does: SGD, cross-entropy on logits, accuracy.
 
@@ -94,8 +175,11 @@ def make_callbacks(config: TrainConfig, write_dir: Path, datasets: Datasets,
     return [
         throughput,  # First, so the others see examples_per_sec in the logs.
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.BackupAndRestore(str(write_dir / BACKUP_DIR)),
-        keras.callbacks.ModelCheckpoint(str(write_dir / CHECKPOINT_FILE)),
+        # double_checkpoint keeps the previous backup, used if the latest one
+        # was cut short by a kill mid-write.
+        GuardedBackupAndRestore(str(write_dir / BACKUP_DIR), double_checkpoint=True),
+        AtomicCheckpoint(write_dir / CHECKPOINT_FILE),
+        EpochHistory(write_dir / HISTORY_FILE),
         dashboards.ImageDashboardsCallback(
             logs_dir, datasets.test_images, datasets.test_labels, CLASS_NAMES[config.dataset],
             config.image_every_epochs, config.activation_indices, seed=config.seed,
@@ -176,6 +260,8 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
     )
     with placement.strategy.scope():
         model = build_compiled_model(config)
+    if placement.name == "multi_worker":
+        adapt_model_for_multi_worker(model, placement.strategy, next(iter(train_data)))
     logs_dir = write_dir / LOGS_DIR
     dashboards.write_hparams_start(logs_dir, config, run_name=str(run_dir))
     throughput = ThroughputCallback(len(datasets.train_images))
@@ -191,16 +277,18 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
     )
     epochs_run = len(history.history.get("loss", []))
     last_loss = history.history["loss"][-1] if epochs_run else float("nan")
-    if not math.isfinite(last_loss):
+    if epochs_run and not math.isfinite(last_loss):
         raise NonFiniteLossError(
             f"training stopped: the loss became {last_loss} (diverged); lower --learning-rate "
             f"(was {config.learning_rate}). The last good checkpoint is in {write_dir / CHECKPOINT_FILE}"
         )
     test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
+    # Every epoch of the run, including those before an interruption.
+    full_history = next(c for c in callbacks if isinstance(c, EpochHistory)).as_history()
     metrics: dict[str, Any] = {
         "dataset": config.dataset,
-        "train_loss": float(last_loss),
-        "train_accuracy": float(history.history["accuracy"][-1]) if epochs_run else float("nan"),
+        "train_loss": full_history["loss"][-1] if full_history else float("nan"),
+        "train_accuracy": full_history["accuracy"][-1] if full_history else float("nan"),
         "test_loss": float(test_loss),
         "test_accuracy": float(test_accuracy),
         "examples_per_sec": float(throughput.examples_per_sec()),
@@ -212,16 +300,22 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
         "global_batch_size": global_batch_size,
         "train_examples": len(datasets.train_images),
         "test_examples": len(datasets.test_images),
-        "history": {key: [float(value) for value in values] for key, values in history.history.items()},
+        "history": full_history,
         "exports": {},
     }
     dashboards.write_final_metrics(logs_dir, metrics, step=config.epochs - 1)
     dashboards.write_op_graph(logs_dir, model)
-    dashboards.write_curves_png(history.history, write_dir / CURVES_FILE)
+    dashboards.write_curves_png(full_history, write_dir / CURVES_FILE)
     if placement.is_chief and config.export_formats:
         from lenet_tf.export import export_model
 
-        export = export_model(model, config, datasets, metrics)
+        # Export a plain copy built outside the strategy: the exported graph
+        # then holds ordinary variables, and the parity check's predict runs
+        # locally (under multi-worker, a chief-only predict on the distributed
+        # model would wait forever for the other workers).
+        plain_model = build_model(config)
+        plain_model.set_weights(model.get_weights())
+        export = export_model(plain_model, config, datasets, metrics)
         metrics["exports"] = {key: str(path) for key, path in export.artifacts.items()}
         metrics["export_version_dir"] = str(export.version_dir)
     metrics["wall_seconds"] = time.perf_counter() - started
