@@ -175,11 +175,13 @@ def make_callbacks(config: TrainConfig, write_dir: Path, datasets: Datasets,
     return [
         throughput,  # First, so the others see examples_per_sec in the logs.
         keras.callbacks.TerminateOnNaN(),
+        # An epoch's history and checkpoint are written before its backup, so
+        # a kill in between never leaves a backed-up epoch unrecorded.
+        EpochHistory(write_dir / HISTORY_FILE),
+        AtomicCheckpoint(write_dir / CHECKPOINT_FILE),
         # double_checkpoint keeps the previous backup, used if the latest one
         # was cut short by a kill mid-write.
         GuardedBackupAndRestore(str(write_dir / BACKUP_DIR), double_checkpoint=True),
-        AtomicCheckpoint(write_dir / CHECKPOINT_FILE),
-        EpochHistory(write_dir / HISTORY_FILE),
         dashboards.ImageDashboardsCallback(
             logs_dir, datasets.test_images, datasets.test_labels, CLASS_NAMES[config.dataset],
             config.image_every_epochs, config.activation_indices, seed=config.seed,
