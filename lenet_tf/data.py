@@ -100,6 +100,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             payload = handle.read(expected + 1)
     except UsageError:
         raise
+    except PermissionError:
+        raise UsageError(f"cannot read {path}: permission denied; fix its permissions") from None
     except (OSError, EOFError, gzip.BadGzipFile) as error:
         # gzip raises EOFError on a truncated stream and BadGzipFile on garbage.
         raise UsageError(f"cannot read {path}: {error}; re-download it") from None
@@ -181,13 +183,22 @@ def load_datasets(dataset: str, data_dir: str | None = None, allow_download: boo
     for path in explicit:
         # A folder the user named must work: falling through to another source
         # would silently train on data they did not ask for.
-        if not path.is_dir():
+        try:
+            is_folder = path.is_dir()
+        except OSError as error:  # E.g. a parent folder the user may not enter.
+            raise UsageError(f"cannot access data folder {path}: {error.strerror}; fix its permissions") from None
+        if not is_folder:
             raise UsageError(f"data folder {path} does not exist or is not a folder")
-        if not os.access(path, os.R_OK | os.X_OK):
+        effective = os.access in os.supports_effective_ids  # Honour setuid/seteuid callers.
+        if not os.access(path, os.R_OK | os.X_OK, effective_ids=effective):
             raise UsageError(f"data folder {path} is not readable; fix its permissions")
         return load_idx_dir(path)
     for _, path in candidates:
-        if path.is_dir() and _has_idx_files(path):
+        try:
+            found = path.is_dir() and _has_idx_files(path)
+        except OSError:
+            found = False  # A default location we may not enter is simply not used.
+        if found:
             return load_idx_dir(path)
     if allow_download:
         tfds_error = None

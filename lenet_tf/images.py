@@ -56,7 +56,8 @@ def load_image(path: str | Path, dataset: str = "fashion_mnist", invert: str = "
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         # OSError covers truncated files ("image file is truncated").
-        reason = "not an image Pillow can read" if isinstance(error, UnidentifiedImageError) else str(error)
+        reason = ("not an image Pillow can read" if isinstance(error, UnidentifiedImageError)
+                  else f"cannot decode the image ({error}); the file is truncated or corrupt")
         raise UsageError(f"{path}: {reason}") from None
     return frame(grey, FRAME_SIZE.get(dataset, IMAGE_SIZE))[..., np.newaxis]
 

@@ -142,3 +142,28 @@ def test_evaluation_pipeline_keeps_order():
     dataset = make_dataset(images, np.zeros(10, np.int32), 4, shuffle=False, seed=0)
     order = np.concatenate([b[0][:, 0, 0, 0] for b in dataset.as_numpy_iterator()])
     assert order.tolist() == list(range(10))
+
+
+def test_unreadable_data_folder_is_refused(tmp_path, mnist_dir):
+    """Runs as an unprivileged user (seteuid), since root reads through permission bits."""
+    import os
+    import subprocess
+    import sys
+
+    directory = write_idx_dir(tmp_path / "locked")
+    directory.chmod(0o000)
+    script = (
+        "import os, sys\n"
+        "from lenet_tf.data import load_datasets\n"
+        "from lenet_tf.errors import UsageError\n"
+        "if os.geteuid() == 0: os.seteuid(65534)\n"
+        "try:\n"
+        f"    load_datasets('mnist', {str(directory)!r})\n"
+        "except UsageError as error:\n"
+        "    print(error); sys.exit(2)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                               env=dict(os.environ, PYTHONPATH=str(__import__("conftest").REPO_ROOT)))
+    directory.chmod(0o755)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert str(directory) in completed.stdout and "fix its permissions" in completed.stdout
