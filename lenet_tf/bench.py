@@ -117,6 +117,39 @@ def bench_training(images, labels, repeats: int, batch_size: int) -> dict[str, A
     return results
 
 
+def bench_callback_overhead(images, labels, test_images, test_labels, epochs: int = 5) -> dict[str, Any]:
+    """Whole-epoch wall time (training, validation, epoch-end work) with the default
+    callbacks of a run (TensorBoard scalars per epoch, image dashboards every 5
+    epochs, checkpoint, backup, history) against none, same model and data.
+    """
+    import keras
+
+    from lenet_tf.config import TrainConfig
+    from lenet_tf.data import Datasets, make_dataset
+    from lenet_tf.train import ThroughputCallback, build_compiled_model, make_callbacks
+
+    config = TrainConfig()  # Default settings: image dashboards every 5 epochs.
+    train = make_dataset(images, labels, config.batch_size, shuffle=True, seed=0)
+    test = make_dataset(test_images, test_labels, config.batch_size, shuffle=False, seed=0)
+    seconds = {}
+    for name in ("no_callbacks", "default_callbacks"):
+        keras.utils.set_random_seed(0)
+        model = build_compiled_model(config)
+        timer = _EpochTimer()
+        with tempfile.TemporaryDirectory() as scratch:
+            callbacks = []
+            if name == "default_callbacks":
+                datasets = Datasets(images, labels, test_images, test_labels)
+                callbacks = make_callbacks(config, Path(scratch), datasets, ThroughputCallback(len(images)))
+            # The timer goes last, so its epoch end includes everyone else's.
+            model.fit(train, validation_data=test, epochs=1 + epochs, verbose=0, shuffle=False,
+                      callbacks=[*callbacks, timer])
+        seconds[name] = {**_summary(timer.seconds[1:]), "total": sum(timer.seconds[1:])}
+    # Totals, not medians: the image dashboards run on one epoch in five.
+    seconds["overhead"] = seconds["default_callbacks"]["total"] / seconds["no_callbacks"]["total"] - 1.0
+    return seconds
+
+
 def bench_evaluation(images, repeats: int) -> dict[str, Any]:
     """Images/s of inference on the whole set: the package's predict path vs plain model.predict."""
     from lenet_tf.config import TrainConfig
@@ -241,6 +274,13 @@ def to_markdown(results: dict[str, Any]) -> str:
                 f"{numbers.get('max_abs_probability_diff', float('nan')):.1e} | {numbers.get('top1_agreement', float('nan')):.4f} | "
                 f"{numbers['p50_us']:.0f} µs | {numbers['p99_us']:.0f} µs |")
         lines.append("")
+    if "callback_overhead" in results:
+        block = results["callback_overhead"]
+        lines.append(f"Default callbacks (TensorBoard per epoch, image dashboards every 5 epochs, checkpoint, "
+                     f"backup, history) over 5 epochs with validation: {block['default_callbacks']['total']:.1f} s "
+                     f"vs {block['no_callbacks']['total']:.1f} s without, an overhead of "
+                     f"{block['overhead'] * 100:.1f} %.")
+        lines.append("")
     for key in ("full_run",):
         if key in results:
             run = results[key]
@@ -264,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-training", action="store_true", help="only the export latencies")
     parser.add_argument("--export-dir", type=Path, help="an export version folder to measure latency on")
     parser.add_argument("--latency-calls", type=int, default=5000, help="batch-1 calls per TFLite model (default: %(default)s)")
+    parser.add_argument("--callback-overhead", action="store_true",
+                        help="also measure the default callbacks' cost per epoch (6 epochs twice)")
     parser.add_argument("--full-run", action="store_true", help="also time `python train.py` with defaults on real data")
     parser.add_argument("--output", type=Path, default=Path("bench_results.json"), help="JSON output (default: %(default)s)")
     parser.add_argument("--markdown", type=Path, help="also write the Markdown table here")
@@ -281,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         images, labels = synthetic_data(args.examples)
         results["training"] = bench_training(images, labels, args.repeats, args.batch_size)
         results["evaluation"] = bench_evaluation(images[:10_000], args.repeats)
+    if args.callback_overhead:
+        images, labels = synthetic_data(args.examples)
+        test_images, test_labels = synthetic_data(10_000, seed=1)
+        results["callback_overhead"] = bench_callback_overhead(images, labels, test_images, test_labels)
     if args.export_dir:
         results["exports"] = bench_exports(args.export_dir, args.latency_calls)
     if args.full_run:

@@ -76,12 +76,47 @@ class NonFiniteLossError(UsageError):
     pass
 
 
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """Keras's TensorBoard callback, marked async-safe when it writes per epoch
+    and does not profile: its batch hook then only writes the model graph once."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        profiling = bool(self._start_batch or self._stop_batch)
+        self.async_safe = self.update_freq == "epoch" and not profiling
+
+
 def _finite_loss(logs) -> bool:
     return math.isfinite(float((logs or {}).get("loss", 0.0)))
 
 
+# Keras dispatches training steps asynchronously only while no callback does
+# work after each batch; one that does forces a device sync every step, which
+# cost about 30 % of a LeNet epoch here. So every callback of a run works at
+# epoch granularity, and those that override the batch hooks without using
+# them say so with `async_safe`.
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training after an epoch whose loss is NaN or Inf.
+
+    Keras's TerminateOnNaN checks every batch, which forces a sync per step;
+    a diverged run is caught one epoch later here, at no per-step cost, and
+    the checkpoint and backup callbacks below refuse to save that epoch.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _finite_loss(logs):
+            self.model.stop_training = True
+
+
 class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that never backs up a diverged (NaN/Inf) epoch."""
+    """BackupAndRestore that never backs up a diverged (NaN/Inf) epoch.
+
+    Saving is per epoch, so its batch hook does nothing: async-safe.
+    """
+
+    async_safe = True
 
     def on_epoch_end(self, epoch, logs=None):
         if _finite_loss(logs):
@@ -174,7 +209,7 @@ def make_callbacks(config: TrainConfig, write_dir: Path, datasets: Datasets,
     logs_dir = write_dir / LOGS_DIR
     return [
         throughput,  # First, so the others see examples_per_sec in the logs.
-        keras.callbacks.TerminateOnNaN(),
+        StopOnNonFiniteLoss(),
         # An epoch's history and checkpoint are written before its backup, so
         # a kill in between never leaves a backed-up epoch unrecorded.
         EpochHistory(write_dir / HISTORY_FILE),
@@ -186,7 +221,7 @@ def make_callbacks(config: TrainConfig, write_dir: Path, datasets: Datasets,
             logs_dir, datasets.test_images, datasets.test_labels, CLASS_NAMES[config.dataset],
             config.image_every_epochs, config.activation_indices, seed=config.seed,
         ),
-        keras.callbacks.TensorBoard(
+        EpochTensorBoard(
             log_dir=str(logs_dir),
             update_freq=int(config.tensorboard_update_freq)
             if config.tensorboard_update_freq.isdigit()
