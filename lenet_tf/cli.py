@@ -12,7 +12,8 @@ import sys
 from typing import Sequence
 
 from lenet_tf.config import (
-    ACTIVATIONS, DATASETS, EXPORT_FORMATS, POOLINGS, PRESETS, STRATEGIES, TrainConfig, preset,
+    ACTIVATIONS, AUGMENTATIONS, DATASETS, EXPORT_FORMATS, POOLINGS, PRESETS, SCHEDULES, STRATEGIES, TrainConfig,
+    preset,
 )
 from lenet_tf.errors import UsageError
 from lenet_tf.images import INVERT_CHOICES
@@ -51,7 +52,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N examples only (default: all)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", choices=PRESETS, default="classic", help="named configuration (default: %(default)s)")
+    model.add_argument("--preset", choices=PRESETS, default="classic", help="named configuration: classic = the book's LeNet-5 and training; modern = ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation (default: %(default)s)")
     model.add_argument("--activation", choices=ACTIVATIONS, help=f"default: {defaults.activation}")
     model.add_argument("--pooling", choices=POOLINGS, help=f"default: {defaults.pooling}")
     model.add_argument("--conv-filters", type=_int_list, help="filters per conv layer, comma-separated (default: 6,16)")
@@ -65,6 +66,14 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     optimisation.add_argument("--batch-size", type=int, help=f"per-replica batch size (default: {defaults.batch_size})")
     optimisation.add_argument("--epochs", type=int, help=f"default: {defaults.epochs}")
     optimisation.add_argument("--seed", type=int, help=f"random seed (default: {defaults.seed})")
+    optimisation.add_argument("--momentum", type=float, help="SGD momentum (default: 0; modern: 0.9)")
+    optimisation.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (default: off; modern: on)")
+    optimisation.add_argument("--weight-decay", type=float, help="decoupled weight decay (default: 0; modern: 5e-4)")
+    optimisation.add_argument("--label-smoothing", type=float, help="default: 0; modern: 0.1")
+    optimisation.add_argument("--lr-schedule", choices=SCHEDULES, help="default: constant; modern: cosine")
+    optimisation.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up (default: 0; modern: 1)")
+    optimisation.add_argument("--augment", choices=AUGMENTATIONS, help="training-time shifts (and flips) in the pipeline (default: none; modern: shift_flip, shift for mnist)")
+    optimisation.add_argument("--validation-split", type=float, help="hold out this fraction of the training split for validation; 0 = validate on the test split (default: 0)")
 
     runtime = parser.add_argument_group("runtime and outputs")
     runtime.add_argument("--strategy", choices=STRATEGIES, help="tf.distribute strategy; auto = mirrored on GPUs, default on CPU (default: auto)")
@@ -87,7 +96,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Starts from the preset and overrides every field the user gave."""
-    config = preset(args.preset)
+    config = preset(args.preset, args.dataset)
     for name in TrainConfig.__dataclass_fields__:
         if name == "preset":
             continue

@@ -19,7 +19,9 @@ STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 ACTIVATIONS = ("sigmoid", "relu")
 POOLINGS = ("avg", "max")
 EXPORT_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8")
-PRESETS = ("classic",)
+PRESETS = ("classic", "modern")
+SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = ("none", "shift", "shift_flip")
 
 
 @dataclass
@@ -60,6 +62,21 @@ class TrainConfig:
     batch_size: int = 256
     epochs: int = 10
     seed: int = 0
+    momentum: float = 0.0  # The book uses plain SGD.
+    nesterov: bool = False
+    # Decoupled weight decay (Keras SGD's weight_decay); 0 disables it.
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    # Learning-rate schedule over the whole run, after `warmup_epochs` of linear warm-up.
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    # Training-time augmentation in the input pipeline (the model is unchanged):
+    # random shifts of up to 2 pixels, plus left-right flips for Fashion-MNIST.
+    augment: str = "none"
+    # Hold out this fraction of the training split for validation (chosen by a
+    # seeded shuffle); the test split is then evaluated once, at the end.
+    # 0 validates on the test split every epoch, as the book does.
+    validation_split: float = 0.0
 
     # --- runtime ----------------------------------------------------------
     strategy: str = "auto"
@@ -99,6 +116,17 @@ class TrainConfig:
                 _positive(name, getattr(self, name))
         if not self.learning_rate > 0:
             raise UsageError(f"--learning-rate must be a positive number (got {self.learning_rate})")
+        _choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        _choice("augment", self.augment, AUGMENTATIONS)
+        if self.augment == "shift_flip" and self.dataset == "mnist":
+            raise UsageError("--augment shift_flip mirrors images, which turns digits into other shapes; use shift for mnist")
+        for name in ("momentum", "label_smoothing", "validation_split"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(self, name)})")
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise UsageError("--weight-decay and --warmup-epochs must be 0 or more")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise UsageError(f"--warmup-epochs ({self.warmup_epochs}) must be fewer than --epochs ({self.epochs})")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1) (got {self.dropout})")
         if not self.conv_filters:
@@ -158,10 +186,39 @@ class TrainConfig:
             raise UsageError(f"cannot read run config {path}: {error}") from None
 
 
-def preset(name: str) -> TrainConfig:
-    """Returns the named preset; every field can still be overridden."""
+def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
+    """Returns the named preset; every field can still be overridden.
+
+    classic: the book's LeNet-5 and training, unchanged (the dataclass defaults).
+    modern:  still LeNet-shaped (two conv blocks, three dense layers, under
+             100,000 parameters); each change was kept because an ablation on
+             a held-out validation split showed it helping (README, "Presets").
+             `python train.py --preset modern` takes about AS_MEASURED on 2 CPU cores.
+    """
     _choice("preset", name, PRESETS)
-    return TrainConfig(preset=name)
+    if name == "classic":
+        return TrainConfig(preset=name, dataset=dataset)
+    return TrainConfig(
+        preset=name,
+        dataset=dataset,
+        activation="relu",
+        pooling="max",
+        batch_norm=True,
+        # Wider than LeNet-5 but under 100,000 parameters (97,626 with BN).
+        conv_filters=(16, 32),
+        dense_units=(96, 64),
+        learning_rate=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+        lr_schedule="cosine",
+        warmup_epochs=1.0,
+        # Mirrored clothes are still clothes; mirrored digits are not digits.
+        augment="shift" if dataset == "mnist" else "shift_flip",
+        batch_size=128,
+        epochs=30,
+    )
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -239,6 +239,7 @@ def make_dataset(
     global_batch_size: int,
     shuffle: bool,
     seed: int,
+    augment: str = "none",
 ):
     """A tf.data pipeline over in-memory arrays.
 
@@ -257,4 +258,34 @@ def make_dataset(
     # sharding. In-memory data has no files to shard by, so AUTO would fall
     # back to this anyway, with a warning.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.batch(global_batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
+    dataset = dataset.batch(global_batch_size)
+    if augment != "none":
+        dataset = dataset.map(
+            lambda batch_images, batch_labels: (augment_batch(batch_images, augment == "shift_flip"), batch_labels),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+MAX_SHIFT = 2
+
+
+def augment_batch(images, flip: bool):
+    """Shifts each uint8 image by up to MAX_SHIFT pixels in each direction
+    (zero fill, like the black background) and, if `flip`, mirrors half of
+    them left-right. Works on whole batches: pad once, then one random crop
+    offset per image via a gather, no per-image Python.
+    """
+    import tensorflow as tf
+
+    batch = tf.shape(images)[0]
+    padded = tf.pad(images, [[0, 0], [MAX_SHIFT, MAX_SHIFT], [MAX_SHIFT, MAX_SHIFT], [0, 0]])
+    offsets = tf.random.uniform([batch, 2], 0, 2 * MAX_SHIFT + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(IMAGE_SIZE)[None, :]
+    columns = offsets[:, 1:] + tf.range(IMAGE_SIZE)[None, :]
+    shifted = tf.gather(padded, rows, axis=1, batch_dims=1)
+    shifted = tf.gather(shifted, columns, axis=2, batch_dims=1)
+    if flip:
+        mirror = tf.random.uniform([batch, 1, 1, 1]) < 0.5
+        shifted = tf.where(mirror, tf.reverse(shifted, axis=[2]), shifted)
+    return shifted

@@ -373,7 +373,10 @@ def export_from_run_dir(run_dir: str | Path, export_formats: tuple[str, ...] | N
     if export_dir:
         config.export_dir = export_dir
     config.validate()
-    model = keras.models.load_model(checkpoint)
+    try:
+        model = keras.models.load_model(checkpoint, compile=False)
+    except Exception as error:  # Keras raises many types for a damaged archive.
+        raise UsageError(f"cannot load the checkpoint {checkpoint}: {str(error).splitlines()[0]}") from None
     datasets = load_datasets(config.dataset, config.data_dir).limited(config.limit_train, config.limit_test)
     metrics = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).is_file() else {}
     return export_model(model, config, datasets, metrics)

@@ -82,7 +82,8 @@ def _keras_predictor(path: Path, batch_size: int) -> Predictor:
     from lenet_tf.model import predict_probabilities
 
     try:
-        model = keras.models.load_model(path)
+        # Inference needs no optimizer or loss (and so no custom loss class).
+        model = keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises many types for a bad archive.
         raise UsageError(f"cannot load Keras model {path}: {str(error).splitlines()[0]}") from None
 

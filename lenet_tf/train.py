@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import keras
+import numpy as np
 
 from lenet_tf.config import TrainConfig
 from lenet_tf import dashboards
@@ -189,15 +190,66 @@ class EpochHistory(keras.callbacks.Callback):
         return history
 
 
-def build_compiled_model(config: TrainConfig) -> keras.Model:
-    """The model, compiled as the book does: SGD, cross-entropy on logits, accuracy.
+@keras.saving.register_keras_serializable(package="lenet_tf")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy on logits against integer labels with label smoothing.
+
+    Keras's sparse cross-entropy has no label_smoothing; this is the same loss
+    as CategoricalCrossentropy(label_smoothing=s) on one-hot labels, without
+    one-hot labels in the pipeline:
+    (1 - s) * -log p[y] + s * mean over classes of -log p[k].
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        log_probabilities = keras.ops.log_softmax(y_pred, axis=-1)
+        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        true_class = -keras.ops.take_along_axis(log_probabilities, labels[:, None], axis=-1)[:, 0]
+        uniform = -keras.ops.mean(log_probabilities, axis=-1)
+        return (1.0 - self.label_smoothing) * true_class + self.label_smoothing * uniform
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
+    """A constant rate, or linear warm-up then cosine decay to 0 over the run."""
+    if config.lr_schedule == "constant" and not config.warmup_epochs:
+        return config.learning_rate
+    total_steps = max(1, config.epochs * steps_per_epoch)
+    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+    if config.lr_schedule == "constant":
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            [warmup_steps], [config.learning_rate * 0.1, config.learning_rate])
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else config.learning_rate,
+        warmup_target=config.learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+        decay_steps=max(1, total_steps - warmup_steps),
+    )
+
+
+def build_compiled_model(config: TrainConfig, steps_per_epoch: int = 1) -> keras.Model:
+    """The model, compiled as the book does (SGD, cross-entropy on logits,
+    accuracy), plus the optional momentum, weight decay, schedule and label
+    smoothing of the modern preset.
 
     Call inside `strategy.scope()` so the variables are mirrored.
     """
     model = build_model(config)
+    loss = (SmoothedSparseCrossentropy(config.label_smoothing) if config.label_smoothing
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=keras.optimizers.SGD(
+            learning_rate=learning_rate_schedule(config, steps_per_epoch),
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay or None,
+        ),
+        loss=loss,
         metrics=["accuracy"],
     )
     return model
@@ -284,8 +336,22 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
             f"the global batch size {global_batch_size} is larger than the {len(datasets.train_images)} "
             "training examples; lower --batch-size or raise --limit-train"
         )
-    train_data = make_dataset(datasets.train_images, datasets.train_labels, global_batch_size, True, config.seed)
+    train_images, train_labels = datasets.train_images, datasets.train_labels
+    if config.validation_split:
+        # Hyperparameters are chosen on a held-out part of the training split;
+        # the test split is only evaluated once, at the end.
+        order = np.random.default_rng(config.seed).permutation(len(train_images))
+        held_out = order[: int(round(len(order) * config.validation_split))]
+        kept = order[len(held_out):]
+        validation_data = make_dataset(train_images[held_out], train_labels[held_out], global_batch_size,
+                                       False, config.seed)
+        train_images, train_labels = train_images[kept], train_labels[kept]
+    train_data = make_dataset(train_images, train_labels, global_batch_size, True, config.seed,
+                              augment=config.augment)
     test_data = make_dataset(datasets.test_images, datasets.test_labels, global_batch_size, False, config.seed)
+    if not config.validation_split:
+        validation_data = test_data
+    steps_per_epoch = -(-len(train_images) // global_batch_size)
 
     config.write(write_dir / CONFIG_FILE)
     print(
@@ -296,17 +362,17 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
         flush=True,
     )
     with placement.strategy.scope():
-        model = build_compiled_model(config)
+        model = build_compiled_model(config, steps_per_epoch)
     if placement.name == "multi_worker":
         adapt_model_for_multi_worker(model, placement.strategy, next(iter(train_data)))
     logs_dir = write_dir / LOGS_DIR
     dashboards.write_hparams_start(logs_dir, config, run_name=str(run_dir))
-    throughput = ThroughputCallback(len(datasets.train_images))
+    throughput = ThroughputCallback(len(train_images))
     callbacks = make_callbacks(config, write_dir, datasets, throughput)
     history = model.fit(
         train_data,
         epochs=config.epochs,
-        validation_data=test_data,
+        validation_data=validation_data,
         callbacks=callbacks,
         # The progress bar on a terminal; one line per epoch in logs and CI.
         verbose=1 if out.isatty() else 2,
@@ -320,6 +386,8 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
             f"(was {config.learning_rate}). The last good checkpoint is in {write_dir / CHECKPOINT_FILE}"
         )
     test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
+    if config.validation_split:
+        validation_loss, validation_accuracy = model.evaluate(validation_data, verbose=0)
     # Every epoch of the run, including those before an interruption.
     full_history = next(c for c in callbacks if isinstance(c, EpochHistory)).as_history()
     metrics: dict[str, Any] = {
@@ -335,11 +403,14 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
         "replicas": placement.replicas,
         "devices": list(placement.devices),
         "global_batch_size": global_batch_size,
-        "train_examples": len(datasets.train_images),
+        "train_examples": len(train_images),
+        "validation": "test split" if not config.validation_split else f"{config.validation_split:.0%} of the training split",
         "test_examples": len(datasets.test_images),
         "history": full_history,
         "exports": {},
     }
+    if config.validation_split:
+        metrics["validation_loss"], metrics["validation_accuracy"] = float(validation_loss), float(validation_accuracy)
     dashboards.write_final_metrics(logs_dir, metrics, step=config.epochs - 1)
     dashboards.write_op_graph(logs_dir, model)
     dashboards.write_curves_png(full_history, write_dir / CURVES_FILE)
