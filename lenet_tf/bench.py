@@ -205,6 +205,13 @@ def bench_exports(version_dir: Path, calls: int) -> dict[str, Any]:
         runner = interpreter.get_signature_runner(SIGNATURE_KEY)
         results[variant] = {"bytes": path.stat().st_size,
                             **_latency(lambda: runner(**{INPUT_KEY: image}), calls)}
+    onnx_path = version_dir / "lenet.onnx"
+    if onnx_path.is_file():
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        results["onnx"] = {"bytes": onnx_path.stat().st_size,
+                           **_latency(lambda: session.run(["probabilities"], {"image": image}), calls)}
     for name, numbers in results.items():
         numbers.update(card["parity"].get(name, {}))
     results["_keras_test_accuracy"] = card["parity"]["keras"]["test_accuracy"]

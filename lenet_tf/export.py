@@ -47,7 +47,9 @@ TFLITE_VARIANTS = {
     "tflite-dynamic": "dynamic",
     "tflite-int8": "int8",
 }
-FLOAT_VARIANTS = ("saved_model", "float32")
+FLOAT_VARIANTS = ("saved_model", "float32", "onnx")
+ONNX_FILE = "lenet.onnx"
+ONNX_OPSET = 17
 # Parity bounds against the Keras model on the same images.
 FLOAT_MAX_ABS_DIFF = 1e-4
 QUANTISED_MAX_ACCURACY_DROP = 0.01  # 1.0 accuracy point.
@@ -140,6 +142,27 @@ def convert_tflite(saved_model_dir: Path, variant: str, calibration_images: np.n
         # prints its quantisation settings from C++.
         warnings.simplefilter("ignore", UserWarning)
         return converter.convert()
+
+
+def convert_onnx(saved_model_dir: Path, output: Path) -> Path:
+    """Converts the serving signature to ONNX with tf2onnx (same input and output names).
+
+    tf2onnx's command line is its documented, stable entry point; it runs in a
+    child process, which also keeps its graph rewrites out of this one.
+    """
+    try:
+        import onnxruntime  # noqa: F401  (needed to check parity)
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        raise UsageError("--format onnx needs tf2onnx and onnxruntime: pip install 'lenet-tf[onnx]'") from None
+    completed = subprocess.run(
+        [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model_dir),
+         "--signature_def", SIGNATURE_KEY, "--opset", str(ONNX_OPSET), "--output", str(output)],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    if completed.returncode != 0 or not output.is_file():
+        raise RuntimeError(f"tf2onnx failed:\n{completed.stderr[-3000:]}")
+    return output
 
 
 def sha256_of(path: Path) -> str:
@@ -258,6 +281,8 @@ def _write_artifacts(model, config, datasets, staging) -> dict[str, Path]:
     rng = np.random.default_rng(config.seed)
     count = min(CALIBRATION_EXAMPLES, len(datasets.train_images))
     calibration = datasets.train_images[rng.choice(len(datasets.train_images), count, replace=False)]
+    if "onnx" in config.export_formats:
+        artifacts["onnx"] = convert_onnx(staging, staging / ONNX_FILE)
     for export_format in config.export_formats:
         if export_format in TFLITE_VARIANTS:
             variant = TFLITE_VARIANTS[export_format]

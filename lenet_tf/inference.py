@@ -2,7 +2,7 @@
 
 One entry point, `load_predictor(path)`, for a Keras checkpoint (`.keras`), a
 SavedModel folder (a version folder, or a model folder whose newest version is
-taken), or a `.tflite` file. Evaluate, predict and the export parity check
+taken), a `.tflite` file or an `.onnx` file. Evaluate, predict and the export parity check
 all go through it, so they exercise exactly what a user deploys.
 """
 
@@ -26,7 +26,7 @@ OUTPUT_KEYS = ("probabilities", "class_id", "logits")
 class Predictor:
     """`predict(images)` maps uint8 (N, 28, 28, 1) images to (N, 10) probabilities."""
 
-    kind: str  # "keras", "saved_model" or "tflite"
+    kind: str  # "keras", "saved_model", "tflite" or "onnx"
     path: Path
     predict: Callable[[np.ndarray], np.ndarray]
     # Logits are only available from float models; TFLite int8 outputs are requantised.
@@ -59,6 +59,8 @@ def load_predictor(path: str | Path, batch_size: int = 1024) -> Predictor:
         raise UsageError(f"model path {path} does not exist; pass a .keras file, a SavedModel folder or a .tflite file")
     if path.is_file() and path.suffix == ".tflite":
         return _tflite_predictor(path)
+    if path.is_file() and path.suffix == ".onnx":
+        return _onnx_predictor(path, batch_size)
     if path.is_file() and path.suffix == ".keras":
         return _keras_predictor(path, batch_size)
     if path.is_dir():
@@ -67,7 +69,7 @@ def load_predictor(path: str | Path, batch_size: int = 1024) -> Predictor:
             return _saved_model_predictor(saved_model_dir, batch_size)
     raise UsageError(
         f"{path} is not a model this package can load; pass a .keras checkpoint, "
-        "a SavedModel folder (or its parent with numbered versions) or a .tflite file"
+        "a SavedModel folder (or its parent with numbered versions), a .tflite or an .onnx file"
     )
 
 
@@ -109,6 +111,28 @@ def _saved_model_predictor(path: Path, batch_size: int) -> Predictor:
     return Predictor(
         "saved_model", path, lambda images: run(images, "probabilities"), lambda images: run(images, "logits")
     )
+
+
+def _onnx_predictor(path: Path, batch_size: int) -> Predictor:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError(f"{path} is an ONNX model; running it needs onnxruntime: pip install 'lenet-tf[onnx]'") from None
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types for bad files.
+        raise UsageError(f"cannot load ONNX model {path}: {str(error).splitlines()[0]}") from None
+    input_name = session.get_inputs()[0].name
+    output_names = [output.name for output in session.get_outputs()]
+
+    def run(images, key):
+        outputs = [session.run([key], {input_name: np.asarray(batch, np.uint8)})[0]
+                   for batch in _batches(np.asarray(images), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, 10), np.float32)
+
+    if "probabilities" not in output_names:
+        raise UsageError(f"{path} has no 'probabilities' output; export it with `lenet-tf export --format onnx`")
+    return Predictor("onnx", path, lambda images: run(images, "probabilities"), lambda images: run(images, "logits"))
 
 
 def _tflite_predictor(path: Path) -> Predictor:

@@ -19,7 +19,7 @@ from lenet_tf.train import train_and_evaluate
 
 from conftest import REPO_ROOT, run_cli
 
-ALL_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8")
+ALL_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,7 @@ def test_every_format_lands_in_a_numbered_version_with_a_model_card(trained):
     assert version_dir == Path(config.export_dir) / "lenet_mnist" / "1"
     names = sorted(path.name for path in version_dir.glob("*.tflite"))
     assert names == ["lenet.dynamic.tflite", "lenet.float16.tflite", "lenet.float32.tflite", "lenet.int8.tflite"]
+    assert (version_dir / "lenet.onnx").is_file()
     card = json.loads((version_dir / METADATA_FILE).read_text())
     assert card["class_names"] == [str(digit) for digit in range(10)]
     assert card["input"]["dtype"] == "uint8" and card["input"]["shape"] == [None, 28, 28, 1]
@@ -61,7 +62,7 @@ def test_parity_numbers_meet_the_bounds(trained):
     parity = json.loads((Path(metrics["export_version_dir"]) / METADATA_FILE).read_text())["parity"]
     keras_accuracy = parity["keras"]["test_accuracy"]
     assert keras_accuracy > 0.85
-    for name in ("saved_model", "float32"):
+    for name in ("saved_model", "float32", "onnx"):
         assert parity[name]["max_abs_probability_diff"] <= 1e-4
         assert parity[name]["top1_agreement"] == 1.0
     for name in ("float16", "dynamic", "int8"):
@@ -172,3 +173,13 @@ def test_export_killed_midway_leaves_previous_versions_and_no_partial_version(tr
     again = run_cli("export", "--run-dir", config.run_dir, "--export-dir", str(export_dir), "--format", "saved_model")
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+
+
+def test_onnx_model_evaluates_like_keras_in_a_fresh_process(trained):
+    config, metrics, _ = trained
+    onnx_path = Path(metrics["export_version_dir"]) / "lenet.onnx"
+    completed = run_cli("evaluate", "--model", str(onnx_path), "--data-dir", config.data_dir, "--limit-test", "500", "--json")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout)
+    assert result["format"] == "onnx"
+    assert result["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
