@@ -88,7 +88,8 @@ def bench_training(images, labels, repeats: int, batch_size: int) -> dict[str, A
 
     from lenet_tf.config import TrainConfig
     from lenet_tf.data import Datasets, make_dataset
-    from lenet_tf.train import ThroughputCallback, build_compiled_model, make_callbacks
+    from lenet_tf.callbacks import ThroughputCallback
+    from lenet_tf.train import build_compiled_model, make_callbacks
 
     count = len(images)
     results = {}
@@ -126,7 +127,8 @@ def bench_callback_overhead(images, labels, test_images, test_labels, epochs: in
 
     from lenet_tf.config import TrainConfig
     from lenet_tf.data import Datasets, make_dataset
-    from lenet_tf.train import ThroughputCallback, build_compiled_model, make_callbacks
+    from lenet_tf.callbacks import ThroughputCallback
+    from lenet_tf.train import build_compiled_model, make_callbacks
 
     config = TrainConfig()  # Default settings: image dashboards every 5 epochs.
     train = make_dataset(images, labels, config.batch_size, shuffle=True, seed=0)

@@ -76,6 +76,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     optimisation.add_argument("--validation-split", type=float, help="hold out this fraction of the training split for validation; 0 = validate on the test split (default: 0)")
 
     runtime = parser.add_argument_group("runtime and outputs")
+    runtime.add_argument("--steps-per-execution", type=int, help=f"training steps per call into TensorFlow (default: {defaults.steps_per_execution})")
     runtime.add_argument("--strategy", choices=STRATEGIES, help="tf.distribute strategy; auto = mirrored on GPUs, default on CPU (default: auto)")
     runtime.add_argument("--logical-cpus", type=int, help="split the CPU into N logical devices, e.g. for --strategy mirrored without GPUs (default: 0 = no split)")
     runtime.add_argument("--worker-hosts", type=_str_list, help="multi-worker: comma-separated host:port of every worker (default: use TF_CONFIG)")

@@ -79,6 +79,10 @@ class TrainConfig:
     validation_split: float = 0.0
 
     # --- runtime ----------------------------------------------------------
+    # Training steps per call into TensorFlow: more means fewer Python round
+    # trips per epoch (LeNet's steps are so short that they matter); callbacks
+    # still see every epoch.
+    steps_per_execution: int = 1
     strategy: str = "auto"
     # Split the CPU into this many logical devices before TensorFlow starts,
     # so `--strategy mirrored` has several replicas without a GPU (tests, demos).
@@ -109,7 +113,7 @@ class TrainConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("pooling", self.pooling, POOLINGS)
-        for name in ("epochs", "batch_size", "kernel_size"):
+        for name in ("epochs", "batch_size", "kernel_size", "steps_per_execution"):
             _positive(name, getattr(self, name))
         for name in ("limit_train", "limit_test"):
             if getattr(self, name) is not None:

@@ -15,6 +15,7 @@ previous versions untouched and no partial version that TF Serving would load.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -144,17 +145,22 @@ def convert_tflite(saved_model_dir: Path, variant: str, calibration_images: np.n
         return converter.convert()
 
 
+def check_export_dependencies(export_formats: tuple[str, ...]) -> None:
+    """Fails before training, not after it, when a format's packages are missing."""
+    # onnxruntime is needed too: the parity check runs the converted model.
+    if "onnx" in export_formats and not all(
+        importlib.util.find_spec(name) for name in ("tf2onnx", "onnxruntime")
+    ):
+        raise UsageError("--format onnx needs tf2onnx and onnxruntime: pip install 'lenet-tf[onnx]'")
+
+
 def convert_onnx(saved_model_dir: Path, output: Path) -> Path:
     """Converts the serving signature to ONNX with tf2onnx (same input and output names).
 
     tf2onnx's command line is its documented, stable entry point; it runs in a
     child process, which also keeps its graph rewrites out of this one.
     """
-    try:
-        import onnxruntime  # noqa: F401  (needed to check parity)
-        import tf2onnx  # noqa: F401
-    except ImportError:
-        raise UsageError("--format onnx needs tf2onnx and onnxruntime: pip install 'lenet-tf[onnx]'") from None
+    check_export_dependencies(("onnx",))
     completed = subprocess.run(
         [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model_dir),
          "--signature_def", SIGNATURE_KEY, "--opset", str(ONNX_OPSET), "--output", str(output)],

@@ -6,9 +6,7 @@ tests pass small in-memory datasets and a strategy; the CLI passes neither.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -19,8 +17,12 @@ from typing import Any, TextIO
 import keras
 import numpy as np
 
-from lenet_tf.config import TrainConfig
 from lenet_tf import dashboards
+from lenet_tf.callbacks import (
+    AtomicCheckpoint, EpochHistory, EpochTensorBoard, GuardedBackupAndRestore, StopOnNonFiniteLoss,
+    ThroughputCallback,
+)
+from lenet_tf.config import TrainConfig
 from lenet_tf.data import CLASS_NAMES, Datasets, load_datasets, make_dataset
 from lenet_tf.distribute import Placement, adapt_model_for_multi_worker, make_placement
 from lenet_tf.errors import UsageError
@@ -37,157 +39,8 @@ CURVES_FILE = "curves.png"
 HISTORY_FILE = "history.json"
 
 
-class ThroughputCallback(keras.callbacks.Callback):
-    """Measures training examples/sec per epoch, excluding validation.
-
-    The clock runs from the start of an epoch to the start of its validation
-    pass. The number goes into the epoch logs, so History and TensorBoard
-    both record it.
-    """
-
-    def __init__(self, examples_per_epoch: int):
-        super().__init__()
-        self.examples_per_epoch = examples_per_epoch
-        self.epoch_seconds: list[float] = []
-        self._epoch_start = 0.0
-        self._train_end: float | None = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = time.perf_counter()
-        self._train_end = None
-
-    def on_test_begin(self, logs=None):
-        if self._train_end is None:
-            self._train_end = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        end = self._train_end or time.perf_counter()
-        seconds = end - self._epoch_start
-        self.epoch_seconds.append(seconds)
-        if logs is not None:
-            logs["examples_per_sec"] = self.examples_per_epoch / seconds
-
-    def examples_per_sec(self) -> float:
-        """Throughput over the epochs after the first, which pays for tracing."""
-        steady = self.epoch_seconds[1:] or self.epoch_seconds
-        return self.examples_per_epoch * len(steady) / sum(steady) if steady else float("nan")
-
-
 class NonFiniteLossError(UsageError):
     pass
-
-
-class EpochTensorBoard(keras.callbacks.TensorBoard):
-    """Keras's TensorBoard callback, marked async-safe when it writes per epoch
-    and does not profile: its batch hook then only writes the model graph once."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        profiling = bool(self._start_batch or self._stop_batch)
-        self.async_safe = self.update_freq == "epoch" and not profiling
-
-
-def _finite_loss(logs) -> bool:
-    return math.isfinite(float((logs or {}).get("loss", 0.0)))
-
-
-# Keras dispatches training steps asynchronously only while no callback does
-# work after each batch; one that does forces a device sync every step, which
-# cost about 30 % of a LeNet epoch here. So every callback of a run works at
-# epoch granularity, and those that override the batch hooks without using
-# them say so with `async_safe`.
-
-
-class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stops training after an epoch whose loss is NaN or Inf.
-
-    Keras's TerminateOnNaN checks every batch, which forces a sync per step;
-    a diverged run is caught one epoch later here, at no per-step cost, and
-    the checkpoint and backup callbacks below refuse to save that epoch.
-    """
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not _finite_loss(logs):
-            self.model.stop_training = True
-
-
-class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that never backs up a diverged (NaN/Inf) epoch.
-
-    Saving is per epoch, so its batch hook does nothing: async-safe.
-    """
-
-    async_safe = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        if _finite_loss(logs):
-            super().on_epoch_end(epoch, logs)
-
-
-class AtomicCheckpoint(keras.callbacks.Callback):
-    """Saves the whole model (.keras) after every epoch, atomically.
-
-    Keras's ModelCheckpoint writes in place, so a kill mid-save leaves a
-    corrupt file; here the model goes to a temporary file that is renamed
-    over the old one, so the checkpoint is always a complete epoch.
-    """
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = Path(path)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not _finite_loss(logs):
-            return  # Keep the last good checkpoint.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.keras")
-        try:
-            self.model.save(temporary)
-            os.replace(temporary, self.path)
-        finally:
-            temporary.unlink(missing_ok=True)
-
-
-class EpochHistory(keras.callbacks.Callback):
-    """Keeps every epoch's logs in <run_dir>/history.json across interruptions.
-
-    Keras's History only covers the current session; after a resume the run's
-    metrics and curves must still show every epoch. The first epoch of a
-    session drops any recorded epoch at or after it (a fresh start, or a
-    resume that repeats an epoch), so stale entries never survive.
-    """
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = Path(path)
-        self.epochs: dict[int, dict[str, float]] = {}
-        self._started = False
-
-    def _recorded(self) -> dict[int, dict[str, float]]:
-        try:
-            return {int(key): value for key, value in json.loads(self.path.read_text()).items()}
-        except (OSError, ValueError):
-            return {}
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if not self._started:
-            self._started = True
-            self.epochs = {key: value for key, value in self._recorded().items() if key < epoch}
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs[epoch] = {key: float(value) for key, value in (logs or {}).items()}
-        write_json_atomic(self.path, {str(key): value for key, value in sorted(self.epochs.items())})
-
-    def as_history(self) -> dict[str, list[float]]:
-        """Keras History layout: metric -> one value per epoch, in order."""
-        # A session resumed after its last epoch had been backed up runs no
-        # epoch at all; everything it reports was recorded before.
-        epochs = self.epochs if self._started else self._recorded()
-        history: dict[str, list[float]] = {}
-        for epoch in sorted(epochs):
-            for key, value in epochs[epoch].items():
-                history.setdefault(key, []).append(value)
-        return history
 
 
 @keras.saving.register_keras_serializable(package="lenet_tf")
@@ -251,6 +104,7 @@ def build_compiled_model(config: TrainConfig, steps_per_epoch: int = 1) -> keras
         ),
         loss=loss,
         metrics=["accuracy"],
+        steps_per_execution=config.steps_per_execution,
     )
     return model
 
@@ -318,6 +172,9 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
     # Fail in the first second, not after an hour, when outputs cannot be written.
     ensure_writable_dir(write_dir, "run directory")
     if placement.is_chief and config.export_formats:
+        from lenet_tf.export import check_export_dependencies
+
+        check_export_dependencies(config.export_formats)
         ensure_writable_dir(Path(config.export_dir), "export directory")
     if datasets is None:
         datasets = load_datasets(config.dataset, config.data_dir)
