@@ -197,7 +197,8 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
     modern:  still LeNet-shaped (two conv blocks, three dense layers, under
              100,000 parameters); each change was kept because an ablation on
              a held-out validation split showed it helping (README, "Presets").
-             `python train.py --preset modern` takes about AS_MEASURED on 2 CPU cores.
+             `python train.py --preset modern` takes about 4 minutes on 2 CPU cores
+             (243 s mean over 3 seeds, test accuracy 0.9306; results/results.md).
     """
     _choice("preset", name, PRESETS)
     if name == "classic":
