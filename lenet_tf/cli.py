@@ -15,7 +15,7 @@ from lenet_tf.config import (
     ACTIVATIONS, AUGMENTATIONS, DATASETS, EXPORT_FORMATS, POOLINGS, PRESETS, SCHEDULES, STRATEGIES, TrainConfig,
     preset,
 )
-from lenet_tf.errors import UsageError
+from lenet_tf.errors import ParityError, UsageError
 from lenet_tf.images import INVERT_CHOICES
 from lenet_tf.quiet import import_tensorflow_quietly
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lenet-tf", description="Train, export and serve LeNet-5 on Fashion-MNIST and MNIST.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = commands.add_parser("train", help="train, evaluate and export a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = commands.add_parser("train", help="train, evaluate and export a model")
     _add_train_flags(train)
     train.add_argument("--summary", action="store_true", help="print the layer summary and exit without training")
 
@@ -126,14 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--export-dir", help="where to write (default: the run's)")
 
     evaluate = commands.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a model")
-    evaluate.add_argument("--model", required=True, help="a .keras checkpoint, a SavedModel folder (or its parent with versions) or a .tflite file")
+    evaluate.add_argument("--model", required=True, help="a .keras checkpoint, a SavedModel folder (or its parent with versions), a .tflite or an .onnx file")
     evaluate.add_argument("--dataset", choices=DATASETS, help="test split to use (default: the model's, from its model card)")
     evaluate.add_argument("--data-dir", help="folder with the IDX files (default: searched as for training)")
     evaluate.add_argument("--limit-test", type=int, help="evaluate on the first N test images only")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     predict = commands.add_parser("predict", help="classify image files (PNG, JPEG, ...)")
-    predict.add_argument("--model", required=True, help="a .keras checkpoint, a SavedModel folder or a .tflite file")
+    predict.add_argument("--model", required=True, help="a .keras checkpoint, a SavedModel folder, a .tflite or an .onnx file")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size, colour or grey")
     predict.add_argument("--dataset", choices=DATASETS, help="class names to use (default: the model's)")
     predict.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import_tensorflow_quietly()
     try:
         return HANDLERS[args.command](args)
-    except UsageError as error:
+    except (UsageError, ParityError) as error:
         print(f"lenet-tf {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

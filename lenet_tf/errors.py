@@ -9,3 +9,13 @@ class UsageError(Exception):
     """A problem with the user's input: a flag, a file, a path, a model."""
 
     exit_code = 2
+
+
+class ParityError(RuntimeError):
+    """An exported model disagrees with the Keras model beyond the stated bounds.
+
+    Not the user's mistake, but reported the same way (one line), with exit
+    code 1; no version is published.
+    """
+
+    exit_code = 1

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from lenet_tf.config import TrainConfig
 from lenet_tf.data import CLASS_NAMES, Datasets
-from lenet_tf.errors import UsageError
+from lenet_tf.errors import ParityError, UsageError
 from lenet_tf.inference import INPUT_KEY, SIGNATURE_KEY
 from lenet_tf.io_utils import current_umask, write_json_atomic
 from lenet_tf.quiet import native_stderr_silenced
@@ -56,10 +56,6 @@ FLOAT_MAX_ABS_DIFF = 1e-4
 QUANTISED_MAX_ACCURACY_DROP = 0.01  # 1.0 accuracy point.
 CALIBRATION_EXAMPLES = 500
 STAGING_PREFIX = ".staging-"
-
-
-class ParityError(RuntimeError):
-    """An exported model disagrees with the Keras model beyond the stated bounds."""
 
 
 @dataclass
