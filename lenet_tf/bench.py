@@ -254,6 +254,30 @@ def bench_full_run(extra_args: list[str]) -> dict[str, Any]:
     }
 
 
+def time_to_accuracy(run_dir: Path, target: float) -> dict[str, Any]:
+    """Seconds from a run's start to the end of the first epoch whose validation
+    accuracy reached `target`, read from its TensorBoard event files (the
+    HParams session start marks the start of training)."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def events(folder: Path, tag: str):
+        accumulator = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+        accumulator.Reload()
+        return accumulator.Tensors(tag) if tag in accumulator.Tags()["tensors"] else []
+
+    logs = Path(run_dir) / "logs"
+    starts = events(logs, "_hparams_/session_start_info")
+    if not starts:
+        return {"run_dir": str(run_dir), "error": "no HParams session start in the event files"}
+    for event in events(logs / "validation", "epoch_accuracy"):
+        accuracy = float(tf.make_ndarray(event.tensor_proto))
+        if accuracy >= target:
+            return {"run_dir": str(run_dir), "target": target, "epoch": event.step + 1, "accuracy": accuracy,
+                    "seconds": event.wall_time - starts[0].wall_time}
+    return {"run_dir": str(run_dir), "target": target, "error": "target never reached"}
+
+
 def machine_description() -> dict[str, Any]:
     model = platform.processor()
     try:
@@ -306,6 +330,14 @@ def to_markdown(results: dict[str, Any]) -> str:
                      f"vs {block['no_callbacks']['total']:.1f} s without, an overhead of "
                      f"{block['overhead'] * 100:.1f} %.")
         lines.append("")
+    for entry in results.get("time_to_accuracy", []):
+        if "error" in entry:
+            lines.append(f"{entry['run_dir']}: {entry['error']}.")
+        else:
+            lines.append(f"{entry['run_dir']}: validation accuracy {entry['accuracy']:.4f} ≥ {entry['target']} "
+                         f"after epoch {entry['epoch']}, {entry['seconds']:.0f} s from the start of training.")
+    if results.get("time_to_accuracy"):
+        lines.append("")
     for key in ("full_run",):
         if key in results:
             run = results[key]
@@ -331,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-calls", type=int, default=5000, help="batch-1 calls per TFLite model (default: %(default)s)")
     parser.add_argument("--callback-overhead", action="store_true",
                         help="also measure the default callbacks' cost per epoch (6 epochs twice)")
+    parser.add_argument("--time-to-accuracy", type=Path, nargs="*", default=[], metavar="RUN_DIR",
+                        help="finished run folders: seconds until validation accuracy first reached --target")
+    parser.add_argument("--target", type=float, default=0.90, help="accuracy for --time-to-accuracy (default: %(default)s)")
     parser.add_argument("--full-run", action="store_true", help="also time `python train.py` with defaults on real data")
     parser.add_argument("--output", type=Path, default=Path("bench_results.json"), help="JSON output (default: %(default)s)")
     parser.add_argument("--markdown", type=Path, help="also write the Markdown table here")
@@ -356,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         results["exports"] = bench_exports(args.export_dir, args.latency_calls)
     if args.full_run:
         results["full_run"] = bench_full_run([])
+    if args.time_to_accuracy:
+        results["time_to_accuracy"] = [time_to_accuracy(run_dir, args.target) for run_dir in args.time_to_accuracy]
     markdown = to_markdown(results)
     print(markdown)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
