@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from lenet_tf import dashboards
 from lenet_tf.callbacks import (
@@ -104,9 +105,19 @@ def build_compiled_model(config: TrainConfig, steps_per_epoch: int = 1) -> keras
         ),
         loss=loss,
         metrics=["accuracy"],
-        steps_per_execution=config.steps_per_execution,
+        steps_per_execution=effective_steps_per_execution(config),
     )
     return model
+
+
+def effective_steps_per_execution(config: TrainConfig) -> int:
+    """`config.steps_per_execution` under the default strategy, 1 under any other.
+
+    Keras 3.15's multi-step loop fails inside tf.distribute strategies
+    ("You must feed a value for placeholder tensor ..."), measured with
+    mirrored and multi-worker runs here; one step per call is what works there.
+    """
+    return config.steps_per_execution if not tf.distribute.has_strategy() else 1
 
 
 def make_callbacks(config: TrainConfig, write_dir: Path, datasets: Datasets,

@@ -91,3 +91,14 @@ def test_unwritable_run_dir_is_refused_before_training(tmp_path, small_real_data
     config = TrainConfig(dataset="mnist", run_dir=str(blocker / "run"))
     with pytest.raises(UsageError, match="cannot write the run directory"):
         train_and_evaluate(config, datasets=small_real_datasets)
+
+
+def test_steps_per_execution_applies_only_outside_distribution_strategies():
+    import tensorflow as tf
+
+    from lenet_tf.train import effective_steps_per_execution
+
+    config = TrainConfig(steps_per_execution=64)
+    assert effective_steps_per_execution(config) == 64
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        assert effective_steps_per_execution(config) == 1
