@@ -179,6 +179,28 @@ def train_and_evaluate(
             shutil.rmtree(write_dir, ignore_errors=True)
 
 
+def _make_pipelines(config: TrainConfig, datasets: Datasets, global_batch_size: int):
+    """Training, validation and test pipelines, and the number of training examples.
+
+    With a validation split, hyperparameters are chosen on a seeded, held-out
+    part of the training split and the test split is only evaluated once, at
+    the end; without one, validation runs on the test split, as in the book.
+    """
+    train_images, train_labels = datasets.train_images, datasets.train_labels
+    test_data = make_dataset(datasets.test_images, datasets.test_labels, global_batch_size, False, config.seed)
+    validation_data = test_data
+    if config.validation_split:
+        order = np.random.default_rng(config.seed).permutation(len(train_images))
+        held_out = order[: int(round(len(order) * config.validation_split))]
+        kept = order[len(held_out):]
+        validation_data = make_dataset(train_images[held_out], train_labels[held_out], global_batch_size,
+                                       False, config.seed)
+        train_images, train_labels = train_images[kept], train_labels[kept]
+    train_data = make_dataset(train_images, train_labels, global_batch_size, True, config.seed,
+                              augment=config.augment)
+    return train_data, validation_data, test_data, len(train_images)
+
+
 def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[str, Any]:
     # Fail in the first second, not after an hour, when outputs cannot be written.
     ensure_writable_dir(write_dir, "run directory")
@@ -199,31 +221,17 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
 
     keras.utils.set_random_seed(config.seed)
     global_batch_size = config.batch_size * placement.replicas
-    if global_batch_size > len(datasets.train_images):
+    train_data, validation_data, test_data, train_count = _make_pipelines(config, datasets, global_batch_size)
+    if global_batch_size > train_count:
         raise UsageError(
-            f"the global batch size {global_batch_size} is larger than the {len(datasets.train_images)} "
+            f"the global batch size {global_batch_size} is larger than the {train_count} "
             "training examples; lower --batch-size or raise --limit-train"
         )
-    train_images, train_labels = datasets.train_images, datasets.train_labels
-    if config.validation_split:
-        # Hyperparameters are chosen on a held-out part of the training split;
-        # the test split is only evaluated once, at the end.
-        order = np.random.default_rng(config.seed).permutation(len(train_images))
-        held_out = order[: int(round(len(order) * config.validation_split))]
-        kept = order[len(held_out):]
-        validation_data = make_dataset(train_images[held_out], train_labels[held_out], global_batch_size,
-                                       False, config.seed)
-        train_images, train_labels = train_images[kept], train_labels[kept]
-    train_data = make_dataset(train_images, train_labels, global_batch_size, True, config.seed,
-                              augment=config.augment)
-    test_data = make_dataset(datasets.test_images, datasets.test_labels, global_batch_size, False, config.seed)
-    if not config.validation_split:
-        validation_data = test_data
-    steps_per_epoch = -(-len(train_images) // global_batch_size)
+    steps_per_epoch = -(-train_count // global_batch_size)
 
     config.write(write_dir / CONFIG_FILE)
     print(
-        f"training on {len(datasets.train_images)} {config.dataset} images from {datasets.source}; "
+        f"training on {train_count} {config.dataset} images from {datasets.source}; "
         f"strategy {placement.name} over {placement.replicas} replica(s) {', '.join(placement.devices)}; "
         f"global batch {global_batch_size}",
         file=out,
@@ -235,7 +243,7 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
         adapt_model_for_multi_worker(model, placement.strategy, next(iter(train_data)))
     logs_dir = write_dir / LOGS_DIR
     dashboards.write_hparams_start(logs_dir, config, run_name=str(run_dir))
-    throughput = ThroughputCallback(len(train_images))
+    throughput = ThroughputCallback(train_count)
     callbacks = make_callbacks(config, write_dir, datasets, throughput)
     history = model.fit(
         train_data,
@@ -271,7 +279,7 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
         "replicas": placement.replicas,
         "devices": list(placement.devices),
         "global_batch_size": global_batch_size,
-        "train_examples": len(train_images),
+        "train_examples": train_count,
         "validation": "test split" if not config.validation_split else f"{config.validation_split:.0%} of the training split",
         "test_examples": len(datasets.test_images),
         "history": full_history,
