@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 import keras
 
+from lenet_tf.errors import UsageError
 from lenet_tf.io_utils import write_json_atomic
 
 
@@ -90,6 +92,21 @@ class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
     """
 
     async_safe = True
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError, KeyError) as error:
+            # Keras writes the epoch metadata in place, so a kill mid-write can
+            # leave it unreadable (its own fallback only covers the weights).
+            # Fall back to the previous backup pair, which double_checkpoint keeps.
+            if not os.path.exists(self._prev_weights_path) or not os.path.exists(self._prev_training_metadata_path):
+                raise UsageError(
+                    f"the backup in {self.backup_dir} is damaged ({error}); delete that folder to start the run over"
+                ) from None
+            shutil.copyfile(self._prev_weights_path, self._weights_path)
+            shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
+            self._load_model()
 
     def on_epoch_end(self, epoch, logs=None):
         if _finite_loss(logs):

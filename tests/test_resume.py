@@ -95,3 +95,35 @@ def test_read_only_output_folder_is_refused_before_training(tmp_path, small_real
     config = TrainConfig(dataset="mnist", run_dir=str(read_only / "run"), export_formats=())
     with pytest.raises(UsageError, match="cannot write the run directory"):
         train_and_evaluate(config, datasets=small_real_datasets)
+
+
+def test_backup_with_a_half_written_epoch_record_falls_back_to_the_previous_one(tmp_path):
+    """A kill while Keras writes its backup metadata leaves it truncated; the
+    previous backup (double_checkpoint) is used instead of crashing the resume."""
+    import keras
+
+    from lenet_tf.callbacks import GuardedBackupAndRestore
+    from lenet_tf.train import build_compiled_model
+
+    model = build_compiled_model(TrainConfig())
+    backup = GuardedBackupAndRestore(str(tmp_path / "backup"), double_checkpoint=True)
+    backup.set_model(model)
+    backup.on_epoch_end(0, {"loss": 1.0})
+    backup.on_epoch_end(1, {"loss": 0.9})  # Epoch 1's files become the previous pair.
+    metadata = tmp_path / "backup" / "training_metadata.json"
+    metadata.write_text(metadata.read_text()[:5])  # Cut short, as a kill mid-write would.
+
+    resumed_model = build_compiled_model(TrainConfig())
+    resumed = GuardedBackupAndRestore(str(tmp_path / "backup"), double_checkpoint=True)
+    resumed.set_model(resumed_model)
+    resumed.on_train_begin()
+    assert resumed_model._initial_epoch == 1  # Resumes after the first epoch, not from scratch.
+    assert keras.ops.convert_to_numpy(resumed_model.get_layer("conv1").kernel).shape == (5, 5, 1, 6)
+
+    # With no previous pair to fall back on, the user is told what to do.
+    metadata.write_text(metadata.read_text()[:5])
+    (tmp_path / "backup" / "training_metadata.json.bkp").unlink()
+    again = GuardedBackupAndRestore(str(tmp_path / "backup"), double_checkpoint=True)
+    again.set_model(build_compiled_model(TrainConfig()))
+    with pytest.raises(UsageError, match="is damaged .* delete that folder"):
+        again.on_train_begin()
