@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from lenet_tf.evaluate import confusion_matrix
 from lenet_tf.model import predict_probabilities
 
 IMAGES_RUN = "images"
@@ -203,8 +204,7 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
         self._last_written_epoch = epoch
         probabilities = predict_probabilities(self.model, self.test_images)
         predicted = probabilities.argmax(axis=1)
-        confusion = np.zeros((len(self.class_names),) * 2, np.int64)
-        np.add.at(confusion, (self.test_labels, predicted), 1)
+        confusion = confusion_matrix(self.test_labels, predicted, len(self.class_names))
         with self.writer.as_default(step=epoch):
             tf.summary.image("confusion_matrix", _figure_to_image(confusion_matrix_figure(
                 confusion, self.class_names, f"test split, epoch {epoch + 1}")))
@@ -222,24 +222,21 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
         self.writer.flush()
 
     def _write_activations(self) -> None:
-        conv_layers = [layer for layer in self.model.layers if isinstance(layer, keras.layers.Conv2D)][:2]
         inputs = self.test_images[self.activation_indices]
-        # Walk the Sequential layers so each conv's output is taken after its
-        # activation (and batch norm, when present).
-        outputs = {}
-        tensor = inputs
-        conv_names = [layer.name for layer in conv_layers]
-        current = None
+        # A conv block's output is what reaches its pooling layer: after the
+        # activation (and batch norm, when present). Keep the first two blocks.
+        outputs: dict[str, np.ndarray] = {}
+        tensor, block = inputs, None
         for layer in self.model.layers:
+            if isinstance(layer, keras.layers.Conv2D):
+                block = layer.name
+            elif block and isinstance(layer, (keras.layers.AveragePooling2D, keras.layers.MaxPooling2D)):
+                outputs[block], block = keras.ops.convert_to_numpy(tensor), None
+                if len(outputs) == 2:
+                    break
             tensor = layer(tensor, training=False)
-            if layer.name in conv_names:
-                current = layer.name
-            elif current and not isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Activation)):
-                current = None
-            if current:
-                outputs[current] = keras.ops.convert_to_numpy(tensor)
         labels = [f"#{index} {self.class_names[self.test_labels[index]]}" for index in self.activation_indices]
-        for name in conv_names:
+        for name in outputs:
             tf.summary.image(f"activations/{name}", _figure_to_image(activation_figure(
                 inputs, outputs[name], labels, f"{name} activations, one row per test image")))
 

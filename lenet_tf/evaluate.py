@@ -13,6 +13,13 @@ from lenet_tf.images import load_image
 from lenet_tf.inference import Predictor
 
 
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Counts: rows are true classes, columns predicted classes."""
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    return confusion
+
+
 def evaluate_predictor(predictor: Predictor, images: np.ndarray, labels: np.ndarray, dataset: str) -> dict[str, Any]:
     """Accuracy, cross-entropy loss, per-class accuracy and the confusion matrix."""
     probabilities = predictor.predict(images)
@@ -20,8 +27,7 @@ def evaluate_predictor(predictor: Predictor, images: np.ndarray, labels: np.ndar
     # Loss from probabilities works for every format, quantised ones included;
     # the clip keeps a confident mistake from becoming infinite.
     chosen = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
-    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
+    confusion = confusion_matrix(labels, predicted)
     per_class = {}
     for class_id, name in enumerate(CLASS_NAMES[dataset]):
         total = confusion[class_id].sum()

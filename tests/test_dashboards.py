@@ -1,7 +1,6 @@
 """TensorBoard dashboards: event files read back, and a real TensorBoard server serving them."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import tensorflow as tf
 from lenet_tf.config import TrainConfig
 from lenet_tf.train import CURVES_FILE, train_and_evaluate
 
-from conftest import REPO_ROOT, read_event_tags, read_scalars
+from conftest import REPO_ROOT, free_ports, read_event_tags, read_scalars
 
 IMAGE_TAGS = ("confusion_matrix", "test_predictions", "activations/conv1", "activations/conv2", "out_of_distribution")
 
@@ -92,12 +91,6 @@ def test_curves_png_is_written(dashboard_run):
     assert tf.io.decode_png(png).shape[1] >= 300
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get_json(url: str):
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
@@ -106,7 +99,7 @@ def _get_json(url: str):
 @pytest.mark.slow
 def test_real_tensorboard_server_serves_the_run(dashboard_run):
     config, metrics, root = dashboard_run
-    port = _free_port()
+    port, = free_ports(1)
     process = subprocess.Popen(
         [sys.executable, "-m", "lenet_tf", "tensorboard", "--run-dir", str(root / "runs"), "--port", str(port)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -2,14 +2,13 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, free_ports, run_cli
 
 COMMON = ["--dataset", "mnist", "--activation", "relu", "--format", "", "--image-every-epochs", "0"]
 
@@ -44,20 +43,9 @@ def test_two_mirrored_replicas_match_one_replica(tmp_path, mnist_dir):
     assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-3)
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @pytest.mark.slow
 def test_two_workers_on_loopback_train_once_and_only_the_chief_writes(tmp_path, mnist_dir):
-    hosts = ",".join(f"127.0.0.1:{port}" for port in _free_ports(2))
+    hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch))
