@@ -141,6 +141,26 @@ def convert_tflite(saved_model_dir: Path, variant: str, calibration_images: np.n
         return converter.convert()
 
 
+def run_child(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Runs a helper process of the export that dies when the export dies.
+
+    A killed export must leave nothing running: an orphaned converter would
+    go on writing into the staging folder after the next export swept it
+    away. On Linux the child asks the kernel for SIGKILL when its parent
+    exits (PR_SET_PDEATHSIG); elsewhere it is an ordinary child.
+    """
+    return subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        set_parent_death_signal = 1  # PR_SET_PDEATHSIG in <linux/prctl.h>.
+        ctypes.CDLL(None, use_errno=True).prctl(set_parent_death_signal, signal.SIGKILL)
+
+
 def check_export_dependencies(export_formats: tuple[str, ...]) -> None:
     """Fails before training, not after it, when a format's packages are missing."""
     # onnxruntime is needed too: the parity check runs the converted model.
@@ -157,10 +177,10 @@ def convert_onnx(saved_model_dir: Path, output: Path) -> Path:
     child process, which also keeps its graph rewrites out of this one.
     """
     check_export_dependencies(("onnx",))
-    completed = subprocess.run(
+    completed = run_child(
         [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model_dir),
          "--signature_def", SIGNATURE_KEY, "--opset", str(ONNX_OPSET), "--output", str(output)],
-        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
     if completed.returncode != 0 or not output.is_file():
         raise RuntimeError(f"tf2onnx failed:\n{completed.stderr[-3000:]}")
@@ -193,7 +213,7 @@ def run_parity_in_subprocess(model_paths: dict[str, Path], images: np.ndarray) -
         # Make this package importable in the child however it was imported here.
         package_root = str(Path(__file__).resolve().parent.parent)
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
-        completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+        completed = run_child(command, env=environment)
         if completed.returncode != 0:
             raise ParityError(f"reloading the exports in a fresh process failed:\n{completed.stderr[-4000:]}")
         with np.load(output_path) as outputs:

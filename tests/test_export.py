@@ -167,6 +167,16 @@ def test_export_killed_midway_leaves_previous_versions_and_no_partial_version(tr
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    # Nothing the export started (converter, parity worker) outlives it.
+    time.sleep(0.5)
+    leftovers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(model_dir) in cmdline.read_bytes().decode(errors="replace"):
+                leftovers.append(cmdline.parent.name)
+        except OSError:
+            continue  # The process ended while we looked.
+    assert not leftovers, f"processes still working on {model_dir}: {leftovers}"
     after = {p.name: sha256_of(p / "saved_model.pb") for p in model_dir.iterdir() if p.name.isdigit()}
     assert after == before
     # The next export sweeps away the dead export's hidden staging folder.
