@@ -3,6 +3,7 @@
     python -m lenet_tf.bench                       # training + evaluation ratios, peak memory
     python -m lenet_tf.bench --export-dir exports/lenet_fashion_mnist/2   # + latency of every export
     python -m lenet_tf.bench --full-run            # + wall time of `python train.py` on real data
+    python -m lenet_tf.bench --kernels             # + where one training step's time goes, kernel by kernel
 
 Every number is a median over repeats after a warm-up, with the spread
 (min..max) beside it; ratios compare runs made in the same process on the
@@ -83,7 +84,12 @@ class _EpochTimer:
 
 
 def bench_training(images, labels, repeats: int, batch_size: int) -> dict[str, Any]:
-    """Images/s of one training epoch: the package's path vs plain Keras, same data."""
+    """Images/s of one training epoch: the package's path vs plain Keras, same data.
+
+    The two alternate epoch by epoch (one `fit` call each), so both sample the
+    same stretches of this machine's swinging throughput; the ratio is the
+    median of the per-pair ratios, each pair measured within seconds.
+    """
     import keras
 
     from lenet_tf.config import TrainConfig
@@ -92,30 +98,31 @@ def bench_training(images, labels, repeats: int, batch_size: int) -> dict[str, A
     from lenet_tf.train import build_compiled_model, make_callbacks
 
     count = len(images)
-    results = {}
     # Plain Keras: model.fit on float32 numpy arrays, as in the tutorials.
     keras.utils.set_random_seed(0)
     baseline = plain_keras_model()
+    baseline_images = images.astype(np.float32) / 255.0
     timer = _EpochTimer()
-    baseline.fit(images.astype(np.float32) / 255.0, labels, batch_size=batch_size, epochs=1 + repeats,
-                 verbose=0, callbacks=[timer])
-    results["plain_keras"] = _summary([count / seconds for seconds in timer.seconds[1:]])
 
     # The package: its model, tf.data pipeline and every callback of a real run.
     config = TrainConfig(batch_size=batch_size, image_every_epochs=0)
     keras.utils.set_random_seed(0)
     model = build_compiled_model(config)
+    throughput = ThroughputCallback(count)
+    data = make_dataset(images, labels, batch_size, shuffle=True, seed=0)
     with tempfile.TemporaryDirectory() as scratch:
         small_test = Datasets(images[:1], labels[:1], images[:256], labels[:256])
-        throughput = ThroughputCallback(count)
         # Drop the image dashboards: they run at epoch ends outside the timed span anyway.
         callbacks = [c for c in make_callbacks(config, Path(scratch), small_test, throughput)
                      if type(c).__name__ != "ImageDashboardsCallback"]
-        data = make_dataset(images, labels, batch_size, shuffle=True, seed=0)
-        model.fit(data, epochs=1 + repeats, verbose=0, callbacks=callbacks, shuffle=False)
-    results["package"] = _summary([count / seconds for seconds in throughput.epoch_seconds[1:]])
-    results["ratio"] = results["package"]["median"] / results["plain_keras"]["median"]
-    return results
+        for _ in range(1 + repeats):  # The first pair is the warm-up (tracing).
+            baseline.fit(baseline_images, labels, batch_size=batch_size, epochs=1, verbose=0, callbacks=[timer])
+            model.fit(data, epochs=1, verbose=0, callbacks=callbacks, shuffle=False)
+    baseline_rates = [count / seconds for seconds in timer.seconds[1:]]
+    package_rates = [count / seconds for seconds in throughput.epoch_seconds[1:]]
+    pair_ratios = [package / base for package, base in zip(package_rates, baseline_rates)]
+    return {"plain_keras": _summary(baseline_rates), "package": _summary(package_rates),
+            "ratio": statistics.median(pair_ratios), "pair_ratios": _summary(pair_ratios)}
 
 
 def bench_callback_overhead(images, labels, test_images, test_labels, epochs: int = 5) -> dict[str, Any]:
@@ -171,8 +178,126 @@ def bench_evaluation(images, repeats: int) -> dict[str, Any]:
             timings["plain_keras_predict"].append(len(images) / (middle - start))
             timings["package"].append(len(images) / (end - middle))
     results = {name: _summary(values) for name, values in timings.items()}
-    results["ratio"] = results["package"]["median"] / results["plain_keras_predict"]["median"]
+    pair_ratios = [package / base for package, base in zip(timings["package"], timings["plain_keras_predict"])]
+    results["ratio"] = statistics.median(pair_ratios)
+    results["pair_ratios"] = _summary(pair_ratios)
     return results
+
+
+def _classic_training_step(batch_size: int):
+    """One training step of the plain-Keras classic model as a tf.function, on random data."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = plain_keras_model()
+    loss_function = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = keras.optimizers.SGD(0.9)
+    images = tf.random.uniform([batch_size, 28, 28, 1])
+    labels = tf.random.uniform([batch_size], 0, 10, tf.int32)
+
+    @tf.function
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            loss = loss_function(labels, model(images, training=True))
+        optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss
+
+    return step, (images, labels)
+
+
+def bench_kernels(batch_size: int, repeats: int, calls: int = 40) -> dict[str, Any]:
+    """Where one training step of the classic model goes: its heavy kernels, each
+    timed alone at the step's shapes (the ops TensorFlow runs for it, oneDNN's on
+    CPU), beside the whole step and a large matrix product.
+
+    The convolution kernels set a floor that no framework-side change goes
+    under: with everything else in the step free, training could be at most
+    `step / convolutions` times faster than plain Keras.
+    """
+    import tensorflow as tf
+
+    def uniform(*shape):
+        return tf.random.uniform(shape)
+
+    batch = batch_size
+    conv1_flops = 2 * batch * 28 * 28 * 6 * 25
+    conv2_flops = 2 * batch * 10 * 10 * 16 * 150
+    dense_flops = 2 * batch * (400 * 120 + 120 * 84 + 84 * 10)
+    unit = [1, 1, 1, 1]
+    pool = dict(ksize=[1, 2, 2, 1], strides=[1, 2, 2, 1], padding="VALID")
+    kernels: dict[str, tuple[Callable, tuple, int, bool]] = {
+        # name: (function, arguments, floating-point operations, is a convolution)
+        "conv1 forward (+bias)": (lambda x, w, b: tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b),
+                                  (uniform(batch, 28, 28, 1), uniform(5, 5, 1, 6), uniform(6)), conv1_flops, True),
+        "conv1 filter gradient": (lambda x, dy: tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=[5, 5, 1, 6], out_backprop=dy, strides=unit, padding="SAME"),
+            (uniform(batch, 28, 28, 1), uniform(batch, 28, 28, 6)), conv1_flops, True),
+        "conv2 forward (+bias)": (lambda x, w, b: tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "VALID"), b),
+                                  (uniform(batch, 14, 14, 6), uniform(5, 5, 6, 16), uniform(16)), conv2_flops, True),
+        "conv2 input gradient": (lambda dy, w: tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=[batch, 14, 14, 6], filter=w, out_backprop=dy, strides=unit, padding="VALID"),
+            (uniform(batch, 10, 10, 16), uniform(5, 5, 6, 16)), conv2_flops, True),
+        "conv2 filter gradient": (lambda x, dy: tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=[5, 5, 6, 16], out_backprop=dy, strides=unit, padding="VALID"),
+            (uniform(batch, 14, 14, 6), uniform(batch, 10, 10, 16)), conv2_flops, True),
+        "block 1 sigmoid + pool, forward": (lambda z: tf.nn.avg_pool2d(tf.sigmoid(z), 2, 2, "VALID"),
+                                            (uniform(batch, 28, 28, 6),), 0, False),
+        "block 1 sigmoid + pool, backward": (lambda s, dp: tf.raw_ops.SigmoidGrad(
+            y=s, dy=tf.raw_ops.AvgPoolGrad(orig_input_shape=tf.shape(s), grad=dp, **pool)),
+            (uniform(batch, 28, 28, 6), uniform(batch, 14, 14, 6)), 0, False),
+        "block 2 sigmoid + pool, forward": (lambda z: tf.nn.avg_pool2d(tf.sigmoid(z), 2, 2, "VALID"),
+                                            (uniform(batch, 10, 10, 16),), 0, False),
+        "block 2 sigmoid + pool, backward": (lambda s, dp: tf.raw_ops.SigmoidGrad(
+            y=s, dy=tf.raw_ops.AvgPoolGrad(orig_input_shape=tf.shape(s), grad=dp, **pool)),
+            (uniform(batch, 10, 10, 16), uniform(batch, 5, 5, 16)), 0, False),
+        "dense layers, forward + both gradients": (_dense_forward_backward, (
+            uniform(batch, 400), uniform(400, 120), uniform(120, 84), uniform(84, 10)), 3 * dense_flops, False),
+    }
+    step, step_arguments = _classic_training_step(batch_size)
+    square = uniform(1024, 1024)
+    timed = {name: (tf.function(function), arguments) for name, (function, arguments, _, _) in kernels.items()}
+    timed["whole training step"] = (step, step_arguments)
+    timed["1024x1024 matmul"] = (tf.function(tf.matmul), (square, square))
+    samples: dict[str, list[float]] = {name: [] for name in timed}
+    for round_index in range(1 + repeats):  # Rounds interleave the kernels; round 0 warms up.
+        for name, (function, arguments) in timed.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                result = function(*arguments)
+            tf.nest.flatten(result)[0].numpy()  # Waits for the last call.
+            if round_index:
+                samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    step_us = statistics.median(samples["whole training step"])
+    peak_gflops = 2 * 1024**3 / statistics.median(samples["1024x1024 matmul"]) / 1e3
+    rows = {}
+    for name, (_, _, flops, _) in kernels.items():
+        microseconds = statistics.median(samples[name])
+        rows[name] = {"us": microseconds, "gflop_per_s": flops / microseconds / 1e3 if flops else None,
+                      "share_of_step": microseconds / step_us}
+    convolution_us = sum(rows[name]["us"] for name, entry in kernels.items() if entry[3])
+    step_flops = 2 * conv1_flops + 3 * conv2_flops + 3 * dense_flops
+    return {
+        "batch_size": batch_size, "kernels": rows, "step_us": step_us,
+        "step_images_per_s": batch_size / step_us * 1e6, "step_gflop_per_s": step_flops / step_us / 1e3,
+        "convolutions_us": convolution_us, "ceiling_with_these_convolutions": step_us / convolution_us,
+        "matmul_gflop_per_s": peak_gflops,
+        "arithmetic_floor_us": step_flops / peak_gflops / 1e3,
+    }
+
+
+def _dense_forward_backward(features, kernel1, kernel2, kernel3):
+    """The three dense layers' matrix products: forward, input and weight gradients."""
+    import tensorflow as tf
+
+    outputs = []
+    hidden = features
+    for kernel in (kernel1, kernel2, kernel3):
+        following = tf.matmul(hidden, kernel)
+        outputs.append(tf.matmul(following, kernel, transpose_b=True))  # Input gradient's shape.
+        outputs.append(tf.matmul(hidden, following, transpose_a=True))  # Weight gradient's shape.
+        hidden = following
+    return outputs
 
 
 def _latency(call: Callable[[], Any], calls: int) -> dict[str, float]:
@@ -309,11 +434,17 @@ def to_markdown(results: dict[str, Any]) -> str:
              f"Median of {results['settings']['repeats']} repeats after a warm-up (min..max).", ""]
     if "training" in results:
         training, evaluation = results["training"], results["evaluation"]
-        lines += ["| measurement | plain Keras | lenet_tf | ratio |", "| --- | --- | --- | --- |"]
+        lines += ["Each repeat measures plain Keras and lenet_tf back to back; the ratio is the median of "
+                  "the per-repeat ratios (their range in brackets).", "",
+                  "| measurement | plain Keras | lenet_tf | ratio |", "| --- | --- | --- | --- |"]
         for label, block, base in (("training, images/s", training, "plain_keras"),
                                    ("evaluation, images/s", evaluation, "plain_keras_predict")):
-            lines.append(f"| {label} | {_cell(block[base])} | {_cell(block['package'])} | {block['ratio']:.2f}x |")
+            spread = block["pair_ratios"]
+            lines.append(f"| {label} | {_cell(block[base])} | {_cell(block['package'])} | "
+                         f"{block['ratio']:.2f}x ({spread['min']:.2f}..{spread['max']:.2f}) |")
         lines.append("")
+    if "kernels" in results:
+        lines += _kernels_markdown(results["kernels"])
     if "exports" in results:
         lines += ["Batch-1 latency: TFLite through the interpreter API (set_tensor, invoke, get_tensor; the "
                   "signature runner's p50 in brackets), the SavedModel through its `serving_default` signature, "
@@ -355,6 +486,22 @@ def to_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kernels_markdown(block: dict[str, Any]) -> list[str]:
+    lines = [f"One classic training step at batch {block['batch_size']}, each heavy kernel timed alone "
+             "at the step's shapes (median µs per call):", "",
+             "| kernel | µs | GFLOP/s | share of the whole step |", "| --- | --- | --- | --- |"]
+    for name, row in block["kernels"].items():
+        rate = f"{row['gflop_per_s']:.0f}" if row["gflop_per_s"] else "–"
+        lines.append(f"| {name} | {row['us']:,.0f} | {rate} | {row['share_of_step'] * 100:.0f} % |")
+    lines += ["", f"Whole step {block['step_us']:,.0f} µs ({block['step_images_per_s']:,.0f} images/s, "
+              f"{block['step_gflop_per_s']:.0f} GFLOP/s). The five convolution kernels alone take "
+              f"{block['convolutions_us']:,.0f} µs, so with everything else free a step could be at most "
+              f"{block['ceiling_with_these_convolutions']:.2f}x faster. A 1024x1024 matmul runs at "
+              f"{block['matmul_gflop_per_s']:.0f} GFLOP/s; at that rate the step's arithmetic would take "
+              f"{block['arithmetic_floor_us']:,.0f} µs.", ""]
+    return lines
+
+
 def _cell(summary: dict[str, float]) -> str:
     return f"{summary['median']:,.0f} ({summary['min']:,.0f}..{summary['max']:,.0f})"
 
@@ -367,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-training", action="store_true", help="only the export latencies")
     parser.add_argument("--export-dir", type=Path, help="an export version folder to measure latency on")
     parser.add_argument("--latency-calls", type=int, default=5000, help="batch-1 calls per TFLite model (default: %(default)s)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also time each heavy kernel of one training step (where the step's time goes)")
     parser.add_argument("--callback-overhead", action="store_true",
                         help="also measure the default callbacks' cost per epoch (6 epochs twice)")
     parser.add_argument("--time-to-accuracy", type=Path, nargs="*", default=[], metavar="RUN_DIR",
@@ -389,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         images, labels = synthetic_data(args.examples)
         results["training"] = bench_training(images, labels, args.repeats, args.batch_size)
         results["evaluation"] = bench_evaluation(images[:10_000], args.repeats)
+    if args.kernels:
+        results["kernels"] = bench_kernels(args.batch_size, max(args.repeats, 5))
     if args.callback_overhead:
         images, labels = synthetic_data(args.examples)
         test_images, test_labels = synthetic_data(10_000, seed=1)

@@ -1,0 +1,43 @@
+"""The benchmark runs end to end and reports what it claims; no timing targets here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lenet_tf import bench
+
+
+def test_bench_pairs_every_repeat_and_breaks_the_step_into_kernels(tmp_path):
+    output, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert bench.main(["--examples", "512", "--batch-size", "64", "--repeats", "2", "--kernels",
+                       "--output", str(output), "--markdown", str(markdown)]) == 0
+    results = json.loads(output.read_text())
+
+    training = results["training"]
+    assert training["plain_keras"]["repeats"] == training["package"]["repeats"] == 2
+    assert training["pair_ratios"]["repeats"] == 2
+    assert training["pair_ratios"]["min"] <= training["ratio"] <= training["pair_ratios"]["max"]
+    assert results["evaluation"]["pair_ratios"]["repeats"] == 2
+
+    kernels = results["kernels"]
+    assert kernels["batch_size"] == 64
+    rows = kernels["kernels"]
+    convolutions = [name for name in rows if name.startswith("conv")]
+    assert len(convolutions) == 5
+    assert all(row["us"] > 0 for row in rows.values())
+    assert all(rows[name]["gflop_per_s"] > 0 for name in convolutions)
+    assert kernels["convolutions_us"] == pytest.approx(sum(rows[name]["us"] for name in convolutions))
+    assert kernels["ceiling_with_these_convolutions"] == pytest.approx(kernels["step_us"] / kernels["convolutions_us"])
+
+    text = markdown.read_text()
+    assert "| conv2 input gradient |" in text
+    assert "training, images/s" in text and "nan" not in text.lower()
+
+
+def test_bench_refuses_a_nonpositive_count(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--repeats", "0"])
+    assert exit_info.value.code == 2
+    assert "--repeats must be a positive integer" in capsys.readouterr().err
