@@ -384,7 +384,7 @@ def bench_full_run(extra_args: list[str]) -> dict[str, Any]:
             return {"command": " ".join(command[1:]), "error": completed.stderr.strip().splitlines()[-1:]}
         metrics = json.loads(Path(f"{scratch}/run/metrics.json").read_text())
     return {
-        "command": "python train.py " + " ".join(extra_args),
+        "command": " ".join(["python train.py", *extra_args]),
         "wall_seconds": wall,
         "peak_rss_mib": max(peak_kib, before) / 1024,
         "test_accuracy": metrics["test_accuracy"],
