@@ -386,7 +386,9 @@ def bench_full_run(extra_args: list[str]) -> dict[str, Any]:
     return {
         "command": " ".join(["python train.py", *extra_args]),
         "wall_seconds": wall,
+        # The largest of train.py and its export helpers (parity check, ONNX), and train.py's own.
         "peak_rss_mib": max(peak_kib, before) / 1024,
+        "train_py_peak_rss_mib": metrics.get("peak_rss_mib"),
         "test_accuracy": metrics["test_accuracy"],
         "examples_per_sec": metrics["examples_per_sec"],
     }
@@ -488,7 +490,10 @@ def to_markdown(results: dict[str, Any]) -> str:
             if "error" in run:
                 lines.append(f"`{run['command']}` failed: {run['error']}")
             else:
-                lines.append(f"`{run['command']}`: {run['wall_seconds']:.1f} s wall, peak RSS {run['peak_rss_mib']:.0f} MiB, "
+                own = run.get("train_py_peak_rss_mib")
+                own_text = f" ({own:,.0f} MiB in train.py itself)" if own else ""
+                lines.append(f"`{run['command']}`: {run['wall_seconds']:.1f} s wall, peak RSS {run['peak_rss_mib']:,.0f} MiB "
+                             f"over train.py and its export helper processes{own_text}, "
                              f"test accuracy {run['test_accuracy']:.4f}, {run['examples_per_sec']:.0f} examples/s.")
     return "\n".join(lines) + "\n"
 
@@ -513,6 +518,28 @@ def _cell(summary: dict[str, float]) -> str:
     return f"{summary['median']:,.0f} ({summary['min']:,.0f}..{summary['max']:,.0f})"
 
 
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def _has_markers(path: Path) -> bool:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return False
+    return README_START in lines and README_END in lines and lines.index(README_START) < lines.index(README_END)
+
+
+def replace_between_markers(path: Path, markdown: str) -> None:
+    """Replaces what lies between the marker lines, so the README's numbers are the bench's."""
+    from lenet_tf.io_utils import write_text_atomic
+
+    text = path.read_text()
+    head, rest = text.split(README_START + "\n", 1)
+    _, tail = rest.split(README_END, 1)
+    write_text_atomic(path, f"{head}{README_START}\n{markdown.strip()}\n{README_END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lenet_tf.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=60_000, help="synthetic training images (default: %(default)s)")
@@ -531,10 +558,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-run", action="store_true", help="also time `python train.py` with defaults on real data")
     parser.add_argument("--output", type=Path, default=Path("bench_results.json"), help="JSON output (default: %(default)s)")
     parser.add_argument("--markdown", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--readme", type=Path,
+                        help=f"also put the Markdown into this file between the lines {README_START} and {README_END}")
     args = parser.parse_args(argv)
     for name in ("examples", "batch_size", "repeats", "latency_calls"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.readme and not _has_markers(args.readme):
+        parser.error(f"--readme {args.readme} has no lines {README_START} and {README_END} to write between")
     if args.export_dir and not (args.export_dir / "metadata.json").is_file():
         parser.error(f"--export-dir {args.export_dir} is not an export version folder (no metadata.json)")
     import_tensorflow_quietly()
@@ -562,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
         args.markdown.write_text(markdown)
+    if args.readme:
+        replace_between_markers(args.readme, markdown)
     return 0
 
 

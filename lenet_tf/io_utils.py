@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,12 @@ from lenet_tf.errors import UsageError
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Writes JSON to a temporary file beside `path`, then renames it into place.
+    """Writes JSON atomically (see write_text_atomic)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes text to a temporary file beside `path`, then renames it into place.
 
     A crash mid-write leaves the old file (or none), never a truncated one.
     """
@@ -21,8 +27,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-            handle.write("\n")
+            handle.write(text)
         # mkstemp creates the file private (0600); give it ordinary permissions.
         os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
@@ -67,3 +72,14 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows.
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

@@ -27,7 +27,7 @@ from lenet_tf.config import TrainConfig
 from lenet_tf.data import CLASS_NAMES, Datasets, load_datasets, make_dataset
 from lenet_tf.distribute import Placement, adapt_model_for_multi_worker, make_placement
 from lenet_tf.errors import UsageError
-from lenet_tf.io_utils import ensure_writable_dir, write_json_atomic
+from lenet_tf.io_utils import ensure_writable_dir, peak_rss_mib, write_json_atomic
 from lenet_tf.model import build_model
 
 # Names of the files and folders inside a run directory, in one place.
@@ -303,6 +303,9 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
         metrics["exports"] = {key: str(path) for key, path in export.artifacts.items()}
         metrics["export_version_dir"] = str(export.version_dir)
     metrics["wall_seconds"] = time.perf_counter() - started
+    # Training, evaluation and the in-process part of the export; the parity
+    # check and ONNX conversion run in child processes of their own.
+    metrics["peak_rss_mib"] = peak_rss_mib()
     write_json_atomic(write_dir / METRICS_FILE, metrics)
     device_kind = "GPU" if any("GPU" in device.upper() for device in placement.devices) else "CPU"
     print(

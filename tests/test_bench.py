@@ -10,9 +10,10 @@ from lenet_tf import bench
 
 
 def test_bench_pairs_every_repeat_and_breaks_the_step_into_kernels(tmp_path):
-    output, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
+    output, markdown, readme = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{bench.README_START}\nold numbers\n{bench.README_END}\n\nAfter.\n")
     assert bench.main(["--examples", "512", "--batch-size", "64", "--repeats", "2", "--kernels",
-                       "--output", str(output), "--markdown", str(markdown)]) == 0
+                       "--output", str(output), "--markdown", str(markdown), "--readme", str(readme)]) == 0
     results = json.loads(output.read_text())
 
     training = results["training"]
@@ -34,6 +35,7 @@ def test_bench_pairs_every_repeat_and_breaks_the_step_into_kernels(tmp_path):
     text = markdown.read_text()
     assert "| conv2 input gradient |" in text
     assert "training, images/s" in text and "nan" not in text.lower()
+    assert readme.read_text() == f"# Title\n\n{bench.README_START}\n{text.strip()}\n{bench.README_END}\n\nAfter.\n"
 
 
 def test_bench_refuses_a_nonpositive_count(capsys):
@@ -41,3 +43,13 @@ def test_bench_refuses_a_nonpositive_count(capsys):
         bench.main(["--repeats", "0"])
     assert exit_info.value.code == 2
     assert "--repeats must be a positive integer" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_readme_without_markers_before_measuring(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--readme", str(readme)])
+    assert exit_info.value.code == 2
+    assert "has no lines <!-- bench:start -->" in capsys.readouterr().err
+    assert readme.read_text() == "# Title\n"

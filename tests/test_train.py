@@ -36,10 +36,11 @@ def test_run_directory_holds_config_metrics_checkpoint(short_run):
     run_dir = Path(config.run_dir)
     written = json.loads((run_dir / METRICS_FILE).read_text())
     for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "examples_per_sec",
-                "wall_seconds", "epochs", "strategy", "exports"):
+                "wall_seconds", "peak_rss_mib", "epochs", "strategy", "exports"):
         assert key in written
     assert written["epochs"] == 3 and written["strategy"] == "default"
     assert written["examples_per_sec"] > 0
+    assert 100 < written["peak_rss_mib"] < 20_000  # MiB: TensorFlow alone is a few hundred.
     assert Path(written["exports"]["saved_model"]).is_dir()
     assert Path(written["exports"]["float32"]).is_file()
     assert TrainConfig.read(run_dir / CONFIG_FILE) == config
