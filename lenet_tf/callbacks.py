@@ -88,7 +88,9 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
     """BackupAndRestore that never backs up a diverged (NaN/Inf) epoch.
 
-    Saving is per epoch, so its batch hook does nothing: async-safe.
+    Saving is per epoch, so its batch hook does nothing: async-safe. Under
+    multi-worker training every worker checks, before the first step, that
+    all of them resume from the same epoch.
     """
 
     async_safe = True
@@ -107,10 +109,64 @@ class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
             shutil.copyfile(self._prev_weights_path, self._weights_path)
             shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
             self._load_model()
+        check_workers_resume_together(self.model, self.backup_dir)
 
     def on_epoch_end(self, epoch, logs=None):
         if _finite_loss(logs):
             super().on_epoch_end(epoch, logs)
+
+
+class ChiefBackupReader(GuardedBackupAndRestore):
+    """A non-chief worker's backup callback: restores from the chief's backup, writes nothing.
+
+    The weights are the same on every worker, so one backup (the chief's, on a
+    folder all workers can read, as TensorFlow's multi-worker guide asks)
+    serves them all. Workers that kept backups of their own could come back
+    at different epochs after a kill, and their collectives would then fail
+    mid-step. Reading never repairs: a damaged latest pair is skipped for the
+    previous one, which is what the chief restores from in that case.
+    """
+
+    def on_train_begin(self, logs=None):
+        try:
+            self._load_model()
+        except (OSError, ValueError, KeyError):
+            if os.path.exists(self._prev_weights_path) and os.path.exists(self._prev_training_metadata_path):
+                self._weights_path = self._prev_weights_path
+                self._training_metadata_path = self._prev_training_metadata_path
+                self._load_model()
+            # Otherwise the chief reports the damage; the agreement check below stops this worker.
+        check_workers_resume_together(self.model, self.backup_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_end(self, logs=None):
+        pass  # The chief deletes its backup once the run is complete.
+
+
+def check_workers_resume_together(model: keras.Model, backup_dir: str) -> None:
+    """Under a multi-worker strategy, stops every worker with one clear line
+    unless all of them start from the same epoch (a no-op otherwise)."""
+    import tensorflow as tf
+
+    strategy = model.distribute_strategy
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    epoch = float(getattr(model, "_initial_epoch", None) or 0)
+
+    @tf.function
+    def sums():
+        # Equal epochs on all n replicas exactly when n * sum(e^2) == sum(e)^2.
+        local = tf.constant([epoch, epoch * epoch, 1.0])
+        return strategy.reduce("SUM", strategy.run(lambda: tf.identity(local)), axis=None)
+
+    total, squares_total, replicas = (float(value) for value in sums().numpy())
+    if replicas * squares_total != total * total:
+        raise UsageError(
+            f"the workers disagree on where to resume (this one would start at epoch {int(epoch) + 1}); the "
+            f"chief's backup in {backup_dir} must be readable by every worker, or delete it to start the run over"
+        )
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):

@@ -6,6 +6,7 @@ tests pass small in-memory datasets and a strategy; the CLI passes neither.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import sys
@@ -20,7 +21,7 @@ import tensorflow as tf
 
 from lenet_tf import dashboards
 from lenet_tf.callbacks import (
-    AtomicCheckpoint, EpochHistory, EpochTensorBoard, GuardedBackupAndRestore, StopOnNonFiniteLoss,
+    AtomicCheckpoint, ChiefBackupReader, EpochHistory, EpochTensorBoard, GuardedBackupAndRestore, StopOnNonFiniteLoss,
     ThroughputCallback,
 )
 from lenet_tf.config import TrainConfig
@@ -121,9 +122,19 @@ def effective_steps_per_execution(config: TrainConfig) -> int:
 
 
 def make_callbacks(config: TrainConfig, write_dir: Path, datasets: Datasets,
-                   throughput: ThroughputCallback) -> list[keras.callbacks.Callback]:
-    """Every callback of a training run, in the order they must run."""
+                   throughput: ThroughputCallback, chief_run_dir: Path | None = None) -> list[keras.callbacks.Callback]:
+    """Every callback of a training run, in the order they must run.
+
+    `chief_run_dir` is given on non-chief workers: they restore from the
+    chief's backup there instead of keeping one of their own.
+    """
     logs_dir = write_dir / LOGS_DIR
+    if chief_run_dir is None:
+        # double_checkpoint keeps the previous backup, used if the latest one
+        # was cut short by a kill mid-write.
+        backup = GuardedBackupAndRestore(str(write_dir / BACKUP_DIR), double_checkpoint=True)
+    else:
+        backup = ChiefBackupReader(str(chief_run_dir / BACKUP_DIR), double_checkpoint=True)
     return [
         throughput,  # First, so the others see examples_per_sec in the logs.
         StopOnNonFiniteLoss(),
@@ -131,9 +142,7 @@ def make_callbacks(config: TrainConfig, write_dir: Path, datasets: Datasets,
         # a kill in between never leaves a backed-up epoch unrecorded.
         EpochHistory(write_dir / HISTORY_FILE),
         AtomicCheckpoint(write_dir / CHECKPOINT_FILE),
-        # double_checkpoint keeps the previous backup, used if the latest one
-        # was cut short by a kill mid-write.
-        GuardedBackupAndRestore(str(write_dir / BACKUP_DIR), double_checkpoint=True),
+        backup,
         dashboards.ImageDashboardsCallback(
             logs_dir, datasets.test_images, datasets.test_labels, CLASS_NAMES[config.dataset],
             config.image_every_epochs, config.activation_indices, seed=config.seed,
@@ -170,13 +179,23 @@ def train_and_evaluate(
     placement = placement or make_placement(config)
     run_dir = Path(config.run_dir)
     # Non-chief workers write to a scratch folder that is removed afterwards,
-    # so that only the chief's outputs exist.
-    write_dir = run_dir if placement.is_chief else Path(tempfile.mkdtemp(prefix=f"lenet-worker{placement.task_index}-"))
+    # so that only the chief's outputs exist. Its name is fixed per run and
+    # worker, so a worker restarted after a kill clears what the killed one left.
+    write_dir = run_dir if placement.is_chief else worker_scratch_dir(run_dir, placement.task_index)
     try:
         return _run(config, datasets, placement, run_dir, write_dir, started, out)
     finally:
         if not placement.is_chief:
             shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def worker_scratch_dir(run_dir: Path, task_index: int) -> Path:
+    """An empty scratch folder for a non-chief worker, named after the run and the worker."""
+    run_key = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    scratch = Path(tempfile.gettempdir()) / f"lenet-worker{task_index}-{run_key}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    return scratch
 
 
 def _make_pipelines(config: TrainConfig, datasets: Datasets, global_batch_size: int):
@@ -244,7 +263,8 @@ def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[
     logs_dir = write_dir / LOGS_DIR
     dashboards.write_hparams_start(logs_dir, config, run_name=str(run_dir))
     throughput = ThroughputCallback(train_count)
-    callbacks = make_callbacks(config, write_dir, datasets, throughput)
+    callbacks = make_callbacks(config, write_dir, datasets, throughput,
+                               chief_run_dir=None if placement.is_chief else run_dir)
     history = model.fit(
         train_data,
         epochs=config.epochs,

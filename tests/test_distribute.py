@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,77 @@ def test_multi_worker_without_cluster_is_one_line(tmp_path):
     assert completed.returncode == 2 and "needs TF_CONFIG" in completed.stderr
     completed = run_cli("train", "--worker-hosts", "127.0.0.1:1,127.0.0.1:2", "--task-index", "5")
     assert completed.returncode == 2 and "--task-index 5 is outside --worker-hosts" in completed.stderr
+
+
+def _start_workers(run_dir: Path, mnist_dir: Path, scratch: Path, run_dirs: list[Path] | None = None,
+                   epochs: int = 4) -> list[subprocess.Popen]:
+    """Two workers on fresh loopback ports; `run_dirs` gives each its own --run-dir."""
+    hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch))
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "lenet_tf", "train", "--dataset", "mnist", "--data-dir", str(mnist_dir),
+             "--limit-train", "8192", "--limit-test", "512", "--epochs", str(epochs), "--batch-size", "64",
+             "--activation", "relu", "--learning-rate", "0.1", "--image-every-epochs", "0",
+             "--strategy", "multi_worker", "--worker-hosts", hosts, "--task-index", str(index),
+             "--run-dir", str((run_dirs or [run_dir, run_dir])[index]), "--export-dir", str(run_dir.parent / "exports"),
+             "--format", "saved_model"],
+            env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for index in range(2)
+    ]
+
+
+def _finish(workers: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    try:
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    return [(worker.returncode, stdout, stderr) for worker, (stdout, stderr) in zip(workers, outputs)]
+
+
+@pytest.mark.slow
+def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, mnist_dir):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    run_dir = tmp_path / "run"
+    workers = _start_workers(run_dir, mnist_dir, scratch)
+    metadata = run_dir / "backup" / "training_metadata.json"
+    deadline = time.monotonic() + 240
+    backed_up_epochs = 0
+    while time.monotonic() < deadline and backed_up_epochs < 1:
+        assert all(worker.poll() is None for worker in workers), "a worker finished before the kill"
+        try:
+            backed_up_epochs = json.loads(metadata.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.05)
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+        worker.communicate()
+    assert 1 <= backed_up_epochs < 4
+    assert [path for path in scratch.iterdir() if path.name.startswith("lenet-worker1-")]  # Left by the kill.
+
+    # A worker that cannot see the chief's backup (here: another run folder)
+    # would start over while the chief resumes: both stop with one line.
+    mismatched = _finish(_start_workers(run_dir, mnist_dir, scratch, run_dirs=[run_dir, tmp_path / "elsewhere"]))
+    for returncode, _, stderr in mismatched:
+        assert returncode == 2, stderr[-2000:]
+        last_line = stderr.strip().splitlines()[-1]
+        assert last_line.startswith("lenet-tf train: error: the workers disagree on where to resume")
+        assert "Traceback" not in stderr
+    assert json.loads(metadata.read_text())["epoch"] == backed_up_epochs  # The backup is untouched.
+
+    results = _finish(_start_workers(run_dir, mnist_dir, scratch))
+    assert [returncode for returncode, _, _ in results] == [0, 0], "\n".join(err[-2000:] for _, _, err in results)
+    epochs_started = [[int(line.split()[1].split("/")[0]) for line in stdout.splitlines() if line.startswith("Epoch ")]
+                      for _, stdout, _ in results]
+    # Both resumed after the backed-up epochs, together, and ran to the end.
+    assert epochs_started[0] == epochs_started[1] == list(range(backed_up_epochs + 1, 5))
+    final_lines = [[line for line in stdout.splitlines() if line.startswith("loss ")] for _, stdout, _ in results]
+    assert final_lines[0] == final_lines[1]
+    metrics = _metrics(run_dir)
+    assert len(metrics["history"]["loss"]) == 4 and metrics["test_accuracy"] > 0.8
+    assert not (run_dir / "backup").exists()  # Deleted by the chief once complete.
+    assert not [path for path in scratch.iterdir() if path.name.startswith("lenet-worker")]
