@@ -96,20 +96,23 @@ class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
     async_safe = True
 
     def on_train_begin(self, logs=None):
+        damage = None
         try:
             super().on_train_begin(logs)
         except (OSError, ValueError, KeyError) as error:
             # Keras writes the epoch metadata in place, so a kill mid-write can
             # leave it unreadable (its own fallback only covers the weights).
             # Fall back to the previous backup pair, which double_checkpoint keeps.
-            if not os.path.exists(self._prev_weights_path) or not os.path.exists(self._prev_training_metadata_path):
-                raise UsageError(
-                    f"the backup in {self.backup_dir} is damaged ({error}); delete that folder to start the run over"
-                ) from None
-            shutil.copyfile(self._prev_weights_path, self._weights_path)
-            shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
-            self._load_model()
-        check_workers_resume_together(self.model, self.backup_dir)
+            if os.path.exists(self._prev_weights_path) and os.path.exists(self._prev_training_metadata_path):
+                shutil.copyfile(self._prev_weights_path, self._weights_path)
+                shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
+                self._load_model()
+            else:
+                damage = _damaged_backup_error(self.backup_dir, error)
+        # Other workers wait for this one here, so it takes part even when damaged.
+        check_workers_resume_together(self.model, self.backup_dir, damaged=damage is not None)
+        if damage:
+            raise damage
 
     def on_epoch_end(self, epoch, logs=None):
         if _finite_loss(logs):
@@ -128,15 +131,19 @@ class ChiefBackupReader(GuardedBackupAndRestore):
     """
 
     def on_train_begin(self, logs=None):
+        damage = None
         try:
             self._load_model()
-        except (OSError, ValueError, KeyError):
-            if os.path.exists(self._prev_weights_path) and os.path.exists(self._prev_training_metadata_path):
-                self._weights_path = self._prev_weights_path
-                self._training_metadata_path = self._prev_training_metadata_path
+        except (OSError, ValueError, KeyError) as error:
+            self._weights_path = self._prev_weights_path
+            self._training_metadata_path = self._prev_training_metadata_path
+            try:
                 self._load_model()
-            # Otherwise the chief reports the damage; the agreement check below stops this worker.
-        check_workers_resume_together(self.model, self.backup_dir)
+            except (OSError, ValueError, KeyError):
+                damage = _damaged_backup_error(self.backup_dir, error)
+        check_workers_resume_together(self.model, self.backup_dir, damaged=damage is not None)
+        if damage:
+            raise damage
 
     def on_epoch_end(self, epoch, logs=None):
         pass
@@ -145,15 +152,19 @@ class ChiefBackupReader(GuardedBackupAndRestore):
         pass  # The chief deletes its backup once the run is complete.
 
 
-def check_workers_resume_together(model: keras.Model, backup_dir: str) -> None:
+def check_workers_resume_together(model: keras.Model, backup_dir: str, damaged: bool = False) -> None:
     """Under a multi-worker strategy, stops every worker with one clear line
-    unless all of them start from the same epoch (a no-op otherwise)."""
+    unless all of them start from the same epoch (a no-op otherwise).
+
+    A worker whose backup is damaged takes part as epoch -1, so the others
+    stop too instead of waiting for it in their first collective op.
+    """
     import tensorflow as tf
 
     strategy = model.distribute_strategy
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return
-    epoch = float(getattr(model, "_initial_epoch", None) or 0)
+    epoch = -1.0 if damaged else float(getattr(model, "_initial_epoch", None) or 0)
 
     @tf.function
     def sums():
@@ -162,11 +173,15 @@ def check_workers_resume_together(model: keras.Model, backup_dir: str) -> None:
         return strategy.reduce("SUM", strategy.run(lambda: tf.identity(local)), axis=None)
 
     total, squares_total, replicas = (float(value) for value in sums().numpy())
-    if replicas * squares_total != total * total:
+    if replicas * squares_total != total * total and not damaged:
         raise UsageError(
             f"the workers disagree on where to resume (this one would start at epoch {int(epoch) + 1}); the "
             f"chief's backup in {backup_dir} must be readable by every worker, or delete it to start the run over"
         )
+
+
+def _damaged_backup_error(backup_dir: str, error: Exception) -> UsageError:
+    return UsageError(f"the backup in {backup_dir} is damaged ({error}); delete that folder to start the run over")
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
