@@ -157,6 +157,8 @@ def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, mni
         worker.communicate()
     assert 1 <= backed_up_epochs < 4
     assert [path for path in scratch.iterdir() if path.name.startswith("lenet-worker1-")]  # Left by the kill.
+    # Read again: the chief may have backed up one more epoch before the kill landed.
+    backup_files = {path.name: path.read_bytes() for path in metadata.parent.iterdir()}
 
     # A worker that cannot see the chief's backup (here: another run folder)
     # would start over while the chief resumes: both stop with one line.
@@ -166,14 +168,15 @@ def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, mni
         last_line = stderr.strip().splitlines()[-1]
         assert last_line.startswith("lenet-tf train: error: the workers disagree on where to resume")
         assert "Traceback" not in stderr
-    assert json.loads(metadata.read_text())["epoch"] == backed_up_epochs  # The backup is untouched.
+    assert {path.name: path.read_bytes() for path in metadata.parent.iterdir()} == backup_files  # Untouched.
 
     results = _finish(_start_workers(run_dir, mnist_dir, scratch))
     assert [returncode for returncode, _, _ in results] == [0, 0], "\n".join(err[-2000:] for _, _, err in results)
     epochs_started = [[int(line.split()[1].split("/")[0]) for line in stdout.splitlines() if line.startswith("Epoch ")]
                       for _, stdout, _ in results]
     # Both resumed after the backed-up epochs, together, and ran to the end.
-    assert epochs_started[0] == epochs_started[1] == list(range(backed_up_epochs + 1, 5))
+    assert epochs_started[0] == epochs_started[1]
+    assert epochs_started[0][0] >= backed_up_epochs + 1 >= 2 and epochs_started[0][-1] == 4
     final_lines = [[line for line in stdout.splitlines() if line.startswith("loss ")] for _, stdout, _ in results]
     assert final_lines[0] == final_lines[1]
     metrics = _metrics(run_dir)
