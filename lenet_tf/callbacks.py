@@ -96,23 +96,26 @@ class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
     async_safe = True
 
     def on_train_begin(self, logs=None):
-        damage = None
-        try:
-            super().on_train_begin(logs)
-        except (OSError, ValueError, KeyError) as error:
-            # Keras writes the epoch metadata in place, so a kill mid-write can
-            # leave it unreadable (its own fallback only covers the weights).
-            # Fall back to the previous backup pair, which double_checkpoint keeps.
-            if os.path.exists(self._prev_weights_path) and os.path.exists(self._prev_training_metadata_path):
-                shutil.copyfile(self._prev_weights_path, self._weights_path)
-                shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
-                self._load_model()
-            else:
-                damage = _damaged_backup_error(self.backup_dir, error)
+        damage = self._restore()
         # Other workers wait for this one here, so it takes part even when damaged.
         check_workers_resume_together(self.model, self.backup_dir, damaged=damage is not None)
         if damage:
             raise damage
+
+    def _restore(self) -> UsageError | None:
+        """Restores the latest backup, if any; returns the error to raise if it is damaged."""
+        try:
+            super().on_train_begin()
+        except (OSError, ValueError, KeyError) as error:
+            # Keras writes the epoch metadata in place, so a kill mid-write can
+            # leave it unreadable (its own fallback only covers the weights).
+            # Fall back to the previous backup pair, which double_checkpoint keeps.
+            if not (os.path.exists(self._prev_weights_path) and os.path.exists(self._prev_training_metadata_path)):
+                return _damaged_backup_error(self.backup_dir, error)
+            shutil.copyfile(self._prev_weights_path, self._weights_path)
+            shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
+            self._load_model()
+        return None
 
     def on_epoch_end(self, epoch, logs=None):
         if _finite_loss(logs):
@@ -130,8 +133,7 @@ class ChiefBackupReader(GuardedBackupAndRestore):
     previous one, which is what the chief restores from in that case.
     """
 
-    def on_train_begin(self, logs=None):
-        damage = None
+    def _restore(self) -> UsageError | None:
         try:
             self._load_model()
         except (OSError, ValueError, KeyError) as error:
@@ -140,10 +142,8 @@ class ChiefBackupReader(GuardedBackupAndRestore):
             try:
                 self._load_model()
             except (OSError, ValueError, KeyError):
-                damage = _damaged_backup_error(self.backup_dir, error)
-        check_workers_resume_together(self.model, self.backup_dir, damaged=damage is not None)
-        if damage:
-            raise damage
+                return _damaged_backup_error(self.backup_dir, error)
+        return None
 
     def on_epoch_end(self, epoch, logs=None):
         pass
