@@ -36,7 +36,7 @@ from lenet_tf.config import TrainConfig
 from lenet_tf.data import CLASS_NAMES, Datasets
 from lenet_tf.errors import ParityError, UsageError
 from lenet_tf.inference import INPUT_KEY, SIGNATURE_KEY
-from lenet_tf.io_utils import current_umask, write_json_atomic
+from lenet_tf.io_utils import child_environment, current_umask, write_json_atomic
 from lenet_tf.quiet import native_stderr_silenced
 from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, PIXEL_SCALE, predict_probabilities
 
@@ -209,11 +209,7 @@ def run_parity_in_subprocess(model_paths: dict[str, Path], images: np.ndarray) -
             sys.executable, "-m", "lenet_tf.parity_worker", str(images_path), str(output_path),
             *[f"{name}={path}" for name, path in model_paths.items()],
         ]
-        environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        # Make this package importable in the child however it was imported here.
-        package_root = str(Path(__file__).resolve().parent.parent)
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
-        completed = run_child(command, env=environment)
+        completed = run_child(command, env=child_environment(TF_CPP_MIN_LOG_LEVEL="3"))
         if completed.returncode != 0:
             raise ParityError(f"reloading the exports in a fresh process failed:\n{completed.stderr[-4000:]}")
         with np.load(output_path) as outputs:

@@ -1,4 +1,4 @@
-"""Small filesystem helpers that never leave half-written files behind."""
+"""Small filesystem helpers that never leave half-written files behind, and process helpers."""
 
 from __future__ import annotations
 
@@ -83,3 +83,15 @@ def peak_rss_mib() -> float | None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """This process's environment for a child `python -m lenet_tf...`, with `overrides`.
+
+    The package's folder goes first on PYTHONPATH, so the child imports the
+    same lenet_tf however this process imported it (installed or from a checkout).
+    """
+    environment = dict(os.environ, **overrides)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
+    return environment

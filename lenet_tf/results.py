@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lenet_tf.io_utils import child_environment
+
 # Published reference points shown beside our numbers (see README for sources).
 PUBLISHED = {
     ("fashion_mnist", "classic"): "0.78-0.85 (D2L, LeNet chapter)",
@@ -57,11 +59,8 @@ def run_training(arguments: list[str], run_dir: Path) -> dict[str, Any]:
     """One training run in a fresh process; returns its metrics plus wall time."""
     command = [sys.executable, "-m", "lenet_tf", "train", *arguments, "--run-dir", str(run_dir),
                "--format", "", "--image-every-epochs", "0"]
-    environment = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
     started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+    completed = subprocess.run(command, capture_output=True, text=True, env=child_environment())
     wall = time.perf_counter() - started
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
