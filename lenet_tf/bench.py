@@ -197,17 +197,15 @@ def _classic_training_step(batch_size: int):
     import tensorflow as tf
 
     keras.utils.set_random_seed(0)
-    model = plain_keras_model()
-    loss_function = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    optimizer = keras.optimizers.SGD(0.9)
+    model = plain_keras_model()  # Compiled: its own loss and optimizer drive the step.
     images = tf.random.uniform([batch_size, 28, 28, 1])
     labels = tf.random.uniform([batch_size], 0, 10, tf.int32)
 
     @tf.function
     def step(images, labels):
         with tf.GradientTape() as tape:
-            loss = loss_function(labels, model(images, training=True))
-        optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+            loss = model.loss(labels, model(images, training=True))
+        model.optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
         return loss
 
     return step, (images, labels)
@@ -232,7 +230,15 @@ def bench_kernels(batch_size: int, repeats: int, calls: int = 40) -> dict[str, A
     conv2_flops = 2 * batch * 10 * 10 * 16 * 150
     dense_flops = 2 * batch * (400 * 120 + 120 * 84 + 84 * 10)
     unit = [1, 1, 1, 1]
-    pool = dict(ksize=[1, 2, 2, 1], strides=[1, 2, 2, 1], padding="VALID")
+
+    def sigmoid_pool_forward(pre_activation):
+        return tf.nn.avg_pool2d(tf.sigmoid(pre_activation), 2, 2, "VALID")
+
+    def sigmoid_pool_backward(activation, pooled_gradient):
+        return tf.raw_ops.SigmoidGrad(y=activation, dy=tf.raw_ops.AvgPoolGrad(
+            orig_input_shape=tf.shape(activation), grad=pooled_gradient,
+            ksize=[1, 2, 2, 1], strides=[1, 2, 2, 1], padding="VALID"))
+
     kernels: dict[str, tuple[Callable, tuple, int, bool]] = {
         # name: (function, arguments, floating-point operations, is a convolution)
         "conv1 forward (+bias)": (lambda x, w, b: tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b),
@@ -248,16 +254,12 @@ def bench_kernels(batch_size: int, repeats: int, calls: int = 40) -> dict[str, A
         "conv2 filter gradient": (lambda x, dy: tf.raw_ops.Conv2DBackpropFilter(
             input=x, filter_sizes=[5, 5, 6, 16], out_backprop=dy, strides=unit, padding="VALID"),
             (uniform(batch, 14, 14, 6), uniform(batch, 10, 10, 16)), conv2_flops, True),
-        "block 1 sigmoid + pool, forward": (lambda z: tf.nn.avg_pool2d(tf.sigmoid(z), 2, 2, "VALID"),
-                                            (uniform(batch, 28, 28, 6),), 0, False),
-        "block 1 sigmoid + pool, backward": (lambda s, dp: tf.raw_ops.SigmoidGrad(
-            y=s, dy=tf.raw_ops.AvgPoolGrad(orig_input_shape=tf.shape(s), grad=dp, **pool)),
-            (uniform(batch, 28, 28, 6), uniform(batch, 14, 14, 6)), 0, False),
-        "block 2 sigmoid + pool, forward": (lambda z: tf.nn.avg_pool2d(tf.sigmoid(z), 2, 2, "VALID"),
-                                            (uniform(batch, 10, 10, 16),), 0, False),
-        "block 2 sigmoid + pool, backward": (lambda s, dp: tf.raw_ops.SigmoidGrad(
-            y=s, dy=tf.raw_ops.AvgPoolGrad(orig_input_shape=tf.shape(s), grad=dp, **pool)),
-            (uniform(batch, 10, 10, 16), uniform(batch, 5, 5, 16)), 0, False),
+        "block 1 sigmoid + pool, forward": (sigmoid_pool_forward, (uniform(batch, 28, 28, 6),), 0, False),
+        "block 1 sigmoid + pool, backward": (sigmoid_pool_backward,
+                                             (uniform(batch, 28, 28, 6), uniform(batch, 14, 14, 6)), 0, False),
+        "block 2 sigmoid + pool, forward": (sigmoid_pool_forward, (uniform(batch, 10, 10, 16),), 0, False),
+        "block 2 sigmoid + pool, backward": (sigmoid_pool_backward,
+                                             (uniform(batch, 10, 10, 16), uniform(batch, 5, 5, 16)), 0, False),
         "dense layers, forward + both gradients": (_dense_forward_backward, (
             uniform(batch, 400), uniform(400, 120), uniform(120, 84), uniform(84, 10)), 3 * dense_flops, False),
     }
