@@ -113,3 +113,23 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def wait_for_backed_up_epoch(metadata: Path, processes, timeout: float = 240) -> int:
+    """Polls a run's BackupAndRestore metadata until an epoch is backed up; returns
+    how many are (0 on timeout). Every process must still be running meanwhile,
+    since the caller means to kill it mid-run."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert all(process.poll() is None for process in processes), "the run finished before it could be killed"
+        try:
+            backed_up_epochs = json.loads(metadata.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            backed_up_epochs = 0
+        if backed_up_epochs >= 1:
+            return backed_up_epochs
+        time.sleep(0.05)
+    return 0

@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, free_ports, run_cli
+from conftest import REPO_ROOT, free_ports, run_cli, wait_for_backed_up_epoch
 
 COMMON = ["--dataset", "mnist", "--activation", "relu", "--format", "", "--image-every-epochs", "0"]
 
@@ -47,31 +46,13 @@ def test_two_mirrored_replicas_match_one_replica(tmp_path, mnist_dir):
 
 @pytest.mark.slow
 def test_two_workers_on_loopback_train_once_and_only_the_chief_writes(tmp_path, mnist_dir):
-    hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch))
     run_dir, export_dir = tmp_path / "run", tmp_path / "exports"
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "lenet_tf", "train", "--dataset", "mnist", "--data-dir", str(mnist_dir),
-             "--limit-train", "4096", "--limit-test", "512", "--epochs", "2", "--batch-size", "64",
-             "--activation", "relu", "--learning-rate", "0.1", "--image-every-epochs", "1",
-             "--strategy", "multi_worker", "--worker-hosts", hosts, "--task-index", str(index),
-             "--run-dir", str(run_dir), "--export-dir", str(export_dir), "--format", "saved_model,tflite"],
-            env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for index in range(2)
-    ]
-    outputs = []
-    try:
-        for worker in workers:
-            outputs.append(worker.communicate(timeout=300)[0])
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-    assert [worker.returncode for worker in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    results = _finish(_start_workers(run_dir, mnist_dir, scratch, limit_train=4096, epochs=2, image_every_epochs=1,
+                                     formats="saved_model,tflite"))
+    assert [returncode for returncode, _, _ in results] == [0, 0], "\n".join(err[-2000:] for _, _, err in results)
+    outputs = [stdout for _, stdout, _ in results]
     metrics = _metrics(run_dir)
     assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2
     assert metrics["global_batch_size"] == 128
@@ -109,18 +90,19 @@ def test_multi_worker_without_cluster_is_one_line(tmp_path):
 
 
 def _start_workers(run_dir: Path, mnist_dir: Path, scratch: Path, run_dirs: list[Path] | None = None,
-                   epochs: int = 4) -> list[subprocess.Popen]:
-    """Two workers on fresh loopback ports; `run_dirs` gives each its own --run-dir."""
+                   limit_train: int = 8192, epochs: int = 4, image_every_epochs: int = 0,
+                   formats: str = "saved_model") -> list[subprocess.Popen]:
+    """Two workers on fresh loopback ports, exporting beside `run_dir`; `run_dirs` gives each its own --run-dir."""
     hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch))
     return [
         subprocess.Popen(
             [sys.executable, "-m", "lenet_tf", "train", "--dataset", "mnist", "--data-dir", str(mnist_dir),
-             "--limit-train", "8192", "--limit-test", "512", "--epochs", str(epochs), "--batch-size", "64",
-             "--activation", "relu", "--learning-rate", "0.1", "--image-every-epochs", "0",
+             "--limit-train", str(limit_train), "--limit-test", "512", "--epochs", str(epochs), "--batch-size", "64",
+             "--activation", "relu", "--learning-rate", "0.1", "--image-every-epochs", str(image_every_epochs),
              "--strategy", "multi_worker", "--worker-hosts", hosts, "--task-index", str(index),
              "--run-dir", str((run_dirs or [run_dir, run_dir])[index]), "--export-dir", str(run_dir.parent / "exports"),
-             "--format", "saved_model"],
+             "--format", formats],
             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for index in range(2)
@@ -144,14 +126,7 @@ def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, mni
     run_dir = tmp_path / "run"
     workers = _start_workers(run_dir, mnist_dir, scratch)
     metadata = run_dir / "backup" / "training_metadata.json"
-    deadline = time.monotonic() + 240
-    backed_up_epochs = 0
-    while time.monotonic() < deadline and backed_up_epochs < 1:
-        assert all(worker.poll() is None for worker in workers), "a worker finished before the kill"
-        try:
-            backed_up_epochs = json.loads(metadata.read_text())["epoch"]
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.05)
+    backed_up_epochs = wait_for_backed_up_epoch(metadata, workers)
     for worker in workers:
         worker.send_signal(signal.SIGKILL)
         worker.communicate()

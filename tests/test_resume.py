@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from lenet_tf.errors import UsageError
 from lenet_tf.io_utils import ensure_writable_dir
 from lenet_tf.train import CHECKPOINT_FILE, train_and_evaluate
 
-from conftest import REPO_ROOT, read_scalars
+from conftest import REPO_ROOT, read_scalars, wait_for_backed_up_epoch
 
 
 @pytest.mark.slow
@@ -28,17 +27,7 @@ def test_killed_run_resumes_from_its_backup_and_finishes(tmp_path, mnist_dir):
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     first = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metadata = run_dir / "backup" / "training_metadata.json"
-    deadline = time.monotonic() + 240
-    backed_up_epochs = 0
-    while time.monotonic() < deadline:
-        assert first.poll() is None, "the run finished before it could be killed"
-        try:
-            backed_up_epochs = json.loads(metadata.read_text())["epoch"]
-        except (OSError, ValueError, KeyError):
-            backed_up_epochs = 0
-        if backed_up_epochs >= 1:
-            break
-        time.sleep(0.05)
+    backed_up_epochs = wait_for_backed_up_epoch(metadata, [first])
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert backed_up_epochs >= 1
