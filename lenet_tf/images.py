@@ -90,8 +90,9 @@ def frame(grey: np.ndarray, longest_side: int) -> np.ndarray:
     canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     if peak <= 0:
         return canvas  # A blank picture stays blank.
-    rows = np.flatnonzero((grey > OBJECT_THRESHOLD * peak).any(axis=1))
-    columns = np.flatnonzero((grey > OBJECT_THRESHOLD * peak).any(axis=0))
+    is_object = grey > OBJECT_THRESHOLD * peak
+    rows = np.flatnonzero(is_object.any(axis=1))
+    columns = np.flatnonzero(is_object.any(axis=0))
     cropped = grey[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
     height, width = cropped.shape
     scale = longest_side / max(height, width)
