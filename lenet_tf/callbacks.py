@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 
 from lenet_tf.errors import UsageError
-from lenet_tf.io_utils import write_json_atomic
+from lenet_tf.io_utils import reporting_full_disk, write_json_atomic
 
 
 class ThroughputCallback(keras.callbacks.Callback):
@@ -64,8 +64,7 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        profiling = bool(self._start_batch or self._stop_batch)
-        self.async_safe = self.update_freq == "epoch" and not profiling
+        self.async_safe = self.update_freq == "epoch" and not kwargs.get("profile_batch")
 
 
 def _finite_loss(logs) -> bool:
@@ -85,86 +84,101 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that never backs up a diverged (NaN/Inf) epoch.
+class Backup:
+    """A run's backup: the weights with the optimizer's state, and how many epochs they have seen.
 
-    Saving is per epoch, so its batch hook does nothing: async-safe. Under
-    multi-worker training every worker checks, before the first step, that
-    all of them resume from the same epoch.
+    Keras's BackupAndRestore writes its weights and its epoch record in place,
+    one after the other, so a kill or a full disk mid-write leaves a pair that
+    does not load. Here every epoch's weights go to a new file, and a small
+    record that names that file is then renamed into place: at every instant
+    the record names complete weights of the epoch it states.
     """
 
-    async_safe = True
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.record_path = self.directory / "training_metadata.json"
 
-    def on_train_begin(self, logs=None):
-        damage = self._restore()
-        # Other workers wait for this one here, so it takes part even when damaged.
-        check_workers_resume_together(self.model, self.backup_dir, damaged=damage is not None)
-        if damage:
-            raise damage
+    def epochs_done(self) -> int:
+        """Epochs the backup holds (0 without a backup); raises UsageError if it is damaged."""
+        record = self._record()
+        return int(record["epoch"]) if record else 0
 
-    def _restore(self) -> UsageError | None:
-        """Restores the latest backup, if any; returns the error to raise if it is damaged."""
+    def _record(self) -> dict | None:
+        if not self.record_path.exists():
+            return None
         try:
-            super().on_train_begin()
-        except (OSError, ValueError, KeyError) as error:
-            # Keras writes the epoch metadata in place, so a kill mid-write can
-            # leave it unreadable (its own fallback only covers the weights).
-            # Fall back to the previous backup pair, which double_checkpoint keeps.
-            if not (os.path.exists(self._prev_weights_path) and os.path.exists(self._prev_training_metadata_path)):
-                return _damaged_backup_error(self.backup_dir, error)
-            shutil.copyfile(self._prev_weights_path, self._weights_path)
-            shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
-            self._load_model()
-        return None
+            record = json.loads(self.record_path.read_text())
+            int(record["epoch"]), str(record["weights"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise self._damaged(error) from None
+        return record
+
+    def restore(self, model: keras.Model) -> int:
+        """Loads the backed-up weights and optimizer state into `model`; returns the epochs done.
+
+        Call inside the strategy's scope: the optimizer's variables are
+        created here if training has not created them yet.
+        """
+        record = self._record()
+        if not record:
+            return 0
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        try:
+            model.load_weights(self.directory / record["weights"])
+        except Exception as error:  # h5py and Keras raise many types for a damaged file.
+            raise self._damaged(error) from None
+        return int(record["epoch"])
+
+    def save(self, model: keras.Model, epochs_done: int) -> None:
+        weights_name = f"epoch-{epochs_done}.{os.getpid()}.weights.h5"
+        weights_path = self.directory / weights_name
+        with reporting_full_disk(weights_path):
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                model.save_weights(weights_path)
+            except BaseException:
+                weights_path.unlink(missing_ok=True)
+                raise
+        with reporting_full_disk(self.record_path):
+            write_json_atomic(self.record_path, {"epoch": epochs_done, "weights": weights_name})
+        for stale in self.directory.glob("*.weights.h5"):
+            if stale.name != weights_name:
+                stale.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _damaged(self, error: Exception) -> UsageError:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return UsageError(f"the backup in {self.directory} is damaged ({reason}); "
+                          "delete that folder to start the run over")
+
+
+class BackupCallback(keras.callbacks.Callback):
+    """Backs the run up after every epoch whose loss is finite."""
+
+    def __init__(self, backup: Backup):
+        super().__init__()
+        self.backup = backup
 
     def on_epoch_end(self, epoch, logs=None):
         if _finite_loss(logs):
-            super().on_epoch_end(epoch, logs)
+            self.backup.save(self.model, epoch + 1)
 
 
-class ChiefBackupReader(GuardedBackupAndRestore):
-    """A non-chief worker's backup callback: restores from the chief's backup, writes nothing.
-
-    The weights are the same on every worker, so one backup (the chief's, on a
-    folder all workers can read, as TensorFlow's multi-worker guide asks)
-    serves them all. Workers that kept backups of their own could come back
-    at different epochs after a kill, and their collectives would then fail
-    mid-step. Reading never repairs: a damaged latest pair is skipped for the
-    previous one, which is what the chief restores from in that case.
-    """
-
-    def _restore(self) -> UsageError | None:
-        try:
-            self._load_model()
-        except (OSError, ValueError, KeyError) as error:
-            self._weights_path = self._prev_weights_path
-            self._training_metadata_path = self._prev_training_metadata_path
-            try:
-                self._load_model()
-            except (OSError, ValueError, KeyError):
-                return _damaged_backup_error(self.backup_dir, error)
-        return None
-
-    def on_epoch_end(self, epoch, logs=None):
-        pass
-
-    def on_train_end(self, logs=None):
-        pass  # The chief deletes its backup once the run is complete.
-
-
-def check_workers_resume_together(model: keras.Model, backup_dir: str, damaged: bool = False) -> None:
+def check_workers_resume_together(strategy, epochs_done: int, backup_dir: Path) -> None:
     """Under a multi-worker strategy, stops every worker with one clear line
     unless all of them start from the same epoch (a no-op otherwise).
 
-    A worker whose backup is damaged takes part as epoch -1, so the others
-    stop too instead of waiting for it in their first collective op.
+    A worker whose backup is damaged takes part with epochs_done = -1, so the
+    others stop too instead of waiting for it in their first collective op.
     """
     import tensorflow as tf
 
-    strategy = model.distribute_strategy
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return
-    epoch = -1.0 if damaged else float(getattr(model, "_initial_epoch", None) or 0)
+    epoch = float(epochs_done)
 
     @tf.function
     def sums():
@@ -173,15 +187,11 @@ def check_workers_resume_together(model: keras.Model, backup_dir: str, damaged: 
         return strategy.reduce("SUM", strategy.run(lambda: tf.identity(local)), axis=None)
 
     total, squares_total, replicas = (float(value) for value in sums().numpy())
-    if replicas * squares_total != total * total and not damaged:
+    if replicas * squares_total != total * total and epochs_done >= 0:
         raise UsageError(
-            f"the workers disagree on where to resume (this one would start at epoch {int(epoch) + 1}); the "
+            f"the workers disagree on where to resume (this one would start at epoch {epochs_done + 1}); the "
             f"chief's backup in {backup_dir} must be readable by every worker, or delete it to start the run over"
         )
-
-
-def _damaged_backup_error(backup_dir: str, error: Exception) -> UsageError:
-    return UsageError(f"the backup in {backup_dir} is damaged ({error}); delete that folder to start the run over")
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -199,13 +209,14 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not _finite_loss(logs):
             return  # Keep the last good checkpoint.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.keras")
-        try:
-            self.model.save(temporary)
-            os.replace(temporary, self.path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        with reporting_full_disk(self.path):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.model.save(temporary)
+                os.replace(temporary, self.path)
+            finally:
+                temporary.unlink(missing_ok=True)
 
 
 class EpochHistory(keras.callbacks.Callback):
@@ -236,7 +247,8 @@ class EpochHistory(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs[epoch] = {key: float(value) for key, value in (logs or {}).items()}
-        write_json_atomic(self.path, {str(key): value for key, value in sorted(self.epochs.items())})
+        with reporting_full_disk(self.path):
+            write_json_atomic(self.path, {str(key): value for key, value in sorted(self.epochs.items())})
 
     def as_history(self) -> dict[str, list[float]]:
         """Keras History layout: metric -> one value per epoch, in order."""

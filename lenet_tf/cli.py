@@ -12,12 +12,13 @@ import sys
 from typing import Sequence
 
 from lenet_tf.config import (
-    ACTIVATIONS, AUGMENTATIONS, DATASETS, EXPORT_FORMATS, POOLINGS, PRESETS, SCHEDULES, STRATEGIES, TrainConfig,
-    preset,
+    ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, POOLINGS, PRESETS, SCHEDULES, STRATEGIES, TrainConfig, preset,
 )
-from lenet_tf.errors import ParityError, UsageError
+from lenet_tf.errors import ParityError, StoppedError, UsageError
 from lenet_tf.images import INVERT_CHOICES
+from lenet_tf.io_utils import process_start_time
 from lenet_tf.quiet import import_tensorflow_quietly
+from lenet_tf.registry import dataset_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +42,7 @@ def _str_list(text: str) -> tuple[str, ...]:
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default=defaults.dataset, help="which dataset (default: %(default)s)")
+    data.add_argument("--dataset", choices=dataset_names(), default=defaults.dataset, help="which dataset (default: %(default)s)")
     data.add_argument(
         "--data-dir",
         default=None,
@@ -127,19 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a model")
     evaluate.add_argument("--model", required=True, help="a .keras checkpoint, a SavedModel folder (or its parent with versions), a .tflite or an .onnx file")
-    evaluate.add_argument("--dataset", choices=DATASETS, help="test split to use (default: the model's, from its model card)")
+    evaluate.add_argument("--dataset", choices=dataset_names(), help="test split to use (default: the model's, from its model card)")
     evaluate.add_argument("--data-dir", help="folder with the IDX files (default: searched as for training)")
     evaluate.add_argument("--limit-test", type=int, help="evaluate on the first N test images only")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    evaluate.add_argument("--no-verify", dest="verify", action="store_false",
+                          help="load the model even if its files differ from the SHA-256s in its model card")
 
     predict = commands.add_parser("predict", help="classify image files (PNG, JPEG, ...)")
     predict.add_argument("--model", required=True, help="a .keras checkpoint, a SavedModel folder, a .tflite or an .onnx file")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size, colour or grey")
-    predict.add_argument("--dataset", choices=DATASETS, help="class names to use (default: the model's)")
+    predict.add_argument("--dataset", choices=dataset_names(), help="class names to use (default: the model's)")
     predict.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
                          help="invert dark-on-light pictures: auto decides from the border (default: %(default)s)")
     predict.add_argument("--top", type=int, default=3, help="how many classes to show (default: %(default)s)")
     predict.add_argument("--json", action="store_true", help="JSON Lines on stdout, one object per file")
+    predict.add_argument("--no-verify", dest="verify", action="store_false",
+                         help="load the model even if its files differ from the SHA-256s in its model card")
 
     board = commands.add_parser("tensorboard", help="serve a run (or a folder of runs) in TensorBoard")
     board.add_argument("--run-dir", default="runs", help="a run directory or a folder of them (default: %(default)s)")
@@ -154,7 +159,8 @@ def _train(args) -> int:
         return _summary_for(config)
     from lenet_tf.train import train_and_evaluate
 
-    train_and_evaluate(config)
+    # The wait a user sees starts with the process: TensorFlow's import counts.
+    train_and_evaluate(config, started=process_start_time())
     return 0
 
 
@@ -194,7 +200,7 @@ def _evaluate(args) -> int:
     if args.limit_test is not None and args.limit_test <= 0:
         raise UsageError(f"--limit-test must be a positive integer (got {args.limit_test})")
     dataset = _model_dataset(args)
-    predictor = load_predictor(args.model)
+    predictor = load_predictor(args.model, verify=args.verify)
     data = load_datasets(dataset, args.data_dir).limited(None, args.limit_test)
     result = evaluate_predictor(predictor, data.test_images, data.test_labels, dataset)
     print(json.dumps(result) if args.json else format_evaluation(result))
@@ -207,7 +213,7 @@ def _predict(args) -> int:
     from lenet_tf.evaluate import predict_files
     from lenet_tf.inference import load_predictor
 
-    predictor = load_predictor(args.model)
+    predictor = load_predictor(args.model, verify=args.verify)
     results = predict_files(predictor, args.images, _model_dataset(args), args.invert, args.top)
     for result in results:
         if "error" in result:
@@ -228,9 +234,17 @@ def _tensorboard(args) -> int:
 
     if not Path(args.run_dir).is_dir():
         raise UsageError(f"--run-dir {args.run_dir} is not a folder; train first or pass a run directory")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0..65535 (got {args.port})")
     board = program.TensorBoard()
     board.configure(argv=[None, "--logdir", args.run_dir, "--host", args.host, "--port", str(args.port)])
-    url = board.launch()
+    try:
+        url = board.launch()
+    except program.TensorBoardPortInUseError:
+        raise UsageError(f"port {args.port} on {args.host} is already in use; pass --port 0 to pick a free "
+                         "port, or choose another --port") from None
+    except program.TensorBoardServerException as error:
+        raise UsageError(f"TensorBoard cannot serve on {args.host}:{args.port}: {error.msg}") from None
     print(f"TensorBoard serving {args.run_dir} at {url} (Ctrl-C to stop)", flush=True)
     try:
         import threading
@@ -253,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import_tensorflow_quietly()
     try:
         return HANDLERS[args.command](args)
-    except (UsageError, ParityError) as error:
+    except (UsageError, ParityError, StoppedError) as error:
         print(f"lenet-tf {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from lenet_tf.errors import UsageError
+from lenet_tf.registry import dataset_info, dataset_names
 
-DATASETS = ("fashion_mnist", "mnist")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 ACTIVATIONS = ("sigmoid", "relu")
 POOLINGS = ("avg", "max")
 EXPORT_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx")
 PRESETS = ("classic", "modern")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "linear")
 AUGMENTATIONS = ("none", "shift", "shift_flip")
 
 
@@ -67,7 +67,8 @@ class TrainConfig:
     # Decoupled weight decay (Keras SGD's weight_decay); 0 disables it.
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
-    # Learning-rate schedule over the whole run, after `warmup_epochs` of linear warm-up.
+    # Learning-rate schedule over the whole run, after `warmup_epochs` of linear
+    # warm-up from 0: constant, cosine decay to 0, or linear decay to 0.
     lr_schedule: str = "constant"
     warmup_epochs: float = 0.0
     # Training-time augmentation in the input pipeline (the model is unchanged):
@@ -110,7 +111,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raises UsageError naming the first bad field; returns self."""
-        _choice("dataset", self.dataset, DATASETS)
+        _choice("dataset", self.dataset, dataset_names())
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("pooling", self.pooling, POOLINGS)
@@ -123,8 +124,9 @@ class TrainConfig:
             raise UsageError(f"--learning-rate must be a positive number (got {self.learning_rate})")
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("augment", self.augment, AUGMENTATIONS)
-        if self.augment == "shift_flip" and self.dataset == "mnist":
-            raise UsageError("--augment shift_flip mirrors images, which turns digits into other shapes; use shift for mnist")
+        if self.augment == "shift_flip" and not dataset_info(self.dataset).flip_keeps_class:
+            raise UsageError(f"--augment shift_flip mirrors images, which changes the class of {self.dataset} "
+                             "images (a mirrored digit is another shape); use shift")
         for name in ("momentum", "label_smoothing", "validation_split"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(self, name)})")
@@ -221,7 +223,7 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
         lr_schedule="cosine",
         warmup_epochs=1.0,
         # Mirrored clothes are still clothes; mirrored digits are not digits.
-        augment="shift" if dataset == "mnist" else "shift_flip",
+        augment="shift_flip" if dataset_info(dataset).flip_keeps_class else "shift",
         batch_size=128,
         epochs=30,
     )

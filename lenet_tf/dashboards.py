@@ -132,13 +132,14 @@ def activation_figure(inputs: np.ndarray, maps: np.ndarray, row_labels: Sequence
     return figure
 
 
-def curves_figure(history: dict[str, list[float]]):
-    """The book's training plot: train loss, train acc, test acc against epoch."""
+def curves_figure(history: dict[str, list[float]], validation_label: str = "test acc"):
+    """The book's training plot: train loss, train acc and the validation accuracy
+    (on the test split, as in the book, or on a held-out validation split) against epoch."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(5, 3.5))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for key, label, style in (("loss", "train loss", "-"), ("accuracy", "train acc", "--"),
-                              ("val_accuracy", "test acc", "-.")):
+                              ("val_accuracy", validation_label, "-.")):
         if key in history:
             axes.plot(epochs, history[key], style, label=label)
     axes.set_xlabel("epoch")
@@ -150,8 +151,8 @@ def curves_figure(history: dict[str, list[float]]):
     return figure
 
 
-def write_curves_png(history: dict[str, list[float]], path: Path) -> None:
-    figure = curves_figure(history)
+def write_curves_png(history: dict[str, list[float]], path: Path, validation_label: str = "test acc") -> None:
+    figure = curves_figure(history, validation_label)
     figure.savefig(path, dpi=100)
     _pyplot().close(figure)
 

@@ -1,10 +1,13 @@
 """Finding, reading and streaming the data: IDX files, tfds, and a tf.data pipeline.
 
-Where data comes from, first match wins:
-  1. an explicit `data_dir` (the `--data-dir` flag);
-  2. the environment variable LENET_TF_DATA_DIR;
-  3. the Debian package location (`apt-get install dataset-fashion-mnist`);
-  4. the Keras cache, ~/.keras/datasets/<name>/ (where keras.datasets puts them);
+Where data comes from, first match wins (the facts about each dataset,
+folder names included, live in lenet_tf.registry):
+  1. an explicit `data_dir` (the `--data-dir` flag): the four IDX files;
+  2. the environment variable LENET_TF_DATA_DIR: a data root holding one
+     folder per dataset (`mnist/`, `fashion-mnist/`), or the four files themselves;
+  3. the system folder a package manager fills (`apt-get install dataset-fashion-mnist`);
+  4. the Keras cache: ~/.keras/datasets/<folder>/ with the four files, or the
+     single .npz that `keras.datasets.mnist.load_data()` downloads;
   5. tensorflow_datasets, which downloads when the machine is online.
 """
 
@@ -19,29 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from lenet_tf.errors import UsageError
-
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
-
-CLASS_NAMES: dict[str, tuple[str, ...]] = {
-    "fashion_mnist": (
-        "t-shirt", "trouser", "pullover", "dress", "coat",
-        "sandal", "shirt", "sneaker", "bag", "ankle boot",
-    ),
-    "mnist": tuple(str(digit) for digit in range(10)),
-}
-
-# The four standard file stems; each may be stored as .gz or uncompressed.
-IDX_STEMS = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
+from lenet_tf.registry import IDX_STEMS, IMAGE_SIZE, NUM_CLASSES, DatasetInfo, dataset_info
 
 DATA_DIR_ENV = "LENET_TF_DATA_DIR"
-DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
-KERAS_CACHE_NAMES = {"fashion_mnist": "fashion-mnist", "mnist": "mnist"}
 
 # IDX magic numbers: two zero bytes, a type code (0x08 = unsigned byte), and
 # the number of dimensions.
@@ -136,101 +119,139 @@ def load_idx_dir(directory: str | os.PathLike) -> Datasets:
                 f"({', '.join(IDX_STEMS.values())})"
             )
         arrays[key] = read_idx(path)
-    for split in ("train", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    return _checked_datasets(arrays["train_images"], arrays["train_labels"], arrays["test_images"],
+                             arrays["test_labels"], str(directory))
+
+
+def _checked_datasets(train_images, train_labels, test_images, test_labels, source: str) -> Datasets:
+    """Checks that images are (N, 28, 28[, 1]), labels (N,) in 0..9, and that the counts agree."""
+    arrays = {"train": (np.asarray(train_images), np.asarray(train_labels)),
+              "test": (np.asarray(test_images), np.asarray(test_labels))}
+    checked = []
+    for split, (images, labels) in arrays.items():
+        if images.ndim == 4 and images.shape[-1] == 1:
+            images = images[..., 0]
         if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise UsageError(
-                f"{split} images in {directory} have shape {images.shape}, expected (N, 28, 28)"
-            )
+            raise UsageError(f"{split} images in {source} have shape {images.shape}, expected (N, 28, 28)")
         if labels.ndim != 1:
-            raise UsageError(f"{split} labels in {directory} have shape {labels.shape}, expected (N,)")
+            raise UsageError(f"{split} labels in {source} have shape {labels.shape}, expected (N,)")
         if len(images) != len(labels):
             raise UsageError(
-                f"{directory}: {len(images)} {split} images but {len(labels)} labels; "
-                "the files come from different sets"
+                f"{source}: {len(images)} {split} images but {len(labels)} labels; the files come from different sets"
             )
-        if len(labels) and labels.max() >= NUM_CLASSES:
-            raise UsageError(f"{split} labels in {directory} go up to {labels.max()}, expected 0..9")
-    return Datasets(
-        arrays["train_images"][..., np.newaxis],
-        arrays["train_labels"].astype(np.int32),
-        arrays["test_images"][..., np.newaxis],
-        arrays["test_labels"].astype(np.int32),
-        source=str(directory),
-    )
+        if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+            raise UsageError(f"{split} labels in {source} go up to {labels.max()}, expected 0..{NUM_CLASSES - 1}")
+        checked += [images.astype(np.uint8, copy=False)[..., np.newaxis], labels.astype(np.int32)]
+    return Datasets(*checked, source=source)
 
 
-def candidate_dirs(dataset: str, data_dir: str | None = None) -> list[tuple[str, Path]]:
-    """The local folders searched, in order, each with a label for messages."""
+def candidate_sources(info: DatasetInfo, data_dir: str | None = None) -> list[tuple[str, Path]]:
+    """The local places searched, in order, each with a label for messages.
+
+    A place is a folder of IDX files or, for the Keras cache, a .npz file.
+    """
     candidates = []
     if data_dir:
         candidates.append(("--data-dir", Path(data_dir).expanduser()))
     if os.environ.get(DATA_DIR_ENV):
-        candidates.append((DATA_DIR_ENV, Path(os.environ[DATA_DIR_ENV]).expanduser()))
-    if dataset in DEBIAN_DIRS:
-        candidates.append(("Debian package", DEBIAN_DIRS[dataset]))
-    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    candidates.append(("Keras cache", keras_home / "datasets" / KERAS_CACHE_NAMES[dataset]))
+        root = Path(os.environ[DATA_DIR_ENV]).expanduser()
+        candidates.append((DATA_DIR_ENV, root / info.folder_name))
+        candidates.append((DATA_DIR_ENV, root))
+    if info.system_dir is not None:
+        candidates.append(("system package", info.system_dir))
+    keras_datasets = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+    candidates.append(("Keras cache", keras_datasets / info.folder_name))
+    if info.keras_npz_name:
+        candidates.append(("Keras cache", keras_datasets / info.keras_npz_name))
     return candidates
+
+
+def find_local_data(dataset: str, data_dir: str | None = None) -> Path | None:
+    """The first local folder (or Keras .npz) holding `dataset`, without downloading; None if none does."""
+    for _, path in candidate_sources(dataset_info(dataset), data_dir):
+        if _holds_data(path):
+            return path
+    return None
+
+
+def _holds_data(path: Path) -> bool:
+    try:
+        if path.suffix == ".npz":
+            return path.is_file()
+        return path.is_dir() and _has_idx_files(path)
+    except OSError:
+        return False  # A default location we may not enter is simply not used.
+
+
+def load_local(path: Path) -> Datasets:
+    """Reads a folder of IDX files or a Keras .npz."""
+    return load_keras_npz(path) if path.suffix == ".npz" else load_idx_dir(path)
+
+
+def load_keras_npz(path: Path) -> Datasets:
+    """Reads the .npz that keras.datasets downloads (x_train, y_train, x_test, y_test)."""
+    try:
+        with np.load(path) as arrays:
+            splits = [arrays[key] for key in ("x_train", "y_train", "x_test", "y_test")]
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"cannot read {path}: {error}; delete it so Keras downloads it again") from None
+    train_images, train_labels, test_images, test_labels = splits
+    return _checked_datasets(train_images, train_labels, test_images, test_labels, str(path))
 
 
 def load_datasets(dataset: str, data_dir: str | None = None, allow_download: bool = True) -> Datasets:
     """Loads both splits of `dataset` from the first place that has them."""
-    if dataset not in CLASS_NAMES:
-        raise UsageError(f"--dataset must be one of {', '.join(CLASS_NAMES)} (got {dataset!r})")
-    candidates = candidate_dirs(dataset, data_dir)
-    explicit = [path for label, path in candidates if label in ("--data-dir", DATA_DIR_ENV)]
-    for path in explicit:
+    info = dataset_info(dataset)
+    if data_dir:
         # A folder the user named must work: falling through to another source
         # would silently train on data they did not ask for.
-        try:
-            is_folder = path.is_dir()
-        except OSError as error:  # E.g. a parent folder the user may not enter.
-            raise UsageError(f"cannot access data folder {path}: {error.strerror}; fix its permissions") from None
-        if not is_folder:
-            raise UsageError(f"data folder {path} does not exist or is not a folder")
-        effective = os.access in os.supports_effective_ids  # Honour setuid/seteuid callers.
-        if not os.access(path, os.R_OK | os.X_OK, effective_ids=effective):
-            raise UsageError(f"data folder {path} is not readable; fix its permissions")
-        return load_idx_dir(path)
-    for _, path in candidates:
-        try:
-            found = path.is_dir() and _has_idx_files(path)
-        except OSError:
-            found = False  # A default location we may not enter is simply not used.
-        if found:
-            return load_idx_dir(path)
+        return load_idx_dir(_checked_folder(Path(data_dir).expanduser()))
+    root = os.environ.get(DATA_DIR_ENV)
+    if root:
+        _checked_folder(Path(root).expanduser())
+    found = find_local_data(dataset)
+    if found is not None:
+        return load_local(found)
+    tfds_error = None
     if allow_download:
-        tfds_error = None
         try:
-            return load_with_tfds(dataset)
+            return load_with_tfds(info)
         except UsageError:
             raise
         except Exception as error:  # tfds raises many types when offline.
             tfds_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    searched = ", ".join(f"{label} {path}" for label, path in candidates)
-    install_hint = (
-        "run `apt-get install dataset-fashion-mnist`, " if dataset == "fashion_mnist" else ""
-    )
+    searched = ", ".join(f"{label} {path}" for label, path in candidate_sources(info))
+    install_hint = f"{info.install_hint}, " if info.install_hint else ""
     raise UsageError(
         f"no {dataset} data found (searched {searched}"
         + (f"; tensorflow_datasets download failed: {tfds_error}" if allow_download else "")
-        + f"); {install_hint}pass --data-dir DIR with the four IDX files, set {DATA_DIR_ENV}, "
-        "or connect to the internet so tensorflow_datasets can download it"
+        + f"); {install_hint}pass --data-dir DIR with the four IDX files, set {DATA_DIR_ENV} to a folder "
+        f"holding {info.folder_name}/, or connect to the internet so tensorflow_datasets can download it"
     )
 
 
-def load_with_tfds(dataset: str, data_dir: str | None = None) -> Datasets:
+def _checked_folder(path: Path) -> Path:
+    try:
+        is_folder = path.is_dir()
+    except OSError as error:  # E.g. a parent folder the user may not enter.
+        raise UsageError(f"cannot access data folder {path}: {error.strerror}; fix its permissions") from None
+    if not is_folder:
+        raise UsageError(f"data folder {path} does not exist or is not a folder")
+    effective = os.access in os.supports_effective_ids  # Honour setuid/seteuid callers.
+    if not os.access(path, os.R_OK | os.X_OK, effective_ids=effective):
+        raise UsageError(f"data folder {path} is not readable; fix its permissions")
+    return path
+
+
+def load_with_tfds(info: DatasetInfo) -> Datasets:
     """Loads both splits through tensorflow_datasets (downloads when online)."""
     import tensorflow_datasets as tfds
 
     splits = {}
     for split in ("train", "test"):
-        images, labels = tfds.as_numpy(
-            tfds.load(dataset, split=split, batch_size=-1, as_supervised=True, data_dir=data_dir)
-        )
-        splits[split] = (images.astype(np.uint8), labels.astype(np.int32))
-    return Datasets(*splits["train"], *splits["test"], source="tensorflow_datasets")
+        images, labels = tfds.as_numpy(tfds.load(info.tfds_name, split=split, batch_size=-1, as_supervised=True))
+        splits[split] = (images, labels)
+    return _checked_datasets(*splits["train"], *splits["test"], source="tensorflow_datasets")
 
 
 def make_dataset(

@@ -121,33 +121,3 @@ def make_placement(config: TrainConfig) -> Placement:
         strategy = tf.distribute.MirroredStrategy(targets)
         devices = tuple(targets)
     return Placement(strategy, name, devices)
-
-
-def adapt_model_for_multi_worker(model, strategy: tf.distribute.Strategy, sample_batch) -> None:
-    """Works around Keras 3's model.fit under MultiWorkerMirroredStrategy.
-
-    Keras 3.15's TensorFlow trainer (keras-team/keras#20585) fails there in
-    two places: its symbolic build averages a distributed input batch across
-    workers, and its train/test steps average scalar metrics across workers
-    with `reduce(MEAN, axis=0)`, which rejects scalars. So, on this model
-    instance only (nothing is saved with it):
-      - the symbolic build uses a local batch of the same shape;
-      - each step returns its metrics with shape [1]; the cross-worker mean
-        over axis 0 is then the global mean, as Keras intends, and Keras's log
-        handling turns the one-element arrays back into floats.
-    Gradients are untouched: they are all-reduced by the strategy as usual.
-    """
-
-    def symbolic_build(iterator=None, data_batch=None):
-        with strategy.scope():
-            model._symbolic_build(data_batch=sample_batch)
-
-    def with_vector_metrics(step):
-        def wrapped(data):
-            return {name: tf.reshape(value, [1]) for name, value in step(data).items()}
-
-        return wrapped
-
-    model._maybe_symbolic_build = symbolic_build
-    model.train_step = with_vector_metrics(model.train_step)
-    model.test_step = with_vector_metrics(model.test_step)

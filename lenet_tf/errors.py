@@ -19,3 +19,13 @@ class ParityError(RuntimeError):
     """
 
     exit_code = 1
+
+
+class StoppedError(RuntimeError):
+    """The run stopped for a reason outside the program (a full disk, a lost
+    worker); running the same command again resumes it.
+
+    Reported as one line, with exit code 1.
+    """
+
+    exit_code = 1

@@ -7,10 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from lenet_tf.data import CLASS_NAMES, NUM_CLASSES
 from lenet_tf.errors import UsageError
 from lenet_tf.images import load_image
-from lenet_tf.inference import Predictor
+from lenet_tf.config import TrainConfig
+from lenet_tf.inference import Predictor, find_model_card
+from lenet_tf.registry import NUM_CLASSES, dataset_info
+from lenet_tf.run_dir import RunDir
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -29,7 +31,8 @@ def evaluate_predictor(predictor: Predictor, images: np.ndarray, labels: np.ndar
     chosen = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
     confusion = confusion_matrix(labels, predicted)
     per_class = {}
-    for class_id, name in enumerate(CLASS_NAMES[dataset]):
+    class_names = dataset_info(dataset).class_names
+    for class_id, name in enumerate(class_names):
         total = confusion[class_id].sum()
         per_class[name] = float(confusion[class_id, class_id] / total) if total else None
     return {
@@ -41,7 +44,7 @@ def evaluate_predictor(predictor: Predictor, images: np.ndarray, labels: np.ndar
         "loss": float(-np.log(chosen).mean()),
         "per_class_accuracy": per_class,
         "confusion_matrix": confusion.tolist(),
-        "class_names": list(CLASS_NAMES[dataset]),
+        "class_names": list(class_names),
     }
 
 
@@ -67,7 +70,7 @@ def predict_files(
     """One result per file: a prediction, or {"file", "error"} for a file that failed."""
     if not 1 <= top <= NUM_CLASSES:
         raise UsageError(f"--top must be between 1 and {NUM_CLASSES} (got {top})")
-    names = CLASS_NAMES[dataset]
+    names = dataset_info(dataset).class_names
     results: list[dict[str, Any]] = []
     loaded: list[tuple[int, np.ndarray]] = []
     for path in paths:
@@ -91,12 +94,11 @@ def predict_files(
 
 def dataset_of_model(path: str | Path) -> str | None:
     """The dataset a model was trained on, from its model card or run config, if known."""
-    import json
-
-    path = Path(path)
-    for candidate in (path / "metadata.json", path.parent / "metadata.json", path.parent.parent / "config.json"):
-        try:
-            return json.loads(candidate.read_text()).get("dataset")
-        except (OSError, ValueError, AttributeError):
-            continue
-    return None
+    found = find_model_card(path)
+    if found is not None:
+        return found[0].get("dataset")
+    run_dir = RunDir(Path(path).parent.parent)  # A checkpoint inside a run: <run>/checkpoints/last.keras.
+    try:
+        return TrainConfig.read(run_dir.config).dataset
+    except UsageError:
+        return None

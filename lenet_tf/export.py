@@ -14,14 +14,11 @@ previous versions untouched and no partial version that TF Serving would load.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -33,14 +30,17 @@ import numpy as np
 import tensorflow as tf
 
 from lenet_tf.config import TrainConfig
-from lenet_tf.data import CLASS_NAMES, Datasets
-from lenet_tf.errors import ParityError, UsageError
-from lenet_tf.inference import INPUT_KEY, SIGNATURE_KEY
-from lenet_tf.io_utils import child_environment, current_umask, write_json_atomic
-from lenet_tf.quiet import native_stderr_silenced
+from lenet_tf.data import Datasets, load_datasets
+from lenet_tf.errors import ParityError, StoppedError, UsageError
+from lenet_tf.inference import INPUT_KEY, METADATA_FILE, SIGNATURE_KEY, sha256_of
+from lenet_tf.io_utils import (
+    child_environment, current_umask, is_full_disk_error, run_module_in_child, write_json_atomic,
+)
 from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, PIXEL_SCALE, predict_probabilities
+from lenet_tf.quiet import native_stderr_silenced
+from lenet_tf.registry import dataset_info
+from lenet_tf.run_dir import RunDir, holding, process_alive
 
-METADATA_FILE = "metadata.json"
 # Export format -> TFLite variant name used in the file name.
 TFLITE_VARIANTS = {
     "tflite": "float32",
@@ -141,26 +141,6 @@ def convert_tflite(saved_model_dir: Path, variant: str, calibration_images: np.n
         return converter.convert()
 
 
-def run_child(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Runs a helper process of the export that dies when the export dies.
-
-    A killed export must leave nothing running: an orphaned converter would
-    go on writing into the staging folder after the next export swept it
-    away. On Linux the child asks the kernel for SIGKILL when its parent
-    exits (PR_SET_PDEATHSIG); elsewhere it is an ordinary child.
-    """
-    return subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        set_parent_death_signal = 1  # PR_SET_PDEATHSIG in <linux/prctl.h>.
-        ctypes.CDLL(None, use_errno=True).prctl(set_parent_death_signal, signal.SIGKILL)
-
-
 def check_export_dependencies(export_formats: tuple[str, ...]) -> None:
     """Fails before training, not after it, when a format's packages are missing."""
     # onnxruntime is needed too: the parity check runs the converted model.
@@ -177,22 +157,15 @@ def convert_onnx(saved_model_dir: Path, output: Path) -> Path:
     child process, which also keeps its graph rewrites out of this one.
     """
     check_export_dependencies(("onnx",))
-    completed = run_child(
-        [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model_dir),
-         "--signature_def", SIGNATURE_KEY, "--opset", str(ONNX_OPSET), "--output", str(output)],
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    completed = run_module_in_child(
+        "tf2onnx.convert",
+        ["--saved-model", str(saved_model_dir), "--signature_def", SIGNATURE_KEY, "--opset", str(ONNX_OPSET),
+         "--output", str(output)],
+        env=child_environment(TF_CPP_MIN_LOG_LEVEL="3"),
     )
     if completed.returncode != 0 or not output.is_file():
         raise RuntimeError(f"tf2onnx failed:\n{completed.stderr[-3000:]}")
     return output
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_parity_in_subprocess(model_paths: dict[str, Path], images: np.ndarray) -> dict[str, np.ndarray]:
@@ -205,11 +178,9 @@ def run_parity_in_subprocess(model_paths: dict[str, Path], images: np.ndarray) -
         images_path = Path(scratch) / "images.npy"
         output_path = Path(scratch) / "probabilities.npz"
         np.save(images_path, images)
-        command = [
-            sys.executable, "-m", "lenet_tf.parity_worker", str(images_path), str(output_path),
-            *[f"{name}={path}" for name, path in model_paths.items()],
-        ]
-        completed = run_child(command, env=child_environment(TF_CPP_MIN_LOG_LEVEL="3"))
+        arguments = [str(images_path), str(output_path), *[f"{name}={path}" for name, path in model_paths.items()]]
+        completed = run_module_in_child("lenet_tf.parity_worker", arguments,
+                                        env=child_environment(TF_CPP_MIN_LOG_LEVEL="3"))
         if completed.returncode != 0:
             raise ParityError(f"reloading the exports in a fresh process failed:\n{completed.stderr[-4000:]}")
         with np.load(output_path) as outputs:
@@ -284,8 +255,11 @@ def export_model(
         if failures:
             raise ParityError("exported models disagree with the Keras model: " + "; ".join(failures))
         version_dir = _publish(staging, model_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, Exception) and is_full_disk_error(error):
+            raise StoppedError(f"no space left on the device to write the export under {model_dir}; no version "
+                               "was published; free some space and run the same command again") from None
         raise
     final_artifacts = {name: version_dir / path.relative_to(staging) for name, path in artifacts.items()}
     final_artifacts["metadata"] = version_dir / METADATA_FILE
@@ -320,20 +294,10 @@ def remove_stale_staging(model_dir: Path) -> list[Path]:
     removed = []
     for child in model_dir.glob(f"{STAGING_PREFIX}*"):
         pid_text = child.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # Alive, owned by someone else.
-    return True
 
 
 def _publish(staging: Path, model_dir: Path) -> Path:
@@ -363,7 +327,7 @@ def _model_card(config, metrics, artifacts, report, staging) -> dict[str, Any]:
     return {
         "model_name": model_name(config),
         "dataset": config.dataset,
-        "class_names": list(CLASS_NAMES[config.dataset]),
+        "class_names": list(dataset_info(config.dataset).class_names),
         "input": {
             "name": INPUT_KEY,
             "dtype": INPUT_DTYPE,
@@ -399,27 +363,30 @@ def _model_card(config, metrics, artifacts, report, staging) -> dict[str, Any]:
 
 def export_from_run_dir(run_dir: str | Path, export_formats: tuple[str, ...] | None = None,
                         export_dir: str | None = None) -> ExportResult:
-    """Exports the checkpoint of a finished or interrupted run, without retraining."""
-    from lenet_tf.data import load_datasets
-    from lenet_tf.train import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
+    """Exports the checkpoint of a finished or interrupted run, without retraining.
 
-    run_dir = Path(run_dir)
-    config_path, checkpoint = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
-    if not config_path.is_file() or not checkpoint.is_file():
+    Holds the run folder's lock, shared with other exports, while it reads the
+    checkpoint: a training writing that folder refuses to start meanwhile,
+    and an export refuses while a training runs there.
+    """
+    run_dir = RunDir(run_dir)
+    if not run_dir.has_checkpoint():
         raise UsageError(
-            f"{run_dir} is not a run directory with a checkpoint (needs {CONFIG_FILE} and {CHECKPOINT_FILE}); "
-            "train first or pass the --run-dir of a run that finished at least one epoch"
+            f"{run_dir} is not a run directory with a checkpoint (needs {run_dir.config.name} and "
+            f"{run_dir.checkpoint.relative_to(run_dir.root)}); train first or pass the --run-dir of a run "
+            "that finished at least one epoch"
         )
-    config = TrainConfig.read(config_path)
-    if export_formats:
-        config.export_formats = tuple(export_formats)
-    if export_dir:
-        config.export_dir = export_dir
-    config.validate()
-    try:
-        model = keras.models.load_model(checkpoint, compile=False)
-    except Exception as error:  # Keras raises many types for a damaged archive.
-        raise UsageError(f"cannot load the checkpoint {checkpoint}: {str(error).splitlines()[0]}") from None
+    with holding(run_dir, "export", exclusive=False):
+        config = TrainConfig.read(run_dir.config)
+        if export_formats:
+            config.export_formats = tuple(export_formats)
+        if export_dir:
+            config.export_dir = export_dir
+        config.validate()
+        try:
+            model = keras.models.load_model(run_dir.checkpoint, compile=False)
+        except Exception as error:  # Keras raises many types for a damaged archive.
+            raise UsageError(f"cannot load the checkpoint {run_dir.checkpoint}: {str(error).splitlines()[0]}") from None
+        metrics = json.loads(run_dir.metrics.read_text()) if run_dir.metrics.is_file() else {}
     datasets = load_datasets(config.dataset, config.data_dir).limited(config.limit_train, config.limit_test)
-    metrics = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).is_file() else {}
     return export_model(model, config, datasets, metrics)

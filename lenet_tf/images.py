@@ -1,16 +1,24 @@
-"""Turning arbitrary image files into 28x28 inputs that look like the training data.
+"""Turning arbitrary image files into 28x28 inputs framed the way the training data is.
 
-The datasets show one light object on a black background, cropped to the
-object and centred. For a file a user gives us:
+The datasets show one light object on a black background, framed by a fixed
+recipe that lenet_tf.registry records per dataset (Fashion-MNIST: longer
+side 28 pixels, centred; MNIST: longer side 20, centred by its centre of
+mass). For a file a user gives us:
 
   1. decode (PNG, JPEG, anything Pillow reads), apply its EXIF rotation;
   2. flatten transparency onto the background and convert to grey;
   3. invert when the picture is dark-on-light (`invert="auto"` decides from
-     the border, which is background in nearly every photo of one object);
-  4. crop to the bounding box of the object (pixels above 10% of the peak);
-  5. resize, keeping the aspect ratio, so the longer side is 28 pixels
-     (Fashion-MNIST's framing) or 20 (MNIST's, which pads digits by 4);
-  6. paste into the centre of a black 28x28 canvas.
+     the border, which is background in nearly every picture of one object),
+     and take the border's level as black;
+  4. a 28x28 picture already framed as the dataset frames it is used as it
+     is, pixel for pixel (a dataset image saved as a file gets the same
+     answer as the array it came from);
+  5. anything else is framed by the dataset's recipe: crop to the object
+     (pixels above 10 % of the peak), scale its longer side to the recipe's
+     size keeping the aspect ratio, and centre it on a black 28x28 canvas.
+
+The web page does the same steps in JavaScript with the constants that
+`framing_constants()` writes beside it.
 """
 
 from __future__ import annotations
@@ -19,15 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
-from lenet_tf.data import IMAGE_SIZE
 from lenet_tf.errors import UsageError
+from lenet_tf.registry import IMAGE_SIZE, Framing, dataset_info
 
 # Bigger than any sensible photo; a decompression bomb is refused before decoding.
 MAX_PIXELS = 50_000_000
 MAX_FILE_BYTES = 100 * 2**20
 INVERT_CHOICES = ("auto", "yes", "no")
+# A pixel belongs to the object above this fraction of the brightest pixel.
 OBJECT_THRESHOLD = 0.1
-FRAME_SIZE = {"fashion_mnist": 28, "mnist": 20}
+# A picture whose border is brighter than this (0..255) is dark-on-light.
+LIGHT_BORDER = 127
+# How far a 28x28 picture's object may sit from where the recipe puts it, and
+# how much shorter its longer side may be, and still count as already framed.
+FRAMED_CENTRE_TOLERANCE = 3.0
+FRAMED_SIZE_TOLERANCE = 3
 
 
 def load_image(path: str | Path, dataset: str = "fashion_mnist", invert: str = "auto") -> np.ndarray:
@@ -51,7 +65,7 @@ def load_image(path: str | Path, dataset: str = "fashion_mnist", invert: str = "
                 )
             image = ImageOps.exif_transpose(image)
             image.load()
-            grey = _to_grey(image, invert)
+            grey = to_grey(image, invert)
     except UsageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -59,10 +73,11 @@ def load_image(path: str | Path, dataset: str = "fashion_mnist", invert: str = "
         reason = ("not an image Pillow can read" if isinstance(error, UnidentifiedImageError)
                   else f"cannot decode the image ({error}); the file is truncated or corrupt")
         raise UsageError(f"{path}: {reason}") from None
-    return frame(grey, FRAME_SIZE.get(dataset, IMAGE_SIZE))[..., np.newaxis]
+    return prepare(grey, dataset_info(dataset).framing)[..., np.newaxis]
 
 
-def _to_grey(image, invert: str) -> np.ndarray:
+def to_grey(image, invert: str = "auto") -> np.ndarray:
+    """A Pillow image as float grey levels 0..255, light object on dark."""
     from PIL import Image
 
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -72,34 +87,99 @@ def _to_grey(image, invert: str) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if invert == "yes" else (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
     grey = np.asarray(image.convert("L"), dtype=np.float32)
-    if invert == "yes" or (invert == "auto" and _border_mean(grey) > 127):
+    if invert == "yes" or (invert == "auto" and border_level(grey) > LIGHT_BORDER):
         grey = 255.0 - grey
     return grey
 
 
-def _border_mean(grey: np.ndarray) -> float:
+def border_level(grey: np.ndarray) -> float:
+    """The median grey level of the outermost pixels: the background's."""
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    return float(border.mean())
+    return float(np.median(border))
 
 
-def frame(grey: np.ndarray, longest_side: int) -> np.ndarray:
-    """Crops to the object, scales its longer side to `longest_side`, centres it on 28x28."""
-    from PIL import Image
+def prepare(grey: np.ndarray, framing: Framing) -> np.ndarray:
+    """Grey levels (light on dark) -> the model's uint8 28x28 input."""
+    if grey.shape == (IMAGE_SIZE, IMAGE_SIZE) and is_framed(grey, framing):
+        return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    # Whatever the border shows (paper, a wall, JPEG noise) is black in the datasets.
+    return frame(np.clip(grey - border_level(grey), 0, 255), framing)
 
+
+def _object_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Top, bottom, left, right (inclusive) of the pixels above the threshold; None if blank."""
     peak = float(grey.max())
-    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     if peak <= 0:
-        return canvas  # A blank picture stays blank.
+        return None
     is_object = grey > OBJECT_THRESHOLD * peak
     rows = np.flatnonzero(is_object.any(axis=1))
     columns = np.flatnonzero(is_object.any(axis=0))
-    cropped = grey[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+    return rows[0], rows[-1], columns[0], columns[-1]
+
+
+def _centre(grey: np.ndarray, framing: Framing, box: tuple[int, int, int, int]) -> tuple[float, float]:
+    """The point the recipe puts at the canvas centre: centre of mass, or of the box (row, column)."""
+    if framing.centre == "mass":
+        total = float(grey.sum())
+        rows, columns = np.indices(grey.shape)
+        return float((rows * grey).sum() / total), float((columns * grey).sum() / total)
+    top, bottom, left, right = box
+    return (top + bottom) / 2, (left + right) / 2
+
+
+def is_framed(grey: np.ndarray, framing: Framing) -> bool:
+    """Whether a 28x28 picture already looks as the recipe would frame it: its
+    object's longer side about the recipe's size, its centre near the canvas centre."""
+    box = _object_box(grey)
+    if box is None:
+        return True  # Blank stays blank.
+    top, bottom, left, right = box
+    longest = max(bottom - top, right - left) + 1
+    if not framing.longest_side - FRAMED_SIZE_TOLERANCE <= longest <= framing.longest_side + 1:
+        return False
+    row, column = _centre(grey, framing, box)
+    middle = (IMAGE_SIZE - 1) / 2
+    return abs(row - middle) <= FRAMED_CENTRE_TOLERANCE and abs(column - middle) <= FRAMED_CENTRE_TOLERANCE
+
+
+def frame(grey: np.ndarray, framing: Framing) -> np.ndarray:
+    """Crops to the object, scales its longer side to the recipe's size keeping
+    the aspect ratio, and centres it on a black 28x28 canvas as the recipe says."""
+    from PIL import Image
+
+    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    box = _object_box(grey)
+    if box is None:
+        return canvas  # A blank picture stays blank.
+    top, bottom, left, right = box
+    cropped = grey[top:bottom + 1, left:right + 1]
     height, width = cropped.shape
-    scale = longest_side / max(height, width)
+    scale = framing.longest_side / max(height, width)
     new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = Image.fromarray(np.clip(cropped, 0, 255).astype(np.uint8)).resize(
-        (new_width, new_height), Image.Resampling.LANCZOS
-    )
-    top, left = (IMAGE_SIZE - new_height) // 2, (IMAGE_SIZE - new_width) // 2
-    canvas[top:top + new_height, left:left + new_width] = np.asarray(resized)
+    resized = np.asarray(Image.fromarray(np.clip(cropped, 0, 255).astype(np.uint8)).resize(
+        (new_width, new_height), Image.Resampling.LANCZOS))
+    row, column = _centre(resized.astype(np.float64), framing, (0, new_height - 1, 0, new_width - 1))
+    middle = (IMAGE_SIZE - 1) / 2
+    # Where the resized object's top-left corner lands; what falls outside the canvas is cut.
+    offset_row, offset_column = int(round(middle - row)), int(round(middle - column))
+    source_top, source_left = max(0, -offset_row), max(0, -offset_column)
+    target_top, target_left = max(0, offset_row), max(0, offset_column)
+    rows = min(new_height - source_top, IMAGE_SIZE - target_top)
+    columns = min(new_width - source_left, IMAGE_SIZE - target_left)
+    canvas[target_top:target_top + rows, target_left:target_left + columns] = \
+        resized[source_top:source_top + rows, source_left:source_left + columns]
     return canvas
+
+
+def framing_constants(dataset: str) -> dict:
+    """Everything the web page needs to frame a picture exactly as `prepare` does."""
+    framing = dataset_info(dataset).framing
+    return {
+        "image_size": IMAGE_SIZE,
+        "longest_side": framing.longest_side,
+        "centre": framing.centre,
+        "object_threshold": OBJECT_THRESHOLD,
+        "light_border": LIGHT_BORDER,
+        "framed_centre_tolerance": FRAMED_CENTRE_TOLERANCE,
+        "framed_size_tolerance": FRAMED_SIZE_TOLERANCE,
+    }

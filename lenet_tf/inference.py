@@ -4,13 +4,20 @@ One entry point, `load_predictor(path)`, for a Keras checkpoint (`.keras`), a
 SavedModel folder (a version folder, or a model folder whose newest version is
 taken), a `.tflite` file or an `.onnx` file. Evaluate, predict and the export parity check
 all go through it, so they exercise exactly what a user deploys.
+
+An exported version carries a model card (metadata.json) with every file's
+SHA-256; files loaded from such a version are checked against it first, so a
+file damaged or swapped after the export is refused instead of giving
+silently different answers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -19,7 +26,7 @@ from lenet_tf.quiet import native_stderr_silenced
 
 SIGNATURE_KEY = "serving_default"
 INPUT_KEY = "image"
-OUTPUT_KEYS = ("probabilities", "class_id", "logits")
+METADATA_FILE = "metadata.json"
 
 
 @dataclass
@@ -29,8 +36,6 @@ class Predictor:
     kind: str  # "keras", "saved_model", "tflite" or "onnx"
     path: Path
     predict: Callable[[np.ndarray], np.ndarray]
-    # Logits are only available from float models; TFLite int8 outputs are requantised.
-    logits: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def latest_version_dir(model_dir: Path) -> Path | None:
@@ -42,21 +47,68 @@ def latest_version_dir(model_dir: Path) -> Path | None:
     return max(versions, key=lambda child: int(child.name), default=None)
 
 
-def tflite_interpreter_class():
-    """LiteRT's interpreter, the supported successor of tf.lite.Interpreter."""
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_model_card(path: str | Path) -> tuple[dict[str, Any], Path] | None:
+    """The model card of the export version `path` belongs to, and that version's
+    folder; None for a model outside an export version (a .keras checkpoint)."""
+    path = Path(path)
+    if path.is_dir() and not (path / METADATA_FILE).is_file():
+        path = latest_version_dir(path) or path
+    version_dir = path if path.is_dir() else path.parent
+    card_path = version_dir / METADATA_FILE
     try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # LiteRT missing: fall back to TensorFlow's own copy.
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    return Interpreter
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return (card, version_dir) if isinstance(card, dict) else None
 
 
-def load_predictor(path: str | Path, batch_size: int = 1024) -> Predictor:
+def verify_model_files(path: str | Path) -> None:
+    """Checks the files that loading `path` reads against its model card's SHA-256s.
+
+    A SavedModel folder is checked as a whole (every file of the card that
+    is not one of the other formats); a single file, on its own. Raises
+    UsageError naming the first file that differs or is missing.
+    """
+    found = find_model_card(path)
+    if found is None:
+        return
+    card, version_dir = found
+    path = Path(path)
+    files = card.get("files", {})
+    if path.is_file():
+        names = [str(path.resolve().relative_to(version_dir.resolve()))]
+        names = [name for name in names if name in files]
+    else:
+        names = [name for name in files if not name.endswith((".tflite", ".onnx")) and not name.startswith("web/")]
+    for name in names:
+        file_path = version_dir / name
+        expected = files[name]["sha256"]
+        if not file_path.is_file():
+            raise UsageError(f"{file_path} is listed in the model card {version_dir / METADATA_FILE} but missing; "
+                             "re-export the model, or pass --no-verify to load it anyway")
+        actual = sha256_of(file_path)
+        if actual != expected:
+            raise UsageError(
+                f"{file_path} does not match its model card {version_dir / METADATA_FILE} (SHA-256 expected "
+                f"{expected[:12]}..., actual {actual[:12]}...); the file was changed after export: re-export "
+                "the model, or pass --no-verify to load it anyway")
+
+
+def load_predictor(path: str | Path, batch_size: int = 1024, verify: bool = True) -> Predictor:
+    """Loads any model this package writes; `verify` checks it against its model card first."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"model path {path} does not exist; pass a .keras file, a SavedModel folder or a .tflite file")
+    if verify:
+        verify_model_files(path)
     if path.is_file() and path.suffix == ".tflite":
         return _tflite_predictor(path)
     if path.is_file() and path.suffix == ".onnx":
@@ -89,10 +141,7 @@ def _keras_predictor(path: Path, batch_size: int) -> Predictor:
     except Exception as error:  # Keras raises many types for a bad archive.
         raise UsageError(f"cannot load Keras model {path}: {str(error).splitlines()[0]}") from None
 
-    def logits(images):
-        return model.predict(images, batch_size=batch_size, verbose=0)
-
-    return Predictor("keras", path, lambda images: predict_probabilities(model, images, batch_size), logits)
+    return Predictor("keras", path, lambda images: predict_probabilities(model, images, batch_size))
 
 
 def _saved_model_predictor(path: Path, batch_size: int) -> Predictor:
@@ -104,13 +153,12 @@ def _saved_model_predictor(path: Path, batch_size: int) -> Predictor:
     except Exception as error:  # TensorFlow raises many types for a bad SavedModel.
         raise UsageError(f"cannot load SavedModel {path}: {str(error).splitlines()[0]}") from None
 
-    def run(images, key):
-        outputs = [serve(**{INPUT_KEY: tf.constant(batch)})[key].numpy() for batch in _batches(images, batch_size)]
+    def probabilities(images):
+        outputs = [serve(**{INPUT_KEY: tf.constant(batch)})["probabilities"].numpy()
+                   for batch in _batches(images, batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, 10), np.float32)
 
-    return Predictor(
-        "saved_model", path, lambda images: run(images, "probabilities"), lambda images: run(images, "logits")
-    )
+    return Predictor("saved_model", path, probabilities)
 
 
 def _onnx_predictor(path: Path, batch_size: int) -> Predictor:
@@ -125,18 +173,20 @@ def _onnx_predictor(path: Path, batch_size: int) -> Predictor:
     input_name = session.get_inputs()[0].name
     output_names = [output.name for output in session.get_outputs()]
 
-    def run(images, key):
-        outputs = [session.run([key], {input_name: np.asarray(batch, np.uint8)})[0]
+    def probabilities(images):
+        outputs = [session.run(["probabilities"], {input_name: np.asarray(batch, np.uint8)})[0]
                    for batch in _batches(np.asarray(images), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, 10), np.float32)
 
     if "probabilities" not in output_names:
         raise UsageError(f"{path} has no 'probabilities' output; export it with `lenet-tf export --format onnx`")
-    return Predictor("onnx", path, lambda images: run(images, "probabilities"), lambda images: run(images, "logits"))
+    return Predictor("onnx", path, probabilities)
 
 
 def _tflite_predictor(path: Path) -> Predictor:
-    Interpreter = tflite_interpreter_class()
+    # LiteRT's interpreter, the supported successor of tf.lite.Interpreter.
+    from ai_edge_litert.interpreter import Interpreter
+
     try:
         with native_stderr_silenced():
             interpreter = Interpreter(model_path=str(path))
@@ -147,16 +197,11 @@ def _tflite_predictor(path: Path) -> Predictor:
     input_details = runner.get_input_details()[INPUT_KEY]
     output_details = runner.get_output_details()
 
-    def run(images, key):
-        images = np.asarray(images)
-        feed = _quantize(images, input_details)
-        result = runner(**{INPUT_KEY: feed})[key]
-        return _dequantize(result, output_details[key])
+    def probabilities(images):
+        result = runner(**{INPUT_KEY: _quantize(np.asarray(images), input_details)})["probabilities"]
+        return _dequantize(result, output_details["probabilities"])
 
-    def logits(images):
-        return run(images, "logits")
-
-    return Predictor("tflite", path, lambda images: run(images, "probabilities"), logits)
+    return Predictor("tflite", path, probabilities)
 
 
 def _quantize(images: np.ndarray, details: dict) -> np.ndarray:

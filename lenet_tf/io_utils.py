@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from lenet_tf.errors import UsageError
+from lenet_tf.errors import StoppedError, UsageError
+
+# The errors a write gets when the disk (or the user's quota) is full.
+_FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -34,6 +40,36 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: Path):
+    """Turns "no space left on device" while writing `path` into one line that says what to do.
+
+    Every writer of a run goes through this, so a disk that fills up mid-run
+    ends the run with the file's name instead of a traceback; the files it
+    replaces atomically (checkpoint, backup, history) stay as they were.
+    """
+    try:
+        yield
+    except OSError as error:
+        if not is_full_disk_error(error):
+            raise
+        raise StoppedError(
+            f"no space left on the device to write {path}; free some space and run the same command "
+            "again: the run resumes from its last backup"
+        ) from None
+
+
+def is_full_disk_error(error: BaseException) -> bool:
+    """Whether `error` (or an error it wraps) is a full disk or quota, whatever library raised it."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _FULL_DISK_ERRORS:
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def ensure_writable_dir(path: Path, purpose: str, min_free_bytes: int = 50 * 2**20) -> Path:
@@ -67,6 +103,26 @@ def _free_bytes(path: Path) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
+def process_start_time() -> float:
+    """When this process started, as a time.time() value (now, where the OS does not say).
+
+    Linux gives the start in clock ticks since boot, and /proc/uptime the
+    time since boot: interpreter and TensorFlow start-up then count in a
+    run's wall time, as they do for the user waiting for it.
+    """
+    import time
+
+    try:
+        now = time.time()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        # The command name (field 2) may hold spaces; the fields after its ")" are fixed.
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # Field 22, starttime.
+        return now - (uptime - started_after_boot)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
 def current_umask() -> int:
     """The process umask (reading it means setting it, so set it straight back)."""
     mask = os.umask(0)
@@ -83,6 +139,19 @@ def peak_rss_mib() -> float | None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def run_module_in_child(module: str, arguments: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Runs `python -m module arguments...` as a helper that dies when this process dies.
+
+    A killed export must leave nothing running: an orphaned converter would
+    go on writing into a staging folder after the next export swept it away.
+    The child arranges that itself, first thing (lenet_tf.child): Python
+    documents `preexec_fn` as unsafe in a process with threads, which every
+    TensorFlow process is.
+    """
+    command = [sys.executable, "-m", "lenet_tf.child", str(os.getpid()), module, *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
 def child_environment(**overrides: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ import keras
 from keras import layers
 
 from lenet_tf.config import TrainConfig
-from lenet_tf.data import IMAGE_SIZE, NUM_CLASSES
+from lenet_tf.registry import IMAGE_SIZE, NUM_CLASSES
 
 # One definition of the model's input and its preprocessing, read by training,
 # export and predict alike: raw uint8 pixels in, scaled to [0, 1] inside.

@@ -1,4 +1,7 @@
-"""Training: strategy, compile, callbacks, model.fit, metrics, export.
+"""Training a run, stage by stage, in the order the data flows:
+
+    prepare outputs -> load data -> make pipelines -> build the model (and
+    resume it) -> fit -> evaluate -> write results (metrics, dashboards) -> export
 
 The seam is `train_and_evaluate(config, datasets=None, placement=None)`:
 tests pass small in-memory datasets and a strategy; the CLI passes neither.
@@ -8,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,141 +26,40 @@ import tensorflow as tf
 
 from lenet_tf import dashboards
 from lenet_tf.callbacks import (
-    AtomicCheckpoint, ChiefBackupReader, EpochHistory, EpochTensorBoard, GuardedBackupAndRestore, StopOnNonFiniteLoss,
-    ThroughputCallback,
+    AtomicCheckpoint, Backup, BackupCallback, EpochHistory, EpochTensorBoard, StopOnNonFiniteLoss,
+    ThroughputCallback, check_workers_resume_together,
 )
 from lenet_tf.config import TrainConfig
-from lenet_tf.data import CLASS_NAMES, Datasets, load_datasets, make_dataset
-from lenet_tf.distribute import Placement, adapt_model_for_multi_worker, make_placement
-from lenet_tf.errors import UsageError
-from lenet_tf.io_utils import ensure_writable_dir, peak_rss_mib, write_json_atomic
+from lenet_tf.data import Datasets, load_datasets, make_dataset
+from lenet_tf.distribute import Placement, make_placement
+from lenet_tf.errors import StoppedError, UsageError
+from lenet_tf.io_utils import (
+    ensure_writable_dir, is_full_disk_error, peak_rss_mib, reporting_full_disk, write_json_atomic,
+)
+from lenet_tf.keras_compat import adapt_model_for_multi_worker
 from lenet_tf.model import build_model
-
-# Names of the files and folders inside a run directory, in one place.
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-LOGS_DIR = "logs"
-CHECKPOINT_FILE = "checkpoints/last.keras"
-BACKUP_DIR = "backup"
-CURVES_FILE = "curves.png"
-HISTORY_FILE = "history.json"
+from lenet_tf.optimization import build_compiled_model
+from lenet_tf.registry import dataset_info
+from lenet_tf.run_dir import RunDir, holding
 
 
 class NonFiniteLossError(UsageError):
     pass
 
 
-@keras.saving.register_keras_serializable(package="lenet_tf")
-class SmoothedSparseCrossentropy(keras.losses.Loss):
-    """Cross-entropy on logits against integer labels with label smoothing.
+@dataclass
+class Pipelines:
+    """The tf.data pipelines of a run and the sizes they were built from."""
 
-    Keras's sparse cross-entropy has no label_smoothing; this is the same loss
-    as CategoricalCrossentropy(label_smoothing=s) on one-hot labels, without
-    one-hot labels in the pipeline:
-    (1 - s) * -log p[y] + s * mean over classes of -log p[k].
-    """
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    train_count: int
+    global_batch_size: int
 
-    def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_sparse_crossentropy", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = label_smoothing
-
-    def call(self, y_true, y_pred):
-        log_probabilities = keras.ops.log_softmax(y_pred, axis=-1)
-        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
-        true_class = -keras.ops.take_along_axis(log_probabilities, labels[:, None], axis=-1)[:, 0]
-        uniform = -keras.ops.mean(log_probabilities, axis=-1)
-        return (1.0 - self.label_smoothing) * true_class + self.label_smoothing * uniform
-
-    def get_config(self):
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
-
-
-def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
-    """A constant rate, or linear warm-up then cosine decay to 0 over the run."""
-    if config.lr_schedule == "constant" and not config.warmup_epochs:
-        return config.learning_rate
-    total_steps = max(1, config.epochs * steps_per_epoch)
-    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-    if config.lr_schedule == "constant":
-        return keras.optimizers.schedules.PiecewiseConstantDecay(
-            [warmup_steps], [config.learning_rate * 0.1, config.learning_rate])
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup_steps else config.learning_rate,
-        warmup_target=config.learning_rate if warmup_steps else None,
-        warmup_steps=warmup_steps,
-        decay_steps=max(1, total_steps - warmup_steps),
-    )
-
-
-def build_compiled_model(config: TrainConfig, steps_per_epoch: int = 1) -> keras.Model:
-    """The model, compiled as the book does (SGD, cross-entropy on logits,
-    accuracy), plus the optional momentum, weight decay, schedule and label
-    smoothing of the modern preset.
-
-    Call inside `strategy.scope()` so the variables are mirrored.
-    """
-    model = build_model(config)
-    loss = (SmoothedSparseCrossentropy(config.label_smoothing) if config.label_smoothing
-            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.compile(
-        optimizer=keras.optimizers.SGD(
-            learning_rate=learning_rate_schedule(config, steps_per_epoch),
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay or None,
-        ),
-        loss=loss,
-        metrics=["accuracy"],
-        steps_per_execution=effective_steps_per_execution(config),
-    )
-    return model
-
-
-def effective_steps_per_execution(config: TrainConfig) -> int:
-    """`config.steps_per_execution` under the default strategy, 1 under any other.
-
-    Keras 3.15's multi-step loop fails inside tf.distribute strategies
-    ("You must feed a value for placeholder tensor ..."), measured with
-    mirrored and multi-worker runs here; one step per call is what works there.
-    """
-    return config.steps_per_execution if not tf.distribute.has_strategy() else 1
-
-
-def make_callbacks(config: TrainConfig, write_dir: Path, datasets: Datasets,
-                   throughput: ThroughputCallback, chief_run_dir: Path | None = None) -> list[keras.callbacks.Callback]:
-    """Every callback of a training run, in the order they must run.
-
-    `chief_run_dir` is given on non-chief workers: they restore from the
-    chief's backup there instead of keeping one of their own.
-    """
-    logs_dir = write_dir / LOGS_DIR
-    if chief_run_dir is None:
-        # double_checkpoint keeps the previous backup, used if the latest one
-        # was cut short by a kill mid-write.
-        backup = GuardedBackupAndRestore(str(write_dir / BACKUP_DIR), double_checkpoint=True)
-    else:
-        backup = ChiefBackupReader(str(chief_run_dir / BACKUP_DIR), double_checkpoint=True)
-    return [
-        throughput,  # First, so the others see examples_per_sec in the logs.
-        StopOnNonFiniteLoss(),
-        # An epoch's history and checkpoint are written before its backup, so
-        # a kill in between never leaves a backed-up epoch unrecorded.
-        EpochHistory(write_dir / HISTORY_FILE),
-        AtomicCheckpoint(write_dir / CHECKPOINT_FILE),
-        backup,
-        dashboards.ImageDashboardsCallback(
-            logs_dir, datasets.test_images, datasets.test_labels, CLASS_NAMES[config.dataset],
-            config.image_every_epochs, config.activation_indices, seed=config.seed,
-        ),
-        EpochTensorBoard(
-            log_dir=str(logs_dir),
-            update_freq=int(config.tensorboard_update_freq)
-            if config.tensorboard_update_freq.isdigit()
-            else config.tensorboard_update_freq,
-            histogram_freq=config.histogram_freq,
-            profile_batch=config.profile_batch or 0,
-        ),
-    ]
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.train_count // self.global_batch_size)
 
 
 def train_and_evaluate(
@@ -163,34 +67,50 @@ def train_and_evaluate(
     datasets: Datasets | None = None,
     placement: Placement | None = None,
     out: TextIO = sys.stdout,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Trains, evaluates and exports one run; returns the metrics dict it writes.
 
     Args:
-        config: the validated run configuration.
+        config: the run configuration (validated here).
         datasets: in-memory splits to use instead of loading `config.dataset`.
         placement: the strategy to train under; created from the config if None.
         out: where progress lines go.
+        started: when the user started waiting (`time.time()`), for the
+            metrics' wall times; the CLI passes its process's start. Default: now.
     """
+    clock = Clock(time.time() if started is None else started)
     config.validate()
-    started = time.perf_counter()
     # The strategy comes first: multi-worker collectives must be set up before
     # any other TensorFlow op runs in this process.
     placement = placement or make_placement(config)
-    run_dir = Path(config.run_dir)
-    # Non-chief workers write to a scratch folder that is removed afterwards,
-    # so that only the chief's outputs exist. Its name is fixed per run and
-    # worker, so a worker restarted after a kill clears what the killed one left.
-    write_dir = run_dir if placement.is_chief else worker_scratch_dir(run_dir, placement.task_index)
+    run_dir = RunDir(config.run_dir)
     try:
-        return _run(config, datasets, placement, run_dir, write_dir, started, out)
-    finally:
-        if not placement.is_chief:
-            shutil.rmtree(write_dir, ignore_errors=True)
+        if placement.is_chief:
+            with holding(run_dir, "training"):
+                return _run(config, datasets, placement, run_dir, run_dir, out, clock)
+        # Non-chief workers write to a scratch folder that is removed
+        # afterwards, so that only the chief's outputs exist.
+        scratch = RunDir(worker_scratch_dir(run_dir.root, placement.task_index))
+        try:
+            return _run(config, datasets, placement, run_dir, scratch, out, clock)
+        finally:
+            shutil.rmtree(scratch.root, ignore_errors=True)
+    except (UsageError, StoppedError):
+        raise
+    except Exception as error:
+        # A full disk can surface from any library that writes (Keras, h5py,
+        # TensorFlow's event writer), in any of their exception types.
+        if is_full_disk_error(error):
+            raise StoppedError(
+                f"no space left on the device under {run_dir}; free some space and run the same command "
+                "again: the run resumes from its last backup") from None
+        raise
 
 
 def worker_scratch_dir(run_dir: Path, task_index: int) -> Path:
-    """An empty scratch folder for a non-chief worker, named after the run and the worker."""
+    """An empty scratch folder for a non-chief worker, named after the run and the worker,
+    so a worker restarted after a kill clears what the killed one left."""
     run_key = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
     scratch = Path(tempfile.gettempdir()) / f"lenet-worker{task_index}-{run_key}"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -198,143 +118,258 @@ def worker_scratch_dir(run_dir: Path, task_index: int) -> Path:
     return scratch
 
 
-def _make_pipelines(config: TrainConfig, datasets: Datasets, global_batch_size: int):
-    """Training, validation and test pipelines, and the number of training examples.
+@dataclass(frozen=True)
+class Clock:
+    started: float  # time.time() when the user started waiting.
 
-    With a validation split, hyperparameters are chosen on a seeded, held-out
-    part of the training split and the test split is only evaluated once, at
-    the end; without one, validation runs on the test split, as in the book.
-    """
-    train_images, train_labels = datasets.train_images, datasets.train_labels
-    test_data = make_dataset(datasets.test_images, datasets.test_labels, global_batch_size, False, config.seed)
-    validation_data = test_data
-    if config.validation_split:
-        order = np.random.default_rng(config.seed).permutation(len(train_images))
-        held_out = order[: int(round(len(order) * config.validation_split))]
-        kept = order[len(held_out):]
-        validation_data = make_dataset(train_images[held_out], train_labels[held_out], global_batch_size,
-                                       False, config.seed)
-        train_images, train_labels = train_images[kept], train_labels[kept]
-    train_data = make_dataset(train_images, train_labels, global_batch_size, True, config.seed,
-                              augment=config.augment)
-    return train_data, validation_data, test_data, len(train_images)
+    def seconds(self) -> float:
+        return time.time() - self.started
 
 
-def _run(config, datasets, placement, run_dir, write_dir, started, out) -> dict[str, Any]:
-    # Fail in the first second, not after an hour, when outputs cannot be written.
-    ensure_writable_dir(write_dir, "run directory")
+def _run(config: TrainConfig, datasets: Datasets | None, placement: Placement, run_dir: RunDir,
+         write_to: RunDir, out: TextIO, clock: Clock) -> dict[str, Any]:
+    """The stages of a run. `run_dir` is the run's folder (the chief's backup is
+    read from it); `write_to` is where this process writes (a scratch folder on
+    non-chief workers)."""
+    _prepare_outputs(config, placement, write_to)
+    datasets = _load_data(config, datasets)
+    pipelines = _make_pipelines(config, datasets, placement.replicas)
+    config.write(write_to.config)
+    print(f"training on {pipelines.train_count} {config.dataset} images from {datasets.source}; "
+          f"strategy {placement.name} over {placement.replicas} replica(s) {', '.join(placement.devices)}; "
+          f"global batch {pipelines.global_batch_size}", file=out, flush=True)
+    model, epochs_done = _build_model(config, placement, pipelines, run_dir)
+    throughput = ThroughputCallback(pipelines.train_count)
+    history, epochs_run = _fit(config, model, pipelines, epochs_done, placement,
+                               make_callbacks(config, write_to, datasets, throughput, placement.is_chief),
+                               write_to, out)
+    evaluation = _evaluate(config, model, pipelines, clock)
+    metrics = _metrics(config, placement, datasets, pipelines, history, epochs_run, evaluation, throughput)
+    _write_results(config, model, metrics, write_to)
+    if placement.is_chief and config.export_formats:
+        _export(config, model, datasets, metrics)
+    metrics["wall_seconds"] = clock.seconds()
+    # Training, evaluation and the in-process part of the export; the parity
+    # check and ONNX conversion run in child processes of their own.
+    metrics["peak_rss_mib"] = peak_rss_mib()
+    with reporting_full_disk(write_to.metrics):
+        write_json_atomic(write_to.metrics, metrics)
+    if placement.is_chief:
+        Backup(write_to.backup).clear()  # The run is complete: nothing left to resume.
+    _print_summary(metrics, placement, out)
+    return metrics
+
+
+def _prepare_outputs(config: TrainConfig, placement: Placement, write_to: RunDir) -> None:
+    """Fails in the first second, not after an hour, when outputs cannot be written."""
+    ensure_writable_dir(write_to.root, "run directory")
     if placement.is_chief and config.export_formats:
         from lenet_tf.export import check_export_dependencies
 
         check_export_dependencies(config.export_formats)
         ensure_writable_dir(Path(config.export_dir), "export directory")
+
+
+def _load_data(config: TrainConfig, datasets: Datasets | None) -> Datasets:
     if datasets is None:
         datasets = load_datasets(config.dataset, config.data_dir)
     datasets = datasets.limited(config.limit_train, config.limit_test)
     if len(datasets.train_images) == 0 or len(datasets.test_images) == 0:
         raise UsageError("the training or test split is empty; check the data files and --limit-train/--limit-test")
     if any(index >= len(datasets.test_images) for index in config.activation_indices):
-        raise UsageError(
-            f"--activation-indices must be below the {len(datasets.test_images)} test examples"
-        )
+        raise UsageError(f"--activation-indices must be below the {len(datasets.test_images)} test examples")
+    return datasets
 
+
+def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> Pipelines:
+    """Training, validation and test pipelines.
+
+    With a validation split, hyperparameters are chosen on a seeded, held-out
+    part of the training split and the test split is only evaluated once, at
+    the end; without one, validation runs on the test split, as in the book.
+    """
     keras.utils.set_random_seed(config.seed)
-    global_batch_size = config.batch_size * placement.replicas
-    train_data, validation_data, test_data, train_count = _make_pipelines(config, datasets, global_batch_size)
-    if global_batch_size > train_count:
+    global_batch_size = config.batch_size * replicas
+    train_images, train_labels = datasets.train_images, datasets.train_labels
+    test = make_dataset(datasets.test_images, datasets.test_labels, global_batch_size, False, config.seed)
+    validation = test
+    if config.validation_split:
+        order = np.random.default_rng(config.seed).permutation(len(train_images))
+        held_out = order[: int(round(len(order) * config.validation_split))]
+        kept = order[len(held_out):]
+        validation = make_dataset(train_images[held_out], train_labels[held_out], global_batch_size, False,
+                                  config.seed)
+        train_images, train_labels = train_images[kept], train_labels[kept]
+    if global_batch_size > len(train_images):
         raise UsageError(
-            f"the global batch size {global_batch_size} is larger than the {train_count} "
+            f"the global batch size {global_batch_size} is larger than the {len(train_images)} "
             "training examples; lower --batch-size or raise --limit-train"
         )
-    steps_per_epoch = -(-train_count // global_batch_size)
+    train = make_dataset(train_images, train_labels, global_batch_size, True, config.seed, augment=config.augment)
+    return Pipelines(train, validation, test, len(train_images), global_batch_size)
 
-    config.write(write_dir / CONFIG_FILE)
-    print(
-        f"training on {train_count} {config.dataset} images from {datasets.source}; "
-        f"strategy {placement.name} over {placement.replicas} replica(s) {', '.join(placement.devices)}; "
-        f"global batch {global_batch_size}",
-        file=out,
-        flush=True,
-    )
+
+def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines,
+                 run_dir: RunDir) -> tuple[keras.Model, int]:
+    """The compiled model, restored from the run's backup when there is one;
+    returns it with the number of epochs it has already trained.
+
+    Every worker of a multi-worker run restores from the chief's backup (the
+    weights are the same on all of them), and all check that they resume together.
+    """
+    backup = Backup(run_dir.backup)
     with placement.strategy.scope():
-        model = build_compiled_model(config, steps_per_epoch)
+        model = build_compiled_model(config, pipelines.steps_per_epoch)
+        damage = None
+        try:
+            epochs_done = backup.restore(model)
+        except UsageError as error:
+            epochs_done, damage = -1, error
+    # Other workers wait for this one here, so it takes part even when damaged.
+    check_workers_resume_together(placement.strategy, epochs_done, backup.directory)
+    if damage:
+        raise damage
     if placement.name == "multi_worker":
-        adapt_model_for_multi_worker(model, placement.strategy, next(iter(train_data)))
-    logs_dir = write_dir / LOGS_DIR
-    dashboards.write_hparams_start(logs_dir, config, run_name=str(run_dir))
-    throughput = ThroughputCallback(train_count)
-    callbacks = make_callbacks(config, write_dir, datasets, throughput,
-                               chief_run_dir=None if placement.is_chief else run_dir)
-    history = model.fit(
-        train_data,
-        epochs=config.epochs,
-        validation_data=validation_data,
-        callbacks=callbacks,
-        # The progress bar on a terminal; one line per epoch in logs and CI.
-        verbose=1 if out.isatty() else 2,
-        shuffle=False,  # The pipeline already shuffles, seeded, per epoch.
-    )
-    epochs_run = len(history.history.get("loss", []))
-    last_loss = history.history["loss"][-1] if epochs_run else float("nan")
+        adapt_model_for_multi_worker(model, placement.strategy, next(iter(pipelines.train)))
+    return model, epochs_done
+
+
+def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, throughput: ThroughputCallback,
+                   is_chief: bool = True) -> list[keras.callbacks.Callback]:
+    """Every callback of a training run, in the order they must run (only the chief backs up)."""
+    callbacks = [
+        throughput,  # First, so the others see examples_per_sec in the logs.
+        StopOnNonFiniteLoss(),
+        # An epoch's history and checkpoint are written before its backup, so
+        # a kill in between never leaves a backed-up epoch unrecorded.
+        EpochHistory(write_to.history),
+        AtomicCheckpoint(write_to.checkpoint),
+    ]
+    if is_chief:
+        callbacks.append(BackupCallback(Backup(write_to.backup)))
+    info = dataset_info(config.dataset)
+    callbacks += [
+        dashboards.ImageDashboardsCallback(
+            write_to.logs, datasets.test_images, datasets.test_labels, info.class_names,
+            config.image_every_epochs, config.activation_indices, seed=config.seed,
+        ),
+        EpochTensorBoard(
+            log_dir=str(write_to.logs),
+            update_freq=int(config.tensorboard_update_freq) if config.tensorboard_update_freq.isdigit()
+            else config.tensorboard_update_freq,
+            histogram_freq=config.histogram_freq,
+            profile_batch=config.profile_batch or 0,
+        ),
+    ]
+    return callbacks
+
+
+def _fit(config: TrainConfig, model: keras.Model, pipelines: Pipelines, epochs_done: int, placement: Placement,
+         callbacks: list[keras.callbacks.Callback], write_to: RunDir, out: TextIO) -> tuple[dict[str, list[float]], int]:
+    """Runs model.fit from the first epoch not yet done; returns the whole run's
+    history (every epoch, including those before an interruption) and how many
+    epochs this session ran."""
+    dashboards.write_hparams_start(write_to.logs, config, run_name=config.run_dir)
+    try:
+        session = model.fit(
+            pipelines.train,
+            epochs=config.epochs,
+            initial_epoch=min(epochs_done, config.epochs),
+            validation_data=pipelines.validation,
+            callbacks=callbacks,
+            # The progress bar on a terminal; one line per epoch in logs and CI.
+            verbose=1 if out.isatty() else 2,
+            shuffle=False,  # The pipeline already shuffles, seeded, per epoch.
+        )
+    except tf.errors.OpError as error:
+        if placement.name != "multi_worker":
+            raise
+        raise StoppedError(_lost_worker_message(error, config)) from None
+    epochs_run = len(session.history.get("loss", []))
+    last_loss = session.history["loss"][-1] if epochs_run else float("nan")
     if epochs_run and not math.isfinite(last_loss):
         raise NonFiniteLossError(
             f"training stopped: the loss became {last_loss} (diverged); lower --learning-rate "
-            f"(was {config.learning_rate}). The last good checkpoint is in {write_dir / CHECKPOINT_FILE}"
+            f"(was {config.learning_rate}). The last good checkpoint is in {RunDir(config.run_dir).checkpoint}"
         )
-    test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
+    history = next(callback for callback in callbacks if isinstance(callback, EpochHistory)).as_history()
+    return history, epochs_run
+
+
+def _lost_worker_message(error: tf.errors.OpError, config: TrainConfig) -> str:
+    """One line for a multi-worker run whose peer died or froze mid-step."""
+    tasks = sorted(set(re.findall(r"/job:worker/replica:\d+/task:(\d+)", str(error.message))))
+    which = f"worker {', '.join(tasks)}" if tasks else "a worker"
+    return (f"{which} of this multi-worker run was lost ({type(error).__name__}); restart every worker with the "
+            f"same command to resume from the chief's last backup in {RunDir(config.run_dir).backup}")
+
+
+def _evaluate(config: TrainConfig, model: keras.Model, pipelines: Pipelines, clock: Clock) -> dict[str, float]:
+    """The test split, evaluated once; the validation split too when there is one."""
+    test_loss, test_accuracy = model.evaluate(pipelines.test, verbose=0)
+    evaluation = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy),
+                  # The time a user waits for a trained and tested model, before any export.
+                  "seconds_to_tested_model": clock.seconds()}
     if config.validation_split:
-        validation_loss, validation_accuracy = model.evaluate(validation_data, verbose=0)
-    # Every epoch of the run, including those before an interruption.
-    full_history = next(c for c in callbacks if isinstance(c, EpochHistory)).as_history()
-    metrics: dict[str, Any] = {
+        validation_loss, validation_accuracy = model.evaluate(pipelines.validation, verbose=0)
+        evaluation.update(validation_loss=float(validation_loss), validation_accuracy=float(validation_accuracy))
+    return evaluation
+
+
+def _metrics(config: TrainConfig, placement: Placement, datasets: Datasets, pipelines: Pipelines,
+             history: dict[str, list[float]], epochs_run: int, evaluation: dict[str, float],
+             throughput: ThroughputCallback) -> dict[str, Any]:
+    return {
         "dataset": config.dataset,
-        "train_loss": full_history["loss"][-1] if full_history else float("nan"),
-        "train_accuracy": full_history["accuracy"][-1] if full_history else float("nan"),
-        "test_loss": float(test_loss),
-        "test_accuracy": float(test_accuracy),
+        "train_loss": history["loss"][-1] if history else float("nan"),
+        "train_accuracy": history["accuracy"][-1] if history else float("nan"),
+        **evaluation,
         "examples_per_sec": float(throughput.examples_per_sec()),
         "epochs": config.epochs,
         "epochs_run_this_session": epochs_run,
         "strategy": placement.name,
         "replicas": placement.replicas,
         "devices": list(placement.devices),
-        "global_batch_size": global_batch_size,
-        "train_examples": train_count,
-        "validation": "test split" if not config.validation_split else f"{config.validation_split:.0%} of the training split",
+        "global_batch_size": pipelines.global_batch_size,
+        "train_examples": pipelines.train_count,
+        "validation": (f"{config.validation_split:.0%} of the training split" if config.validation_split
+                       else "test split"),
         "test_examples": len(datasets.test_images),
-        "history": full_history,
+        "history": history,
         "exports": {},
     }
-    if config.validation_split:
-        metrics["validation_loss"], metrics["validation_accuracy"] = float(validation_loss), float(validation_accuracy)
-    dashboards.write_final_metrics(logs_dir, metrics, step=config.epochs - 1)
-    dashboards.write_op_graph(logs_dir, model)
-    dashboards.write_curves_png(full_history, write_dir / CURVES_FILE)
-    if placement.is_chief and config.export_formats:
-        from lenet_tf.export import export_model
 
-        # Export a plain copy built outside the strategy: the exported graph
-        # then holds ordinary variables, and the parity check's predict runs
-        # locally (under multi-worker, a chief-only predict on the distributed
-        # model would wait forever for the other workers).
-        plain_model = build_model(config)
-        plain_model.set_weights(model.get_weights())
-        export = export_model(plain_model, config, datasets, metrics)
-        metrics["exports"] = {key: str(path) for key, path in export.artifacts.items()}
-        metrics["export_version_dir"] = str(export.version_dir)
-    metrics["wall_seconds"] = time.perf_counter() - started
-    # Training, evaluation and the in-process part of the export; the parity
-    # check and ONNX conversion run in child processes of their own.
-    metrics["peak_rss_mib"] = peak_rss_mib()
-    write_json_atomic(write_dir / METRICS_FILE, metrics)
+
+def _write_results(config: TrainConfig, model: keras.Model, metrics: dict[str, Any], write_to: RunDir) -> None:
+    """The final metrics and op graph in TensorBoard, and the book's curves as a PNG."""
+    dashboards.write_final_metrics(write_to.logs, metrics, step=config.epochs - 1)
+    dashboards.write_op_graph(write_to.logs, model)
+    with reporting_full_disk(write_to.curves):
+        dashboards.write_curves_png(metrics["history"], write_to.curves,
+                                    validation_label="validation acc" if config.validation_split else "test acc")
+
+
+def _export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics: dict[str, Any]) -> None:
+    from lenet_tf.export import export_model
+
+    # Export a plain copy built outside the strategy: the exported graph then
+    # holds ordinary variables, and the parity check's predict runs locally
+    # (under multi-worker, a chief-only predict on the distributed model
+    # would wait forever for the other workers).
+    plain_model = build_model(config)
+    plain_model.set_weights(model.get_weights())
+    export = export_model(plain_model, config, datasets, metrics)
+    metrics["exports"] = {key: str(path) for key, path in export.artifacts.items()}
+    metrics["export_version_dir"] = str(export.version_dir)
+
+
+def _print_summary(metrics: dict[str, Any], placement: Placement, out: TextIO) -> None:
+    """The book's summary lines, plus how long the user waited for a tested model."""
     device_kind = "GPU" if any("GPU" in device.upper() for device in placement.devices) else "CPU"
-    print(
-        f"loss {metrics['train_loss']:.3f}, train acc {metrics['train_accuracy']:.3f}, "
-        f"test acc {metrics['test_accuracy']:.3f}",
-        file=out,
-    )
+    print(f"loss {metrics['train_loss']:.3f}, train acc {metrics['train_accuracy']:.3f}, "
+          f"test acc {metrics['test_accuracy']:.3f}, tested after {metrics['seconds_to_tested_model']:.1f} s",
+          file=out)
     print(f"{metrics['examples_per_sec']:.1f} examples/sec on {device_kind} ({', '.join(placement.devices)})", file=out)
     if metrics["exports"]:
-        print(f"exported to {metrics['export_version_dir']}", file=out, flush=True)
-    return metrics
-
+        print(f"exported to {metrics['export_version_dir']} ({metrics['wall_seconds']:.1f} s in all)",
+              file=out, flush=True)

@@ -1,4 +1,10 @@
-"""Shared fixtures: real data where the tests need it, tiny synthetic data elsewhere."""
+"""Shared fixtures: real data where the tests need it, tiny synthetic data elsewhere.
+
+Real data: Fashion-MNIST from Debian's dataset-fashion-mnist (the README's
+test command installs it) wherever the dataset does not matter; MNIST only
+where it does, found through the package's own search and skipped, with
+the way to provide it, where it cannot be found.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,10 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Real MNIST, shipped beside the checkout for tests and benchmarks only.
-MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# How a user (or CI) provides MNIST without internet: the package's own search.
+MNIST_HINT = ("set LENET_TF_DATA_DIR to a folder holding mnist/ with the four IDX files, put them in "
+              "~/.keras/datasets/mnist/, or go online so tensorflow_datasets can download MNIST")
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
@@ -29,13 +36,6 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 
 @pytest.fixture(scope="session")
-def mnist_dir() -> Path:
-    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"real MNIST files not found at {MNIST_DIR}")
-    return MNIST_DIR
-
-
-@pytest.fixture(scope="session")
 def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
@@ -43,11 +43,23 @@ def fashion_mnist_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_real_datasets(mnist_dir):
-    """2,000 real MNIST training images and 500 test images, enough to learn something fast."""
+def mnist_datasets():
+    """Real MNIST, found the way the package finds it (tensorflow_datasets included, when online)."""
+    from lenet_tf.data import load_datasets
+    from lenet_tf.errors import UsageError
+
+    try:
+        return load_datasets("mnist")
+    except UsageError:
+        pytest.skip(f"real MNIST not found: {MNIST_HINT}")
+
+
+@pytest.fixture(scope="session")
+def small_real_datasets(fashion_mnist_dir):
+    """2,000 real Fashion-MNIST training images and 500 test images, enough to learn something fast."""
     from lenet_tf.data import load_idx_dir
 
-    return load_idx_dir(mnist_dir).limited(2000, 500)
+    return load_idx_dir(fashion_mnist_dir).limited(2000, 500)
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:

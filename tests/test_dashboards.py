@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from lenet_tf.config import TrainConfig
-from lenet_tf.train import CURVES_FILE, train_and_evaluate
+from lenet_tf.run_dir import RunDir
+from lenet_tf.train import train_and_evaluate
 
 from conftest import REPO_ROOT, free_ports, read_event_tags, read_scalars
 
@@ -21,7 +22,7 @@ IMAGE_TAGS = ("confusion_matrix", "test_predictions", "activations/conv1", "acti
 @pytest.fixture(scope="module")
 def dashboard_run(tmp_path_factory, small_real_datasets):
     root = tmp_path_factory.mktemp("dashboards")
-    config = TrainConfig(dataset="mnist", epochs=3, batch_size=64, activation="relu", learning_rate=0.1,
+    config = TrainConfig(dataset="fashion_mnist", epochs=3, batch_size=64, activation="relu", learning_rate=0.1,
                          image_every_epochs=2, activation_indices=(0, 1, 2), run_dir=str(root / "runs" / "lenet"),
                          export_formats=())
     metrics = train_and_evaluate(config, datasets=small_real_datasets)
@@ -51,11 +52,34 @@ def test_image_dashboards_every_n_epochs_and_at_the_end(dashboard_run):
         assert decoded[..., :3].std() > 10, f"{tag} is a blank picture"
 
 
-def test_confusion_matrix_picture_has_class_names_and_changes_with_training(dashboard_run):
+def test_confusion_matrix_picture_changes_with_training(dashboard_run):
     config, _, _ = dashboard_run
     events = _images(Path(config.run_dir) / "logs" / "images")["confusion_matrix"]
     first, last = (tf.make_ndarray(event.tensor_proto)[2] for event in events)
     assert first != last
+
+
+def test_confusion_matrix_figure_labels_both_axes_with_the_class_names():
+    import numpy as np
+
+    from lenet_tf.dashboards import confusion_matrix_figure
+    from lenet_tf.registry import dataset_info
+
+    names = dataset_info("fashion_mnist").class_names
+    figure = confusion_matrix_figure(np.eye(10, dtype=np.int64) * 7, names, "test split")
+    axes = figure.axes[0]
+    assert [label.get_text() for label in axes.get_xticklabels()] == list(names)
+    assert [label.get_text() for label in axes.get_yticklabels()] == list(names)
+    assert {text.get_text() for text in axes.texts} == {"0", "7"}  # Counts written in the cells.
+
+
+def test_curves_name_the_validation_curve_after_what_it_was_measured_on():
+    from lenet_tf.dashboards import curves_figure
+
+    history = {"loss": [1.0, 0.5], "accuracy": [0.6, 0.8], "val_accuracy": [0.55, 0.75]}
+    for label in ("test acc", "validation acc"):
+        legend = curves_figure(history, validation_label=label).axes[0].get_legend()
+        assert [text.get_text() for text in legend.get_texts()] == ["train loss", "train acc", label]
 
 
 def test_out_of_distribution_confidence_is_logged(dashboard_run):
@@ -77,7 +101,7 @@ def test_hparams_session_and_final_metrics(dashboard_run):
                for key, value in session.hparams.items()}
     assert hparams["learning_rate"] == pytest.approx(0.1)
     assert hparams["batch_size"] == 64 and hparams["epochs"] == 3
-    assert hparams["activation"] == "relu" and hparams["dataset"] == "mnist"
+    assert hparams["activation"] == "relu" and hparams["dataset"] == "fashion_mnist"
     assert hparams["conv_filters"] == "6,16"
     scalars = read_scalars(Path(config.run_dir) / "logs")
     assert scalars["final/test_accuracy"] == [(2, pytest.approx(metrics["test_accuracy"], rel=1e-6))]
@@ -86,7 +110,7 @@ def test_hparams_session_and_final_metrics(dashboard_run):
 
 def test_curves_png_is_written(dashboard_run):
     config, _, _ = dashboard_run
-    png = (Path(config.run_dir) / CURVES_FILE).read_bytes()
+    png = RunDir(config.run_dir).curves.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert tf.io.decode_png(png).shape[1] >= 300
 

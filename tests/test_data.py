@@ -3,14 +3,15 @@ import gzip
 import numpy as np
 import pytest
 
-from lenet_tf.data import CLASS_NAMES, load_datasets, load_idx_dir, make_dataset, read_idx
+from lenet_tf.data import load_datasets, load_idx_dir, make_dataset, read_idx
+from lenet_tf.registry import dataset_info
 from lenet_tf.errors import UsageError
 
 from conftest import write_idx, write_idx_dir
 
 
-def test_reads_real_mnist_with_the_canonical_sizes(mnist_dir):
-    data = load_idx_dir(mnist_dir)
+def test_reads_real_mnist_with_the_canonical_sizes(mnist_datasets):
+    data = mnist_datasets
     assert data.train_images.shape == (60_000, 28, 28, 1) and data.train_images.dtype == np.uint8
     assert data.test_images.shape == (10_000, 28, 28, 1)
     assert data.train_labels.shape == (60_000,) and data.train_labels.dtype == np.int32
@@ -24,7 +25,7 @@ def test_reads_real_fashion_mnist_from_the_debian_package(fashion_mnist_dir):
     assert data.source == str(fashion_mnist_dir)
     assert data.train_images.shape == (60_000, 28, 28, 1)
     # Fashion-MNIST's first training image is an ankle boot (label 9).
-    assert CLASS_NAMES["fashion_mnist"][data.train_labels[0]] == "ankle boot"
+    assert dataset_info("fashion_mnist").class_names[data.train_labels[0]] == "ankle boot"
 
 
 def test_reads_uncompressed_and_gzip_idx_alike(tmp_path):
@@ -42,16 +43,16 @@ def test_rejects_wrong_magic(tmp_path):
         read_idx(path)
 
 
-def test_rejects_truncated_payload(tmp_path, mnist_dir):
-    payload = gzip.decompress((mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes())
+def test_rejects_truncated_payload(tmp_path, fashion_mnist_dir):
+    payload = gzip.decompress((fashion_mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes())
     path = tmp_path / "t10k-labels-idx1-ubyte"
     path.write_bytes(payload[:-10])
     with pytest.raises(UsageError, match="truncated"):
         read_idx(path)
 
 
-def test_rejects_truncated_gzip_stream(tmp_path, mnist_dir):
-    compressed = (mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes()
+def test_rejects_truncated_gzip_stream(tmp_path, fashion_mnist_dir):
+    compressed = (fashion_mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes()
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(compressed[: len(compressed) // 2])
     with pytest.raises(UsageError, match="re-download"):
@@ -94,12 +95,38 @@ def test_environment_variable_is_searched_before_system_locations(tmp_path, monk
     assert data.source == str(directory) and len(data.train_images) == 12
 
 
+def test_environment_variable_as_a_data_root_holds_one_folder_per_dataset(tmp_path, monkeypatch, fashion_mnist_dir):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    directory = write_idx_dir(tmp_path / "root" / "mnist", train=9, test=3)
+    monkeypatch.setenv("LENET_TF_DATA_DIR", str(tmp_path / "root"))
+    assert load_datasets("mnist").source == str(directory)
+    # A dataset the root has no folder for is searched for further on.
+    assert load_datasets("fashion_mnist").source == str(fashion_mnist_dir)
+
+
 def test_keras_cache_folder_is_found(tmp_path, monkeypatch):
     monkeypatch.delenv("LENET_TF_DATA_DIR", raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     directory = write_idx_dir(tmp_path / "keras" / "datasets" / "mnist", train=9, test=3)
     data = load_datasets("mnist")
     assert data.source == str(directory)
+
+
+def test_keras_cache_npz_is_read_as_keras_writes_it(tmp_path, monkeypatch):
+    """keras.datasets.mnist.load_data() keeps MNIST as one .npz in the Keras cache."""
+    monkeypatch.delenv("LENET_TF_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "keras" / "datasets" / "mnist.npz"
+    npz.parent.mkdir(parents=True)
+    np.savez(npz, x_train=rng.integers(0, 256, (7, 28, 28), dtype=np.uint8), y_train=np.arange(7, dtype=np.uint8),
+             x_test=rng.integers(0, 256, (3, 28, 28), dtype=np.uint8), y_test=np.arange(3, dtype=np.uint8))
+    data = load_datasets("mnist")
+    assert data.source == str(npz)
+    assert data.train_images.shape == (7, 28, 28, 1) and data.train_labels.tolist() == list(range(7))
+    npz.write_bytes(b"not a zip")
+    with pytest.raises(UsageError, match="cannot read .*mnist.npz"):
+        load_datasets("mnist")
 
 
 def test_offline_with_nothing_found_names_every_option(tmp_path, monkeypatch):
@@ -144,7 +171,7 @@ def test_evaluation_pipeline_keeps_order():
     assert order.tolist() == list(range(10))
 
 
-def test_unreadable_data_folder_is_refused(tmp_path, mnist_dir):
+def test_unreadable_data_folder_is_refused(tmp_path):
     """Runs as an unprivileged user (seteuid), since root reads through permission bits."""
     import os
     import subprocess

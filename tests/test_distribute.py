@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from lenet_tf.run_dir import RunDir
+
 from conftest import REPO_ROOT, free_ports, run_cli, wait_for_backed_up_epoch
 
-COMMON = ["--dataset", "mnist", "--activation", "relu", "--format", "", "--image-every-epochs", "0"]
+COMMON = ["--dataset", "fashion_mnist", "--activation", "relu", "--format", "", "--image-every-epochs", "0"]
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -19,7 +21,7 @@ def _metrics(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_mirrored_replicas_match_one_replica(tmp_path, mnist_dir):
+def test_two_mirrored_replicas_match_one_replica(tmp_path, fashion_mnist_dir):
     """Same data, seed and global batch (1 x 128 vs 2 x 64): the same SGD steps.
 
     The tolerance, 1e-3 relative on the losses, allows for float summation
@@ -27,7 +29,7 @@ def test_two_mirrored_replicas_match_one_replica(tmp_path, mnist_dir):
     steps at a learning rate small enough not to amplify it; measured
     differences are about 1e-4.
     """
-    base = [*COMMON, "--data-dir", str(mnist_dir), "--limit-train", "1024", "--limit-test", "500",
+    base = [*COMMON, "--limit-train", "1024", "--limit-test", "500",
             "--epochs", "2", "--learning-rate", "0.05"]
     single = run_cli("train", *base, "--strategy", "default", "--batch-size", "128", "--run-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-3000:]
@@ -45,11 +47,11 @@ def test_two_mirrored_replicas_match_one_replica(tmp_path, mnist_dir):
 
 
 @pytest.mark.slow
-def test_two_workers_on_loopback_train_once_and_only_the_chief_writes(tmp_path, mnist_dir):
+def test_two_workers_on_loopback_train_once_and_only_the_chief_writes(tmp_path, fashion_mnist_dir):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     run_dir, export_dir = tmp_path / "run", tmp_path / "exports"
-    results = _finish(_start_workers(run_dir, mnist_dir, scratch, limit_train=4096, epochs=2, image_every_epochs=1,
+    results = _finish(_start_workers(run_dir, scratch, limit_train=4096, epochs=2, image_every_epochs=1,
                                      formats="saved_model,tflite"))
     assert [returncode for returncode, _, _ in results] == [0, 0], "\n".join(err[-2000:] for _, _, err in results)
     outputs = [stdout for _, stdout, _ in results]
@@ -57,13 +59,14 @@ def test_two_workers_on_loopback_train_once_and_only_the_chief_writes(tmp_path, 
     assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2
     assert metrics["global_batch_size"] == 128
     assert metrics["test_accuracy"] > 0.3  # Chance is 0.1.
-    # Both workers saw the same global metrics each epoch.
-    assert "loss 1." in outputs[0] or "loss 0." in outputs[0]
+    # Both workers saw the same global metrics each epoch, and they went down
+    # from the untrained ln(10) = 2.30.
     chief_line = [line for line in outputs[0].splitlines() if line.startswith("loss ")]
     worker_line = [line for line in outputs[1].splitlines() if line.startswith("loss ")]
-    assert chief_line == worker_line
+    assert len(chief_line) == 1 and chief_line[0].split(",")[:3] == worker_line[0].split(",")[:3]
+    assert float(chief_line[0].split(",")[0].split()[1]) < 1.5
     # The chief's outputs exist once; the other worker's scratch folders are gone.
-    versions = sorted(path.name for path in (export_dir / "lenet_mnist").iterdir())
+    versions = sorted(path.name for path in (export_dir / "lenet_fashion_mnist").iterdir())
     assert versions == ["1"]
     assert (run_dir / "checkpoints" / "last.keras").is_file()
     assert not [path for path in scratch.iterdir() if path.name.startswith("lenet-worker")]
@@ -89,7 +92,7 @@ def test_multi_worker_without_cluster_is_one_line(tmp_path):
     assert completed.returncode == 2 and "--task-index 5 is outside --worker-hosts" in completed.stderr
 
 
-def _start_workers(run_dir: Path, mnist_dir: Path, scratch: Path, run_dirs: list[Path] | None = None,
+def _start_workers(run_dir: Path, scratch: Path, run_dirs: list[Path] | None = None,
                    limit_train: int = 8192, epochs: int = 4, image_every_epochs: int = 0,
                    formats: str = "saved_model") -> list[subprocess.Popen]:
     """Two workers on fresh loopback ports, exporting beside `run_dir`; `run_dirs` gives each its own --run-dir."""
@@ -97,8 +100,7 @@ def _start_workers(run_dir: Path, mnist_dir: Path, scratch: Path, run_dirs: list
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch))
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "lenet_tf", "train", "--dataset", "mnist", "--data-dir", str(mnist_dir),
-             "--limit-train", str(limit_train), "--limit-test", "512", "--epochs", str(epochs), "--batch-size", "64",
+            [sys.executable, "-m", "lenet_tf", "train", "--dataset", "fashion_mnist", "--limit-train", str(limit_train), "--limit-test", "512", "--epochs", str(epochs), "--batch-size", "64",
              "--activation", "relu", "--learning-rate", "0.1", "--image-every-epochs", str(image_every_epochs),
              "--strategy", "multi_worker", "--worker-hosts", hosts, "--task-index", str(index),
              "--run-dir", str((run_dirs or [run_dir, run_dir])[index]), "--export-dir", str(run_dir.parent / "exports"),
@@ -120,12 +122,12 @@ def _finish(workers: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
 
 
 @pytest.mark.slow
-def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, mnist_dir):
+def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, fashion_mnist_dir):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     run_dir = tmp_path / "run"
-    workers = _start_workers(run_dir, mnist_dir, scratch)
-    metadata = run_dir / "backup" / "training_metadata.json"
+    workers = _start_workers(run_dir, scratch)
+    metadata = RunDir(run_dir).backup_metadata
     backed_up_epochs = wait_for_backed_up_epoch(metadata, workers)
     for worker in workers:
         worker.send_signal(signal.SIGKILL)
@@ -137,7 +139,7 @@ def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, mni
 
     # A worker that cannot see the chief's backup (here: another run folder)
     # would start over while the chief resumes: both stop with one line.
-    mismatched = _finish(_start_workers(run_dir, mnist_dir, scratch, run_dirs=[run_dir, tmp_path / "elsewhere"]))
+    mismatched = _finish(_start_workers(run_dir, scratch, run_dirs=[run_dir, tmp_path / "elsewhere"]))
     for returncode, _, stderr in mismatched:
         assert returncode == 2, stderr[-2000:]
         last_line = stderr.strip().splitlines()[-1]
@@ -145,7 +147,7 @@ def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, mni
         assert "Traceback" not in stderr
     assert {path.name: path.read_bytes() for path in metadata.parent.iterdir()} == backup_files  # Untouched.
 
-    results = _finish(_start_workers(run_dir, mnist_dir, scratch))
+    results = _finish(_start_workers(run_dir, scratch))
     assert [returncode for returncode, _, _ in results] == [0, 0], "\n".join(err[-2000:] for _, _, err in results)
     epochs_started = [[int(line.split()[1].split("/")[0]) for line in stdout.splitlines() if line.startswith("Epoch ")]
                       for _, stdout, _ in results]
@@ -155,6 +157,7 @@ def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, mni
     final_lines = [[line for line in stdout.splitlines() if line.startswith("loss ")] for _, stdout, _ in results]
     assert final_lines[0] == final_lines[1]
     metrics = _metrics(run_dir)
-    assert len(metrics["history"]["loss"]) == 4 and metrics["test_accuracy"] > 0.8
+    # Chance is 0.1; four epochs on 8,192 Fashion-MNIST images measure about 0.8.
+    assert len(metrics["history"]["loss"]) == 4 and metrics["test_accuracy"] > 0.7
     assert not (run_dir / "backup").exists()  # Deleted by the chief once complete.
     assert not [path for path in scratch.iterdir() if path.name.startswith("lenet-worker")]

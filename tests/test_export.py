@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from lenet_tf.config import TrainConfig
-from lenet_tf.export import (
-    METADATA_FILE, check_parity, export_model, parity_report, sha256_of,
-)
+from lenet_tf.export import check_parity, export_model, parity_report
+from lenet_tf.inference import METADATA_FILE, sha256_of
+from lenet_tf.registry import dataset_info
+from lenet_tf.run_dir import RunDir
 from lenet_tf.train import train_and_evaluate
 
 from conftest import REPO_ROOT, run_cli
@@ -23,14 +24,15 @@ ALL_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir):
-    """A ReLU LeNet trained for 2 epochs on 6,000 real MNIST images, exported in every format."""
+def trained(tmp_path_factory, fashion_mnist_dir):
+    """A ReLU LeNet trained for 2 epochs on 6,000 real Fashion-MNIST images, exported in every format."""
     from lenet_tf.data import load_idx_dir
 
     root = tmp_path_factory.mktemp("export")
-    datasets = load_idx_dir(mnist_dir).limited(6000, 500)
+    datasets = load_idx_dir(fashion_mnist_dir).limited(6000, 500)
     config = TrainConfig(
-        dataset="mnist", epochs=2, batch_size=32, activation="relu", learning_rate=0.1, data_dir=str(mnist_dir),
+        dataset="fashion_mnist", epochs=2, batch_size=32, activation="relu", learning_rate=0.1,
+        data_dir=str(fashion_mnist_dir),
         limit_train=6000, limit_test=500,
         run_dir=str(root / "run"), export_dir=str(root / "exports"), export_formats=ALL_FORMATS,
     )
@@ -41,12 +43,12 @@ def trained(tmp_path_factory, mnist_dir):
 def test_every_format_lands_in_a_numbered_version_with_a_model_card(trained):
     config, metrics, _ = trained
     version_dir = Path(metrics["export_version_dir"])
-    assert version_dir == Path(config.export_dir) / "lenet_mnist" / "1"
+    assert version_dir == Path(config.export_dir) / "lenet_fashion_mnist" / "1"
     names = sorted(path.name for path in version_dir.glob("*.tflite"))
     assert names == ["lenet.dynamic.tflite", "lenet.float16.tflite", "lenet.float32.tflite", "lenet.int8.tflite"]
     assert (version_dir / "lenet.onnx").is_file()
     card = json.loads((version_dir / METADATA_FILE).read_text())
-    assert card["class_names"] == [str(digit) for digit in range(10)]
+    assert card["class_names"] == list(dataset_info("fashion_mnist").class_names)
     assert card["input"]["dtype"] == "uint8" and card["input"]["shape"] == [None, 28, 28, 1]
     assert card["training_config"]["epochs"] == 2
     assert card["metrics"]["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
@@ -61,7 +63,7 @@ def test_parity_numbers_meet_the_bounds(trained):
     config, metrics, _ = trained
     parity = json.loads((Path(metrics["export_version_dir"]) / METADATA_FILE).read_text())["parity"]
     keras_accuracy = parity["keras"]["test_accuracy"]
-    assert keras_accuracy > 0.85
+    assert keras_accuracy > 0.5  # Chance is 0.1; two epochs on 6,000 Fashion-MNIST images measured 0.65.
     for name in ("saved_model", "float32", "onnx"):
         assert parity[name]["max_abs_probability_diff"] <= 1e-4
         assert parity[name]["top1_agreement"] == 1.0
@@ -103,7 +105,7 @@ print(json.dumps({{
     assert report["hw_equal"]
     import keras
 
-    model = keras.models.load_model(Path(metrics["exports"]["saved_model"]).parent.parent.parent / "run" / "checkpoints" / "last.keras")
+    model = keras.models.load_model(RunDir(trained[0].run_dir).checkpoint)
     expected = keras.ops.convert_to_numpy(keras.ops.softmax(model(datasets.test_images[:64])))
     np.testing.assert_allclose(np.array(report["probabilities"]), expected, atol=1e-4)
     assert report["class_id"] == expected.argmax(axis=1).tolist()
@@ -115,7 +117,7 @@ def test_tflite_float32_matches_keras_in_a_fresh_process(trained):
                         "--limit-test", "500", "--json")
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout)
-    assert result["format"] == "tflite" and result["dataset"] == "mnist"
+    assert result["format"] == "tflite" and result["dataset"] == "fashion_mnist"
     assert result["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
     assert np.array(result["confusion_matrix"]).sum() == 500
 
@@ -124,14 +126,14 @@ def test_versions_increase_and_never_overwrite(trained, tmp_path):
     config, metrics, datasets = trained
     import keras
 
-    model = keras.models.load_model(Path(config.run_dir) / "checkpoints" / "last.keras")
+    model = keras.models.load_model(RunDir(config.run_dir).checkpoint)
     small = TrainConfig(**{**config.to_json_dict(), "export_dir": str(tmp_path), "export_formats": ("saved_model",)})
     first = export_model(model, small, datasets.limited(100, 100))
     first_hash = sha256_of(first.version_dir / "saved_model.pb")
     second = export_model(model, small, datasets.limited(100, 100))
     assert [first.version_dir.name, second.version_dir.name] == ["1", "2"]
     assert sha256_of(first.version_dir / "saved_model.pb") == first_hash
-    assert sorted(p.name for p in (tmp_path / "lenet_mnist").iterdir()) == ["1", "2"]
+    assert sorted(p.name for p in (tmp_path / "lenet_fashion_mnist").iterdir()) == ["1", "2"]
 
 
 def test_broken_parity_bound_fails_loudly():
@@ -153,7 +155,7 @@ def test_export_killed_midway_leaves_previous_versions_and_no_partial_version(tr
     export_dir = tmp_path / "exports"
     first = run_cli("export", "--run-dir", config.run_dir, "--export-dir", str(export_dir), "--format", "saved_model")
     assert first.returncode == 0, first.stderr[-3000:]
-    model_dir = export_dir / "lenet_mnist"
+    model_dir = export_dir / "lenet_fashion_mnist"
     before = {p.name: sha256_of(p / "saved_model.pb") for p in model_dir.iterdir() if p.name.isdigit()}
     assert list(before) == ["1"]
     process = subprocess.Popen(

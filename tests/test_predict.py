@@ -8,6 +8,7 @@ from PIL import Image
 
 from lenet_tf.errors import UsageError
 from lenet_tf.images import frame, load_image
+from lenet_tf.registry import dataset_info
 
 from conftest import run_cli
 
@@ -101,7 +102,7 @@ def test_framing_matches_the_dataset_look():
     canvas[20:120, 40:90] = 0
     image = Image.fromarray(canvas.astype(np.uint8))
     grey = 255 - np.asarray(image, np.float32)
-    framed = frame(grey, 28)
+    framed = frame(grey, dataset_info("fashion_mnist").framing)
     rows, columns = np.nonzero(framed > 25)
     assert rows.min() == 0 and rows.max() == 27  # The longer side fills the frame.
     assert abs((columns.min() + columns.max()) / 2 - 13.5) <= 1  # Centred horizontally.

@@ -1,4 +1,4 @@
-"""Fault tolerance: SIGKILL and resume, diverged runs, unwritable or full output folders."""
+"""Fault tolerance: SIGKILL and resume, damaged backups, unwritable or full output folders, run-folder locks."""
 
 import json
 import os
@@ -12,22 +12,22 @@ import pytest
 from lenet_tf.config import TrainConfig
 from lenet_tf.errors import UsageError
 from lenet_tf.io_utils import ensure_writable_dir
-from lenet_tf.train import CHECKPOINT_FILE, train_and_evaluate
+from lenet_tf.run_dir import RunDir
+from lenet_tf.train import train_and_evaluate
 
 from conftest import REPO_ROOT, read_scalars, wait_for_backed_up_epoch
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_backup_and_finishes(tmp_path, mnist_dir):
+def test_killed_run_resumes_from_its_backup_and_finishes(tmp_path, fashion_mnist_dir):
     run_dir, export_dir = tmp_path / "run", tmp_path / "exports"
-    command = [sys.executable, "-m", "lenet_tf", "train", "--dataset", "mnist", "--data-dir", str(mnist_dir),
+    command = [sys.executable, "-m", "lenet_tf", "train", "--dataset", "fashion_mnist",
                "--limit-train", "20000", "--limit-test", "1000", "--epochs", "5", "--batch-size", "64",
                "--activation", "relu", "--learning-rate", "0.1", "--run-dir", str(run_dir),
                "--export-dir", str(export_dir), "--image-every-epochs", "0"]
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     first = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metadata = run_dir / "backup" / "training_metadata.json"
-    backed_up_epochs = wait_for_backed_up_epoch(metadata, [first])
+    backed_up_epochs = wait_for_backed_up_epoch(RunDir(run_dir).backup_metadata, [first])
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert backed_up_epochs >= 1
@@ -43,28 +43,13 @@ def test_killed_run_resumes_from_its_backup_and_finishes(tmp_path, mnist_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs_run_this_session"] == len(epochs_started) < 5
     assert len(metrics["history"]["loss"]) == 5  # The whole run, across both sessions.
-    assert metrics["test_accuracy"] > 0.9
+    assert metrics["test_accuracy"] > 0.8  # Chance is 0.1; five epochs on 20,000 Fashion-MNIST images: about 0.85.
     steps = [step for step, _ in read_scalars(run_dir / "logs" / "train")["epoch_loss"]]
     assert sorted(set(steps)) == [0, 1, 2, 3, 4]
     version = Path(metrics["export_version_dir"])
     card = json.loads((version / "metadata.json").read_text())
     assert card["parity"]["float32"]["top1_agreement"] == 1.0
     assert not (run_dir / "backup").exists()  # Cleared once the run completed.
-
-
-def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_real_datasets):
-    import keras
-    import numpy as np
-
-    base = dict(dataset="mnist", batch_size=64, activation="relu", run_dir=str(tmp_path / "run"),
-                export_formats=(), image_every_epochs=0)
-    train_and_evaluate(TrainConfig(epochs=1, learning_rate=0.1, **base), datasets=small_real_datasets)
-    good = keras.models.load_model(tmp_path / "run" / CHECKPOINT_FILE).get_weights()
-    with pytest.raises(UsageError, match=r"the loss became nan \(diverged\); lower --learning-rate"):
-        train_and_evaluate(TrainConfig(epochs=3, learning_rate=1e6, **base), datasets=small_real_datasets)
-    kept = keras.models.load_model(tmp_path / "run" / CHECKPOINT_FILE).get_weights()
-    assert all(np.array_equal(a, b) for a, b in zip(good, kept))
-    assert all(np.isfinite(weight).all() for weight in kept)
 
 
 def test_output_folder_without_enough_free_space_is_refused(tmp_path):
@@ -81,38 +66,50 @@ def test_read_only_output_folder_is_refused_before_training(tmp_path, small_real
         read_only = tmp_path / "locked"
         read_only.mkdir()
         read_only.chmod(0o500)
-    config = TrainConfig(dataset="mnist", run_dir=str(read_only / "run"), export_formats=())
+    config = TrainConfig(dataset="fashion_mnist", run_dir=str(read_only / "run"), export_formats=())
     with pytest.raises(UsageError, match="cannot write the run directory"):
         train_and_evaluate(config, datasets=small_real_datasets)
 
 
-def test_backup_with_a_half_written_epoch_record_falls_back_to_the_previous_one(tmp_path):
-    """A kill while Keras writes its backup metadata leaves it truncated; the
-    previous backup (double_checkpoint) is used instead of crashing the resume."""
+def test_backup_is_atomic_and_a_damaged_one_is_one_line(tmp_path):
+    """Every backup names weights that were completely written; a backup damaged
+    anyway (a disk error, a user's edit) stops the resume with what to do."""
     import keras
+    import numpy as np
 
-    from lenet_tf.callbacks import GuardedBackupAndRestore
-    from lenet_tf.train import build_compiled_model
+    from lenet_tf.callbacks import Backup
+    from lenet_tf.optimization import build_compiled_model
 
+    backup = Backup(tmp_path / "backup")
     model = build_compiled_model(TrainConfig())
-    backup = GuardedBackupAndRestore(str(tmp_path / "backup"), double_checkpoint=True)
-    backup.set_model(model)
-    backup.on_epoch_end(0, {"loss": 1.0})
-    backup.on_epoch_end(1, {"loss": 0.9})  # Epoch 1's files become the previous pair.
-    metadata = tmp_path / "backup" / "training_metadata.json"
-    metadata.write_text(metadata.read_text()[:5])  # Cut short, as a kill mid-write would.
+    assert backup.restore(model) == 0  # No backup yet: start from epoch 0.
+    backup.save(model, 1)
+    model.get_layer("conv1").kernel.assign(np.ones((5, 5, 1, 6), np.float32))
+    backup.save(model, 2)
+    assert sorted(path.name for path in backup.directory.iterdir()) == [
+        f"epoch-2.{os.getpid()}.weights.h5", "training_metadata.json"]  # Only the latest weights are kept.
 
-    resumed_model = build_compiled_model(TrainConfig())
-    resumed = GuardedBackupAndRestore(str(tmp_path / "backup"), double_checkpoint=True)
-    resumed.set_model(resumed_model)
-    resumed.on_train_begin()
-    assert resumed_model._initial_epoch == 1  # Resumes after the first epoch, not from scratch.
-    assert keras.ops.convert_to_numpy(resumed_model.get_layer("conv1").kernel).shape == (5, 5, 1, 6)
+    resumed = build_compiled_model(TrainConfig())
+    assert Backup(tmp_path / "backup").restore(resumed) == 2
+    assert np.array_equal(keras.ops.convert_to_numpy(resumed.get_layer("conv1").kernel), np.ones((5, 5, 1, 6)))
+    assert resumed.optimizer.built  # Its state came back with the weights.
 
-    # With no previous pair to fall back on, the user is told what to do.
-    metadata.write_text(metadata.read_text()[:5])
-    (tmp_path / "backup" / "training_metadata.json.bkp").unlink()
-    again = GuardedBackupAndRestore(str(tmp_path / "backup"), double_checkpoint=True)
-    again.set_model(build_compiled_model(TrainConfig()))
-    with pytest.raises(UsageError, match="is damaged .* delete that folder"):
-        again.on_train_begin()
+    weights = next(backup.directory.glob("*.weights.h5"))
+    weights.write_bytes(weights.read_bytes()[:100])  # Damaged after it was written.
+    with pytest.raises(UsageError, match=r"the backup in .*backup is damaged \(.*\); delete that folder"):
+        Backup(tmp_path / "backup").restore(build_compiled_model(TrainConfig()))
+    backup.record_path.write_text('{"epoch": 2')
+    with pytest.raises(UsageError, match="is damaged"):
+        Backup(tmp_path / "backup").epochs_done()
+
+
+def test_a_kill_while_the_backup_is_written_leaves_the_previous_one(tmp_path):
+    """Weights half-written by a killed save are never named by the record."""
+    from lenet_tf.callbacks import Backup
+    from lenet_tf.optimization import build_compiled_model
+
+    backup = Backup(tmp_path / "backup")
+    model = build_compiled_model(TrainConfig())
+    backup.save(model, 3)
+    (backup.directory / f"epoch-4.{os.getpid() + 1}.weights.h5").write_bytes(b"\x89HDF\r\n")  # Cut short.
+    assert Backup(tmp_path / "backup").restore(build_compiled_model(TrainConfig())) == 3

@@ -1,0 +1,106 @@
+"""What every benchmark shares: statistics, the machine's description, synthetic
+data, the plain-Keras baseline, and writing Markdown between marker lines."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
+
+
+def synthetic_data(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, count).astype(np.int32)
+
+
+def plain_keras_model():
+    """The book's LeNet as a tutorial writes it: float32 inputs already scaled to [0, 1]."""
+    import keras
+    from keras import layers
+
+    model = keras.Sequential([
+        keras.Input(shape=(28, 28, 1)),
+        layers.Conv2D(6, 5, padding="same", activation="sigmoid"),
+        layers.AveragePooling2D(2, 2),
+        layers.Conv2D(16, 5, activation="sigmoid"),
+        layers.AveragePooling2D(2, 2),
+        layers.Flatten(),
+        layers.Dense(120, activation="sigmoid"),
+        layers.Dense(84, activation="sigmoid"),
+        layers.Dense(10),
+    ])
+    model.compile(optimizer=keras.optimizers.SGD(0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+
+class EpochTimer:
+    """Collects per-epoch wall times inside model.fit."""
+
+    def __new__(cls):
+        import keras
+
+        class Timer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.seconds: list[float] = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self._start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds.append(time.perf_counter() - self._start)
+
+        return Timer()
+
+
+def machine_description() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import keras
+    import tensorflow as tf
+
+    return {"cpu": model, "cores": os.cpu_count(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "date": datetime.date.today().isoformat(),
+            "gpus": [device.name for device in tf.config.list_physical_devices("GPU")]}
+
+
+def has_markers(path: Path) -> bool:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return False
+    return README_START in lines and README_END in lines and lines.index(README_START) < lines.index(README_END)
+
+
+def replace_between_markers(path: Path, markdown: str) -> None:
+    """Replaces what lies between the marker lines, so the README's numbers are the bench's."""
+    from lenet_tf.io_utils import write_text_atomic
+
+    text = path.read_text()
+    head, rest = text.split(README_START + "\n", 1)
+    _, tail = rest.split(README_END, 1)
+    write_text_atomic(path, f"{head}{README_START}\n{markdown.strip()}\n{README_END}{tail}")
+
+
+def table_cell(summary: dict[str, float]) -> str:
+    return f"{summary['median']:,.0f} ({summary['min']:,.0f}..{summary['max']:,.0f})"

@@ -1,0 +1,75 @@
+"""Batch-1 latency, size and parity of every exported format."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _latency(call: Callable[[], Any], calls: int) -> dict[str, float]:
+    for _ in range(min(100, calls)):
+        call()
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter_ns()
+        call()
+        samples.append((time.perf_counter_ns() - start) / 1000)
+    return {"p50_us": float(np.percentile(samples, 50)), "p99_us": float(np.percentile(samples, 99)), "calls": calls}
+
+
+def bench_exports(version_dir: Path, calls: int) -> dict[str, Any]:
+    """Batch-1 latency of the SavedModel signature and each TFLite file, plus size and parity."""
+    import tensorflow as tf
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lenet_tf.inference import INPUT_KEY, METADATA_FILE, SIGNATURE_KEY
+    from lenet_tf.quiet import native_stderr_silenced
+
+    card = json.loads((version_dir / METADATA_FILE).read_text())
+    image = np.zeros((1, 28, 28, 1), np.uint8)
+    results = {}
+    serve = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE_KEY]
+    tensor = tf.constant(image)
+    saved_model_bytes = sum(entry["bytes"] for name, entry in card["files"].items()
+                            if not name.endswith((".tflite", ".onnx")))
+    results["saved_model"] = {"bytes": saved_model_bytes, **_latency(lambda: serve(image=tensor), max(200, calls // 10))}
+    for path in sorted(version_dir.glob("*.tflite")):
+        variant = path.name.split(".")[1]
+        with native_stderr_silenced():
+            runner_interpreter = Interpreter(model_path=str(path))
+            direct = Interpreter(model_path=str(path))
+        runner = runner_interpreter.get_signature_runner(SIGNATURE_KEY)
+        runner_latency = _latency(lambda runner=runner: runner(**{INPUT_KEY: image}), calls)
+        # The interpreter API proper (set_tensor, invoke, get_tensor) skips the
+        # signature runner's per-call dictionary and shape checks. A second
+        # interpreter, so no array from the runner pins the first one's buffers.
+        details = direct.get_signature_runner(SIGNATURE_KEY)
+        input_details = details.get_input_details()[INPUT_KEY]
+        output_index = details.get_output_details()["probabilities"]["index"]
+        del details  # It holds the interpreter's buffers, which allocate_tensors refuses.
+        direct.allocate_tensors()
+        feed = image.astype(input_details["dtype"])
+
+        def invoke(direct=direct, input_index=input_details["index"], output_index=output_index, feed=feed):
+            direct.set_tensor(input_index, feed)
+            direct.invoke()
+            return direct.get_tensor(output_index)
+
+        results[variant] = {"bytes": path.stat().st_size, **_latency(invoke, calls),
+                            "signature_runner_p50_us": runner_latency["p50_us"]}
+    onnx_path = version_dir / "lenet.onnx"
+    if onnx_path.is_file():
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        results["onnx"] = {"bytes": onnx_path.stat().st_size,
+                           **_latency(lambda: session.run(["probabilities"], {"image": image}), calls)}
+    for name, numbers in results.items():
+        numbers.update(card["parity"].get(name, {}))
+    results["_keras_test_accuracy"] = card["parity"]["keras"]["test_accuracy"]
+    return results

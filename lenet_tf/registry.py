@@ -1,0 +1,133 @@
+"""The datasets this package knows, one entry each: every fact about a dataset in one place.
+
+An entry says what the classes are called, where each source keeps the
+files, how the dataset frames an object in its 28x28 images (so `predict`
+and the web page can frame a user's picture the same way) and whether a
+left-right mirror image keeps its class (so augmentation and test-time
+flips are only used where they are safe). Adding a dataset of 28x28 grey
+images with ten classes in the four standard IDX files (KMNIST, say) is one
+`register_dataset(...)` call:
+
+    register_dataset(DatasetInfo(
+        name="kmnist", class_names=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+        folder_name="kmnist", tfds_name="kmnist", framing=Framing(longest_side=28, centre="mass"),
+        flip_keeps_class=False,
+    ))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lenet_tf.errors import UsageError
+
+# Every dataset here is 28x28 grey images in ten classes: the model's input and
+# output sizes are these, whatever the dataset.
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+
+# The four standard IDX file stems; each may be stored as .gz or uncompressed.
+IDX_STEMS = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a dataset placed each object in its 28x28 images.
+
+    The object's bounding box is scaled, keeping its aspect ratio, until its
+    longer side is `longest_side` pixels, then placed on a black 28x28 canvas
+    with its centre of mass (`centre="mass"`) or the centre of its bounding
+    box (`centre="box"`) at the canvas centre.
+    """
+
+    longest_side: int
+    centre: str = "box"
+
+    def __post_init__(self):
+        if self.centre not in ("box", "mass"):
+            raise ValueError(f"Framing.centre must be 'box' or 'mass' (got {self.centre!r})")
+        if not 1 <= self.longest_side <= IMAGE_SIZE:
+            raise ValueError(f"Framing.longest_side must be 1..{IMAGE_SIZE} (got {self.longest_side})")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One dataset: its name, classes, sources, framing and flip safety."""
+
+    name: str  # As in --dataset and tensorflow_datasets, e.g. "fashion_mnist".
+    class_names: tuple[str, ...]
+    # Sub-folder name under a data root such as the Keras cache (~/.keras/datasets/<folder_name>/).
+    folder_name: str
+    tfds_name: str
+    framing: Framing
+    # Whether a left-right mirror image still shows the same class: true for
+    # clothes, false for digits (a mirrored 3 is not a 3).
+    flip_keeps_class: bool
+    # A system folder that a package manager fills (Debian's dataset-fashion-mnist), if any.
+    system_dir: Path | None = None
+    # How to get the files on this kind of machine, for the "no data found" message.
+    install_hint: str = ""
+    # Keras's own download of this dataset: a single .npz in the Keras cache, if it has one.
+    keras_npz_name: str | None = None
+
+    def __post_init__(self):
+        if len(self.class_names) != NUM_CLASSES:
+            raise ValueError(f"{self.name}: the model has {NUM_CLASSES} outputs, got {len(self.class_names)} class names")
+
+
+_REGISTRY: dict[str, DatasetInfo] = {}
+
+
+def register_dataset(info: DatasetInfo) -> DatasetInfo:
+    """Adds (or replaces) a dataset; from then on --dataset accepts its name."""
+    _REGISTRY[info.name] = info
+    return info
+
+
+def unregister_dataset(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def dataset_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The registered dataset called `name`, or a UsageError listing the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"--dataset must be one of {', '.join(_REGISTRY)} (got {name!r})") from None
+
+
+register_dataset(DatasetInfo(
+    name="fashion_mnist",
+    class_names=("t-shirt", "trouser", "pullover", "dress", "coat",
+                 "sandal", "shirt", "sneaker", "bag", "ankle boot"),
+    folder_name="fashion-mnist",
+    tfds_name="fashion_mnist",
+    # Xiao, Rasul, Vollgraf 2017: each product image was trimmed, resized so
+    # its longest edge is 28 pixels, and centred.
+    framing=Framing(longest_side=28, centre="box"),
+    flip_keeps_class=True,
+    system_dir=Path("/usr/share/datasets/fashion-mnist"),
+    install_hint="run `apt-get install dataset-fashion-mnist`",
+))
+
+register_dataset(DatasetInfo(
+    name="mnist",
+    class_names=tuple(str(digit) for digit in range(10)),
+    folder_name="mnist",
+    tfds_name="mnist",
+    # LeCun et al.: each digit was size-normalised to fit a 20x20 box keeping
+    # its aspect ratio, then centred in 28x28 by its centre of mass.
+    framing=Framing(longest_side=20, centre="mass"),
+    flip_keeps_class=False,
+    keras_npz_name="mnist.npz",
+))

@@ -1,0 +1,143 @@
+"""What a run folder holds, in one place: training writes it, export, evaluation and the benchmarks read it.
+
+    <run_dir>/
+        config.json            the resolved TrainConfig of the run
+        metrics.json           final metrics, written last (its presence means the run finished)
+        history.json           every epoch's logs, across interruptions
+        curves.png             the book's training plot
+        checkpoints/last.keras the latest complete epoch's model
+        backup/                Keras BackupAndRestore state while a run is unfinished
+        logs/                  TensorBoard event files
+        .lock                  who is running in this folder now
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from lenet_tf.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.json"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "last.keras"
+
+    @property
+    def backup(self) -> Path:
+        return self.root / "backup"
+
+    @property
+    def backup_metadata(self) -> Path:
+        """Keras BackupAndRestore's record of the last backed-up epoch."""
+        return self.backup / "training_metadata.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def has_checkpoint(self) -> bool:
+        return self.config.is_file() and self.checkpoint.is_file()
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+
+@contextlib.contextmanager
+def holding(run_dir: RunDir, purpose: str, exclusive: bool = True) -> Iterator[None]:
+    """Holds the run folder's lock for the duration: one training at a time,
+    and no export reading the checkpoint while a training writes it.
+
+    Training holds it exclusively, exports share it. The lock is the
+    operating system's (flock), so it goes away with its process, however
+    that process ends: a run killed with SIGKILL never blocks its rerun.
+    The exclusive holder records who it is, for the message another process
+    gets; a holder on another host sharing the folder is reported the same
+    way, never broken. Where the file system cannot lock, nothing is enforced.
+    """
+    import fcntl
+
+    try:
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(run_dir.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise UsageError(f"cannot write the run directory {run_dir}: {error.strerror}; choose a writable folder") from None
+    try:
+        try:
+            fcntl.flock(descriptor, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"the run directory {run_dir} is in use by {_holder(descriptor)}; wait for it to "
+                             "finish, or pass another --run-dir") from None
+        except OSError:
+            pass  # A file system without locks (some network mounts): run unguarded.
+        if exclusive:
+            _record_holder(descriptor, purpose)
+        yield
+    finally:
+        os.close(descriptor)  # Releases the lock.
+
+
+def _record_holder(descriptor: int, purpose: str) -> None:
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+              "since": datetime.datetime.now().isoformat(timespec="seconds")}
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+    except OSError:
+        pass  # Only the message to a second process needs it.
+
+
+def _holder(descriptor: int) -> str:
+    unknown = "another process (an export reading its checkpoint, or one that has just started)"
+    try:
+        holder = json.loads(os.pread(descriptor, 4096, 0).decode())
+        pid, host = int(holder["pid"]), str(holder["host"])
+        if host == socket.gethostname() and not process_alive(pid):
+            return unknown  # The record of an earlier holder; the lock is someone else's.
+        return f"{holder['purpose']} process {pid} on host {host} (since {holder['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return unknown
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Alive, owned by someone else.
+    return True

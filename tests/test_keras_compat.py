@@ -1,0 +1,87 @@
+"""The Keras workarounds in lenet_tf.keras_compat: one test each that they work,
+and a strict-xfail canary each that starts passing, and so fails the suite,
+when an upgrade of Keras fixes the upstream bug (then delete the workaround)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lenet_tf.keras_compat import steps_per_execution_for
+
+from conftest import REPO_ROOT, free_ports
+
+# A tiny model.fit under a strategy, in a process of its own (a strategy's
+# devices and collectives must be set up before TensorFlow starts).
+FIT_SCRIPT = """
+import json, os, sys
+import numpy as np, tensorflow as tf, keras
+strategy_name, steps_per_execution, workaround = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+if strategy_name == "mirrored":
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+else:
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+images = np.random.default_rng(0).random((256, 4)).astype("float32")
+labels = (images.sum(axis=1) > 2).astype("int32")
+data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(32)
+with strategy.scope():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+                  steps_per_execution=steps_per_execution)
+if workaround:
+    from lenet_tf.keras_compat import adapt_model_for_multi_worker
+    adapt_model_for_multi_worker(model, strategy, next(iter(data)))
+history = model.fit(data, epochs=1, verbose=0)
+print("loss", history.history["loss"][-1])
+"""
+
+
+def _fit(strategy_name: str, steps_per_execution: int, workaround: bool, workers: int = 1) -> list[int]:
+    """Exit codes of `workers` processes running FIT_SCRIPT together."""
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(workers)]
+    processes = []
+    for index in range(workers):
+        environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="3",
+                           TF_CONFIG=json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}))
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", FIT_SCRIPT, strategy_name, str(steps_per_execution), "1" if workaround else "0"],
+            env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    codes = []
+    for process in processes:
+        try:
+            process.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        codes.append(process.returncode)
+    return codes
+
+
+def test_steps_per_execution_applies_only_outside_distribution_strategies():
+    import tensorflow as tf
+
+    assert steps_per_execution_for(64) == 64
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        assert steps_per_execution_for(64) == 1
+
+
+@pytest.mark.xfail(strict=True, reason="keras-team/keras#19246: steps_per_execution > 1 fails under MirroredStrategy; "
+                                       "when this passes, drop keras_compat.steps_per_execution_for")
+def test_canary_steps_per_execution_under_mirrored_strategy():
+    assert _fit("mirrored", steps_per_execution=4, workaround=False) == [0]
+
+
+@pytest.mark.slow
+def test_multi_worker_workaround_lets_two_workers_fit():
+    assert _fit("multi_worker", steps_per_execution=1, workaround=True, workers=2) == [0, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="keras-team/keras#20585: model.fit fails under MultiWorkerMirroredStrategy "
+                                       "with two workers; when this passes, drop keras_compat.adapt_model_for_multi_worker")
+def test_canary_plain_fit_with_two_workers():
+    assert _fit("multi_worker", steps_per_execution=1, workaround=False, workers=2) == [0, 0]
