@@ -108,7 +108,9 @@ class Backup:
             return None
         try:
             record = json.loads(self.record_path.read_text())
-            int(record["epoch"]), str(record["weights"])
+            int(record["epoch"])
+            if not (self.directory / str(record["weights"])).is_file():
+                raise FileNotFoundError(f"{record['weights']} is missing")
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise self._damaged(error) from None
         return record

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -55,10 +56,18 @@ def reporting_full_disk(path: Path):
     except OSError as error:
         if not is_full_disk_error(error):
             raise
-        raise StoppedError(
-            f"no space left on the device to write {path}; free some space and run the same command "
-            "again: the run resumes from its last backup"
-        ) from None
+        raise StoppedError(full_disk_message(error, path)) from None
+
+
+def full_disk_message(error: BaseException, where: Path) -> str:
+    """One line for a run stopped by a full disk: the file, when the error names one, and what to do."""
+    path = getattr(error, "filename", None) or where
+    if not isinstance(error, OSError):  # TensorFlow names the file inside its message.
+        roots = (str(where), str(Path(where).resolve()))
+        named = [token for token in re.findall(r"/[^\s;:'\"]+", str(error)) if token.startswith(roots)]
+        path = named[0] if named else where
+    return (f"no space left on the device to write {path}; free some space and run the same command "
+            "again: the run resumes from its last backup")
 
 
 def is_full_disk_error(error: BaseException) -> bool:

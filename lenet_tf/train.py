@@ -34,7 +34,8 @@ from lenet_tf.data import Datasets, load_datasets, make_dataset
 from lenet_tf.distribute import Placement, make_placement
 from lenet_tf.errors import StoppedError, UsageError
 from lenet_tf.io_utils import (
-    ensure_writable_dir, is_full_disk_error, peak_rss_mib, reporting_full_disk, write_json_atomic,
+    ensure_writable_dir, full_disk_message, is_full_disk_error, peak_rss_mib, reporting_full_disk,
+    write_json_atomic,
 )
 from lenet_tf.keras_compat import adapt_model_for_multi_worker
 from lenet_tf.model import build_model
@@ -102,9 +103,10 @@ def train_and_evaluate(
         # A full disk can surface from any library that writes (Keras, h5py,
         # TensorFlow's event writer), in any of their exception types.
         if is_full_disk_error(error):
-            raise StoppedError(
-                f"no space left on the device under {run_dir}; free some space and run the same command "
-                "again: the run resumes from its last backup") from None
+            raise StoppedError(full_disk_message(error, run_dir.root)) from None
+        if isinstance(error, tf.errors.OpError) and placement.name == "multi_worker":
+            # A collective op failed: a peer died or froze mid-step (or mid-evaluation).
+            raise StoppedError(_lost_worker_message(error, config)) from None
         raise
 
 
@@ -140,7 +142,7 @@ def _run(config: TrainConfig, datasets: Datasets | None, placement: Placement, r
           f"global batch {pipelines.global_batch_size}", file=out, flush=True)
     model, epochs_done = _build_model(config, placement, pipelines, run_dir)
     throughput = ThroughputCallback(pipelines.train_count)
-    history, epochs_run = _fit(config, model, pipelines, epochs_done, placement,
+    history, epochs_run = _fit(config, model, pipelines, epochs_done,
                                make_callbacks(config, write_to, datasets, throughput, placement.is_chief),
                                write_to, out)
     evaluation = _evaluate(config, model, pipelines, clock)
@@ -218,17 +220,19 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
     weights are the same on all of them), and all check that they resume together.
     """
     backup = Backup(run_dir.backup)
-    with placement.strategy.scope():
-        model = build_compiled_model(config, pipelines.steps_per_epoch)
-        damage = None
-        try:
-            epochs_done = backup.restore(model)
-        except UsageError as error:
-            epochs_done, damage = -1, error
-    # Other workers wait for this one here, so it takes part even when damaged.
+    try:
+        epochs_done, damage = backup.epochs_done(), None
+    except UsageError as error:
+        epochs_done, damage = -1, error
+    # Before any other collective op: a worker that would resume elsewhere
+    # would otherwise run different collectives and wait forever. Other
+    # workers wait for this one here, so it takes part even when damaged.
     check_workers_resume_together(placement.strategy, epochs_done, backup.directory)
     if damage:
         raise damage
+    with placement.strategy.scope():
+        model = build_compiled_model(config, pipelines.steps_per_epoch)
+        backup.restore(model)
     if placement.name == "multi_worker":
         adapt_model_for_multi_worker(model, placement.strategy, next(iter(pipelines.train)))
     return model, epochs_done
@@ -264,27 +268,22 @@ def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, th
     return callbacks
 
 
-def _fit(config: TrainConfig, model: keras.Model, pipelines: Pipelines, epochs_done: int, placement: Placement,
+def _fit(config: TrainConfig, model: keras.Model, pipelines: Pipelines, epochs_done: int,
          callbacks: list[keras.callbacks.Callback], write_to: RunDir, out: TextIO) -> tuple[dict[str, list[float]], int]:
     """Runs model.fit from the first epoch not yet done; returns the whole run's
     history (every epoch, including those before an interruption) and how many
     epochs this session ran."""
     dashboards.write_hparams_start(write_to.logs, config, run_name=config.run_dir)
-    try:
-        session = model.fit(
-            pipelines.train,
-            epochs=config.epochs,
-            initial_epoch=min(epochs_done, config.epochs),
-            validation_data=pipelines.validation,
-            callbacks=callbacks,
-            # The progress bar on a terminal; one line per epoch in logs and CI.
-            verbose=1 if out.isatty() else 2,
-            shuffle=False,  # The pipeline already shuffles, seeded, per epoch.
-        )
-    except tf.errors.OpError as error:
-        if placement.name != "multi_worker":
-            raise
-        raise StoppedError(_lost_worker_message(error, config)) from None
+    session = model.fit(
+        pipelines.train,
+        epochs=config.epochs,
+        initial_epoch=min(epochs_done, config.epochs),
+        validation_data=pipelines.validation,
+        callbacks=callbacks,
+        # The progress bar on a terminal; one line per epoch in logs and CI.
+        verbose=1 if out.isatty() else 2,
+        shuffle=False,  # The pipeline already shuffles, seeded, per epoch.
+    )
     epochs_run = len(session.history.get("loss", []))
     last_loss = session.history["loss"][-1] if epochs_run else float("nan")
     if epochs_run and not math.isfinite(last_loss):

@@ -162,3 +162,55 @@ def test_real_tensorboard_server_serves_the_run(dashboard_run):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def test_tensorboard_on_a_port_in_use_is_one_line(tmp_path):
+    import socket
+
+    from conftest import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        completed = run_cli("tensorboard", "--run-dir", str(tmp_path), "--port", str(port), timeout=120)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    line = completed.stderr.strip().splitlines()[-1]
+    assert line == (f"lenet-tf tensorboard: error: port {port} on 127.0.0.1 is already in use; pass --port 0 "
+                    "to pick a free port, or choose another --port")
+
+
+@pytest.mark.slow
+def test_profile_dashboard_lists_a_run_trained_with_profile_batch(tmp_path, small_real_datasets):
+    """--profile-batch writes a trace; TensorBoard's Profile dashboard (the `profile` extra) lists it."""
+    import gzip
+
+    config = TrainConfig(dataset="fashion_mnist", epochs=1, batch_size=64, profile_batch="2,4", steps_per_execution=1,
+                         run_dir=str(tmp_path / "runs" / "profiled"), export_formats=(), image_every_epochs=0)
+    train_and_evaluate(config, datasets=small_real_datasets)
+    port, = free_ports(1)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lenet_tf", "tensorboard", "--run-dir", str(tmp_path / "runs"), "--port", str(port)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+    def get(path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            body = response.read()
+        return json.loads(gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body)
+
+    try:
+        deadline, runs = time.monotonic() + 90, []
+        while time.monotonic() < deadline and not runs:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                assert get("/data/plugins_listing")["profile"]["enabled"]
+                runs = get("/data/plugin/profile/runs")
+            except OSError:
+                time.sleep(0.5)
+        assert len(runs) == 1 and runs[0].startswith("profiled/logs/train/"), runs
+        assert "trace_viewer@" in get(f"/data/plugin/profile/run_tools?run={runs[0]}")
+    finally:
+        process.terminate()
+        process.wait(timeout=20)

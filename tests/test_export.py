@@ -195,3 +195,45 @@ def test_onnx_model_evaluates_like_keras_in_a_fresh_process(trained):
     result = json.loads(completed.stdout)
     assert result["format"] == "onnx"
     assert result["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+
+
+def test_a_model_file_changed_after_export_is_refused_unless_told_not_to_verify(trained, tmp_path):
+    import shutil
+
+    _, metrics, _ = trained
+    version = tmp_path / "1"
+    shutil.copytree(metrics["export_version_dir"], version)
+    # Another valid model in place of the float32 one: it loads, but it is not what was exported.
+    shutil.copyfile(version / "lenet.dynamic.tflite", version / "lenet.float32.tflite")
+    card = json.loads((version / METADATA_FILE).read_text())
+    expected = card["files"]["lenet.float32.tflite"]["sha256"]
+    actual = sha256_of(version / "lenet.float32.tflite")
+    refused = run_cli("evaluate", "--model", str(version / "lenet.float32.tflite"), "--limit-test", "100")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("lenet-tf evaluate: error: ") and "lenet.float32.tflite does not match its model card" in line
+    assert f"expected {expected[:12]}" in line and f"actual {actual[:12]}" in line and "--no-verify" in line
+    allowed = run_cli("evaluate", "--model", str(version / "lenet.float32.tflite"), "--limit-test", "100",
+                      "--no-verify", "--json")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    # A SavedModel is checked as a whole: one changed variables file is enough.
+    variables = next((version / "variables").glob("variables.data-*"))
+    changed = bytearray(variables.read_bytes())
+    changed[-1] ^= 0xFF
+    variables.write_bytes(bytes(changed))
+    refused = run_cli("predict", "--model", str(version), str(tmp_path / "nothing.png"))
+    assert refused.returncode == 2 and "does not match its model card" in refused.stderr
+    assert "variables.data-" in refused.stderr.strip().splitlines()[-1]
+    # Files with no model card (a run's own checkpoint) load as they are.
+    assert run_cli("evaluate", "--model", str(RunDir(trained[0].run_dir).checkpoint), "--limit-test", "50").returncode == 0
+
+
+def test_export_refuses_a_run_dir_that_a_training_holds(trained):
+    from lenet_tf.run_dir import holding
+
+    config, _, _ = trained
+    with holding(RunDir(config.run_dir), "training"):
+        completed = run_cli("export", "--run-dir", config.run_dir, "--format", "saved_model")
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    line = completed.stderr.strip().splitlines()[-1]
+    assert f"the run directory {config.run_dir} is in use by training process {os.getpid()} on host" in line

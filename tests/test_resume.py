@@ -113,3 +113,31 @@ def test_a_kill_while_the_backup_is_written_leaves_the_previous_one(tmp_path):
     backup.save(model, 3)
     (backup.directory / f"epoch-4.{os.getpid() + 1}.weights.h5").write_bytes(b"\x89HDF\r\n")  # Cut short.
     assert Backup(tmp_path / "backup").restore(build_compiled_model(TrainConfig())) == 3
+
+
+@pytest.mark.slow
+def test_two_trainings_on_one_run_dir_the_second_refuses_at_once(tmp_path, fashion_mnist_dir):
+    run_dir = RunDir(tmp_path / "run")
+    command = [sys.executable, "-m", "lenet_tf", "train", "--limit-train", "20000", "--limit-test", "500",
+               "--epochs", "5", "--run-dir", str(run_dir.root), "--format", "", "--image-every-epochs", "0"]
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    first = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_backed_up_epoch(run_dir.backup_metadata, [first])
+        first.send_signal(signal.SIGSTOP)  # Holds still (and holds the lock) while the second tries.
+
+        def snapshot():
+            return {path: path.stat().st_mtime_ns for path in run_dir.root.rglob("*")}
+
+        before = snapshot()
+        second = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        line = second.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"lenet-tf train: error: the run directory {run_dir} is in use by training "
+                               f"process {first.pid} on host ")
+        assert snapshot() == before  # The second wrote nothing.
+    finally:
+        first.kill()  # Killed mid-run: its lock goes with it.
+        first.wait()
+    third = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
