@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-README_START = "<!-- bench:start -->"
-README_END = "<!-- bench:end -->"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def summarise(values: list[float]) -> dict[str, float]:
@@ -84,22 +83,29 @@ def machine_description() -> dict[str, Any]:
             "gpus": [device.name for device in tf.config.list_physical_devices("GPU")]}
 
 
-def has_markers(path: Path) -> bool:
+def markers(name: str) -> tuple[str, str]:
+    """The pair of lines a generated block lives between in a docs page."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def has_markers(path: Path, name: str = "bench") -> bool:
+    start, end = markers(name)
     try:
         lines = path.read_text().splitlines()
     except OSError:
         return False
-    return README_START in lines and README_END in lines and lines.index(README_START) < lines.index(README_END)
+    return start in lines and end in lines and lines.index(start) < lines.index(end)
 
 
-def replace_between_markers(path: Path, markdown: str) -> None:
-    """Replaces what lies between the marker lines, so the README's numbers are the bench's."""
+def replace_between_markers(path: Path, markdown: str, name: str = "bench") -> None:
+    """Replaces what lies between a block's marker lines, so a page's numbers are the tool's output."""
     from lenet_tf.io_utils import write_text_atomic
 
+    start, end = markers(name)
     text = path.read_text()
-    head, rest = text.split(README_START + "\n", 1)
-    _, tail = rest.split(README_END, 1)
-    write_text_atomic(path, f"{head}{README_START}\n{markdown.strip()}\n{README_END}{tail}")
+    head, rest = text.split(start + "\n", 1)
+    _, tail = rest.split(end, 1)
+    write_text_atomic(path, f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
 
 
 def table_cell(summary: dict[str, float]) -> str:

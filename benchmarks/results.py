@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import has_markers, replace_between_markers
 from lenet_tf.io_utils import child_environment
 from lenet_tf.run_dir import RunDir
 
@@ -153,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ablation.add_argument("--mnist-dir")
     for sub in (table, ablation):
         sub.add_argument("--output", type=Path, default=Path("results"))
+        sub.add_argument("--doc", type=Path, help="also put the Markdown into this docs page, between its "
+                         "<!-- results:start/end --> (table) or <!-- ablation:start/end --> lines")
     args = parser.parse_args(argv)
+    block = "results" if args.command == "table" else "ablation"
+    if args.doc and not has_markers(args.doc, block):
+        parser.error(f"--doc {args.doc} has no <!-- {block}:start --> and <!-- {block}:end --> lines")
     args.output.mkdir(parents=True, exist_ok=True)
     data_dirs = {"mnist": args.mnist_dir}
     if args.command == "table":
@@ -167,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(result, indent=2) + "\n")
     (args.output / f"{args.command if args.command == 'ablation' else 'results'}.md").write_text(markdown)
     print(markdown)
+    if args.doc:
+        replace_between_markers(args.doc, markdown, block)
     return 0
 
 

@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-verify", dest="verify", action="store_false",
                          help="load the model even if its files differ from the SHA-256s in its model card")
 
+    web = commands.add_parser("serve-web", help="serve the web page of an export made with --format web")
+    web.add_argument("--model-dir", required=True, help="an export version folder with web/ (or its parent: the newest version)")
+    web.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    web.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    web.add_argument("--no-verify", dest="verify", action="store_false",
+                     help="serve the page even if its files differ from the SHA-256s in the model card")
+
     board = commands.add_parser("tensorboard", help="serve a run (or a folder of runs) in TensorBoard")
     board.add_argument("--run-dir", default="runs", help="a run directory or a folder of them (default: %(default)s)")
     board.add_argument("--host", default="127.0.0.1", help="address to bind; localhost unless you mean to share it (default: %(default)s)")
@@ -255,9 +262,26 @@ def _tensorboard(args) -> int:
     return 0
 
 
+def _serve_web(args) -> int:
+    from lenet_tf.webpage import make_server, web_dir_of
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0..65535 (got {args.port})")
+    server = make_server(web_dir_of(args.model_dir, verify=args.verify), args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving the page at http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 HANDLERS = {
     "train": _train, "summary": _summary, "export": _export, "evaluate": _evaluate,
-    "predict": _predict, "tensorboard": _tensorboard,
+    "predict": _predict, "tensorboard": _tensorboard, "serve-web": _serve_web,
 }
 
 

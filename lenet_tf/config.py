@@ -18,7 +18,7 @@ from lenet_tf.registry import dataset_info, dataset_names
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 ACTIVATIONS = ("sigmoid", "relu")
 POOLINGS = ("avg", "max")
-EXPORT_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx")
+EXPORT_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx", "web")
 PRESETS = ("classic", "modern")
 SCHEDULES = ("constant", "cosine", "linear")
 AUGMENTATIONS = ("none", "shift", "shift_flip")

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from lenet_tf.evaluate import confusion_matrix
-from lenet_tf.model import predict_probabilities
+from lenet_tf.model import conv_block_outputs, predict_probabilities
 
 IMAGES_RUN = "images"
 HPARAM_KEYS = ("preset", "activation", "pooling", "learning_rate", "batch_size", "epochs", "dataset", "seed",
@@ -224,22 +224,14 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
 
     def _write_activations(self) -> None:
         inputs = self.test_images[self.activation_indices]
-        # A conv block's output is what reaches its pooling layer: after the
-        # activation (and batch norm, when present). Keep the first two blocks.
-        outputs: dict[str, np.ndarray] = {}
-        tensor, block = inputs, None
-        for layer in self.model.layers:
-            if isinstance(layer, keras.layers.Conv2D):
-                block = layer.name
-            elif block and isinstance(layer, (keras.layers.AveragePooling2D, keras.layers.MaxPooling2D)):
-                outputs[block], block = keras.ops.convert_to_numpy(tensor), None
-                if len(outputs) == 2:
-                    break
-            tensor = layer(tensor, training=False)
+        blocks = conv_block_outputs(self.model)
+        maps = keras.Model(self.model.inputs, [layer.output for layer in blocks])(inputs, training=False)
         labels = [f"#{index} {self.class_names[self.test_labels[index]]}" for index in self.activation_indices]
-        for name in outputs:
+        for block, activations in zip(blocks, maps):
+            name = block.name.split("_")[0]  # conv1, conv1_bn, conv1_relu -> conv1.
             tf.summary.image(f"activations/{name}", _figure_to_image(activation_figure(
-                inputs, outputs[name], labels, f"{name} activations, one row per test image")))
+                inputs, keras.ops.convert_to_numpy(activations), labels,
+                f"{name} activations, one row per test image")))
 
 
 def write_hparams_start(log_dir: Path, config: Any, run_name: str) -> None:

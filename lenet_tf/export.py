@@ -48,7 +48,7 @@ TFLITE_VARIANTS = {
     "tflite-dynamic": "dynamic",
     "tflite-int8": "int8",
 }
-FLOAT_VARIANTS = ("saved_model", "float32", "onnx")
+FLOAT_VARIANTS = ("saved_model", "float32", "onnx", "web")
 ONNX_FILE = "lenet.onnx"
 ONNX_OPSET = 17
 # Parity bounds against the Keras model on the same images.
@@ -144,10 +144,15 @@ def convert_tflite(saved_model_dir: Path, variant: str, calibration_images: np.n
 def check_export_dependencies(export_formats: tuple[str, ...]) -> None:
     """Fails before training, not after it, when a format's packages are missing."""
     # onnxruntime is needed too: the parity check runs the converted model.
-    if "onnx" in export_formats and not all(
-        importlib.util.find_spec(name) for name in ("tf2onnx", "onnxruntime")
-    ):
-        raise UsageError("--format onnx needs tf2onnx and onnxruntime: pip install 'lenet-tf[onnx]'")
+    for export_format in ("onnx", "web"):
+        if export_format in export_formats and not all(
+            importlib.util.find_spec(name) for name in ("tf2onnx", "onnxruntime")
+        ):
+            raise UsageError(f"--format {export_format} needs tf2onnx and onnxruntime: pip install 'lenet-tf[onnx]'")
+    if "web" in export_formats:
+        from lenet_tf.webpage import runtime_dir
+
+        runtime_dir()
 
 
 def convert_onnx(saved_model_dir: Path, output: Path) -> Path:
@@ -275,6 +280,10 @@ def _write_artifacts(model, config, datasets, staging) -> dict[str, Path]:
     calibration = datasets.train_images[rng.choice(len(datasets.train_images), count, replace=False)]
     if "onnx" in config.export_formats:
         artifacts["onnx"] = convert_onnx(staging, staging / ONNX_FILE)
+    if "web" in config.export_formats:
+        from lenet_tf.webpage import write_web_export
+
+        artifacts["web"] = write_web_export(model, config.dataset, staging)
     for export_format in config.export_formats:
         if export_format in TFLITE_VARIANTS:
             variant = TFLITE_VARIANTS[export_format]
@@ -370,6 +379,8 @@ def export_from_run_dir(run_dir: str | Path, export_formats: tuple[str, ...] | N
     and an export refuses while a training runs there.
     """
     run_dir = RunDir(run_dir)
+    if export_formats:
+        check_export_dependencies(tuple(export_formats))
     if not run_dir.has_checkpoint():
         raise UsageError(
             f"{run_dir} is not a run directory with a checkpoint (needs {run_dir.config.name} and "

@@ -145,8 +145,6 @@ def is_framed(grey: np.ndarray, framing: Framing) -> bool:
 def frame(grey: np.ndarray, framing: Framing) -> np.ndarray:
     """Crops to the object, scales its longer side to the recipe's size keeping
     the aspect ratio, and centres it on a black 28x28 canvas as the recipe says."""
-    from PIL import Image
-
     canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     box = _object_box(grey)
     if box is None:
@@ -156,8 +154,7 @@ def frame(grey: np.ndarray, framing: Framing) -> np.ndarray:
     height, width = cropped.shape
     scale = framing.longest_side / max(height, width)
     new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = np.asarray(Image.fromarray(np.clip(cropped, 0, 255).astype(np.uint8)).resize(
-        (new_width, new_height), Image.Resampling.LANCZOS))
+    resized = resize_lanczos(np.clip(cropped, 0, 255).astype(np.uint8), new_height, new_width)
     row, column = _centre(resized.astype(np.float64), framing, (0, new_height - 1, 0, new_width - 1))
     middle = (IMAGE_SIZE - 1) / 2
     # Where the resized object's top-left corner lands; what falls outside the canvas is cut.
@@ -169,6 +166,50 @@ def frame(grey: np.ndarray, framing: Framing) -> np.ndarray:
     canvas[target_top:target_top + rows, target_left:target_left + columns] = \
         resized[source_top:source_top + rows, source_left:source_left + columns]
     return canvas
+
+
+# Lanczos resampling (a = 3) of 8-bit grey, written out here rather than taken
+# from Pillow so that the web page's JavaScript (lenet_tf/web/preprocess.js)
+# can do exactly the same arithmetic: per axis, Pillow's own coefficients in
+# 22-bit fixed point (its single-axis passes give identical bytes), the
+# horizontal pass first, rounded to 8 bits in between.
+_PRECISION_BITS = 32 - 8 - 2
+
+
+def _lanczos_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) fixed-point weights of one resampling pass."""
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = 3.0 * filter_scale
+    weights = np.zeros((out_size, in_size))
+    for out in range(out_size):
+        middle = (out + 0.5) * scale
+        first = max(0, int(middle - support + 0.5))
+        last = min(in_size, int(middle + support + 0.5))
+        x = (np.arange(first, last) - middle + 0.5) / filter_scale
+        kernel = np.where((x >= -3.0) & (x < 3.0), np.sinc(x) * np.sinc(x / 3.0), 0.0)
+        total = kernel.sum()
+        if total != 0.0:
+            kernel = kernel / total
+        fixed = kernel * (1 << _PRECISION_BITS)
+        weights[out, first:last] = np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5))
+    return weights
+
+
+def _resample_rows(pixels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    # Integer arithmetic done in float64, exactly: every product and sum stays below 2**53.
+    accumulated = pixels.astype(np.float64) @ weights.T + (1 << (_PRECISION_BITS - 1))
+    return np.clip(np.floor(accumulated / (1 << _PRECISION_BITS)), 0, 255).astype(np.uint8)
+
+
+def resize_lanczos(pixels: np.ndarray, new_height: int, new_width: int) -> np.ndarray:
+    """uint8 (height, width) -> uint8 (new_height, new_width); an axis whose size stays is left alone."""
+    height, width = pixels.shape
+    if new_width != width:
+        pixels = _resample_rows(pixels, _lanczos_weights(width, new_width))
+    if new_height != height:
+        pixels = _resample_rows(pixels.T, _lanczos_weights(height, new_height)).T
+    return np.ascontiguousarray(pixels)
 
 
 def framing_constants(dataset: str) -> dict:

@@ -61,13 +61,15 @@ def find_model_card(path: str | Path) -> tuple[dict[str, Any], Path] | None:
     path = Path(path)
     if path.is_dir() and not (path / METADATA_FILE).is_file():
         path = latest_version_dir(path) or path
-    version_dir = path if path.is_dir() else path.parent
-    card_path = version_dir / METADATA_FILE
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError):
-        return None
-    return (card, version_dir) if isinstance(card, dict) else None
+    # A version folder, a file in it, or a file of its web/ page.
+    candidates = [path] if path.is_dir() else [path.parent, path.parent.parent]
+    for version_dir in candidates:
+        try:
+            card = json.loads((version_dir / METADATA_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        return (card, version_dir) if isinstance(card, dict) else None
+    return None
 
 
 def verify_model_files(path: str | Path) -> None:

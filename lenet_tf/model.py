@@ -97,6 +97,20 @@ def layer_summary(model: keras.Model, out: TextIO | None = None) -> str:
     return text
 
 
+def conv_block_outputs(model: keras.Model, count: int = 2) -> list[keras.layers.Layer]:
+    """The layers whose outputs are the first `count` conv blocks' activation
+    maps: what reaches each block's pooling layer (after the activation, and
+    batch norm when present). Dashboards and the web page show these."""
+    blocks, current = [], None
+    for previous, layer in zip(model.layers, model.layers[1:]):
+        if isinstance(previous, keras.layers.Conv2D):
+            current = previous.name
+        if current and isinstance(layer, (keras.layers.AveragePooling2D, keras.layers.MaxPooling2D)):
+            blocks.append(previous)
+            current = None
+    return blocks[:count]
+
+
 def predict_probabilities(model: keras.Model, images, batch_size: int = 1024):
     """Softmax probabilities (numpy) of a logits model on uint8 images."""
     logits = model.predict(images, batch_size=batch_size, verbose=0)

@@ -1,0 +1,141 @@
+"""The exported model as a static web page: draw or drop an image, see the prediction and the activations.
+
+`--format web` writes `<version>/web/`:
+
+    index.html, app.js, style.css    the page (from lenet_tf/web/)
+    lenet.web.onnx                   the model: probabilities (as the serving signature's)
+                                     plus the conv1 and conv2 activation maps
+    model.json                       class names and the preprocessing constants
+    ort.wasm.min.mjs, ort-wasm-*     onnxruntime-web's WebAssembly runtime
+
+The page runs the model in the browser (no server-side inference) with
+onnxruntime-web, single-threaded so that any static file server will do, and
+frames pictures exactly as `lenet-tf predict` does (lenet_tf.images), reading
+the constants from model.json. Its parity with Python is proven at export
+time for the model file (in the fresh-process parity check, like every
+format) and in the test suite for the page itself, in a real browser.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from lenet_tf.errors import UsageError
+from lenet_tf.images import MAX_FILE_BYTES, MAX_PIXELS, framing_constants
+from lenet_tf.inference import INPUT_KEY, SIGNATURE_KEY, verify_model_files
+from lenet_tf.io_utils import write_json_atomic
+from lenet_tf.model import INPUT_SHAPE, conv_block_outputs
+from lenet_tf.registry import dataset_info
+
+WEB_DIR = "web"
+WEB_MODEL_FILE = "lenet.web.onnx"
+PAGE_FILES = ("index.html", "app.js", "preprocess.js", "style.css")
+# onnxruntime-web's WebAssembly build: the ES module, its loader and the binary.
+RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+RUNTIME_ENV = "LENET_TF_WEB_RUNTIME"
+# Where `npm ci --prefix web` puts the runtime in a checkout of this project.
+CHECKOUT_RUNTIME = Path(__file__).resolve().parent.parent / "web" / "node_modules" / "onnxruntime-web" / "dist"
+
+
+def runtime_dir() -> Path:
+    """The folder holding onnxruntime-web's files, or a UsageError saying how to install them."""
+    # A folder the user names is the only one looked at: a stale copy elsewhere must not stand in for it.
+    candidates = [Path(os.environ[RUNTIME_ENV])] if os.environ.get(RUNTIME_ENV) else [CHECKOUT_RUNTIME]
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in RUNTIME_FILES):
+            return candidate
+    raise UsageError(
+        f"--format web needs onnxruntime-web's files ({', '.join(RUNTIME_FILES)}): run `npm ci --prefix web` in "
+        f"the lenet_tf checkout, or set {RUNTIME_ENV} to a folder holding them"
+    )
+
+
+def write_web_model_saved_model(model: keras.Model, directory: Path) -> None:
+    """A SavedModel whose serving signature returns what the page shows: the
+    probabilities, computed as the serving signature computes them, and the
+    activation maps of the first two conv blocks."""
+    blocks = conv_block_outputs(model)
+    activations = keras.Model(model.inputs, [layer.output for layer in blocks])
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.track(activations)
+
+    def serve(image):
+        maps = activations(image, training=False)
+        outputs = {"probabilities": tf.nn.softmax(model(image, training=False))}
+        outputs.update({f"conv{index}": block_map for index, block_map in enumerate(maps, start=1)})
+        return outputs
+
+    archive.add_endpoint(SIGNATURE_KEY, serve,
+                         input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.uint8, name=INPUT_KEY)])
+    archive.write_out(str(directory), verbose=False)
+
+
+def write_web_export(model: keras.Model, dataset: str, version_dir: Path) -> Path:
+    """Writes `<version_dir>/web/` and returns the path of its model file."""
+    from lenet_tf.export import convert_onnx
+
+    runtime = runtime_dir()
+    web_dir = version_dir / WEB_DIR
+    web_dir.mkdir()
+    with tempfile.TemporaryDirectory(prefix="lenet-web-") as scratch:
+        write_web_model_saved_model(model, Path(scratch))
+        convert_onnx(Path(scratch), web_dir / WEB_MODEL_FILE)
+    pages = Path(__file__).resolve().parent / "web"
+    for name in PAGE_FILES:
+        shutil.copyfile(pages / name, web_dir / name)
+    for name in RUNTIME_FILES:
+        shutil.copyfile(runtime / name, web_dir / name)
+    info = dataset_info(dataset)
+    write_json_atomic(web_dir / "model.json", {
+        "dataset": dataset,
+        "class_names": list(info.class_names),
+        "model_file": WEB_MODEL_FILE,
+        "input_name": INPUT_KEY,
+        "preprocessing": {**framing_constants(dataset), "max_file_bytes": MAX_FILE_BYTES, "max_pixels": MAX_PIXELS},
+    })
+    return web_dir / WEB_MODEL_FILE
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    # The WebAssembly runtime must arrive as application/wasm to be compiled while it streams in.
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
+                      ".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript",
+                      ".onnx": "application/octet-stream", ".json": "application/json"}
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature.
+        pass  # One line per request would drown the URL the user needs.
+
+
+def web_dir_of(model_dir: str | Path, verify: bool = True) -> Path:
+    """The web/ folder of an export version (or of a model folder's newest version), verified against its card."""
+    from lenet_tf.inference import latest_version_dir
+
+    model_dir = Path(model_dir)
+    version = model_dir if (model_dir / WEB_DIR).is_dir() else latest_version_dir(model_dir)
+    if version is None or not (version / WEB_DIR / "index.html").is_file():
+        raise UsageError(f"{model_dir} has no web page; export one with `lenet-tf export --run-dir RUN --format "
+                         "saved_model,web` and pass its version folder")
+    if verify:
+        for path in sorted((version / WEB_DIR).iterdir()):
+            verify_model_files(path)
+    return version / WEB_DIR
+
+
+def make_server(web_dir: Path, host: str = "127.0.0.1", port: int = 8000) -> http.server.ThreadingHTTPServer:
+    """An HTTP server for the page (port 0 picks a free one)."""
+    handler = functools.partial(_Handler, directory=str(web_dir))
+    try:
+        return http.server.ThreadingHTTPServer((host, port), handler)
+    except OSError as error:
+        raise UsageError(f"cannot serve on {host}:{port}: {error.strerror}; pass --port 0 to pick a free port, "
+                         "or choose another --port") from None
