@@ -53,13 +53,15 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N examples only (default: all)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", choices=PRESETS, default="classic", help="named configuration: classic = the book's LeNet-5 and training; modern = ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation (default: %(default)s)")
+    model.add_argument("--preset", choices=PRESETS, default="classic", help="named configuration: classic = the book's LeNet-5 and training; modern = ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation; fast = the shortest wait for a good model (default: %(default)s)")
     model.add_argument("--activation", choices=ACTIVATIONS, help=f"default: {defaults.activation}")
     model.add_argument("--pooling", choices=POOLINGS, help=f"default: {defaults.pooling}")
     model.add_argument("--conv-filters", type=_int_list, help="filters per conv layer, comma-separated (default: 6,16)")
-    model.add_argument("--kernel-size", type=int, help=f"conv kernel size (default: {defaults.kernel_size})")
+    model.add_argument("--kernel-size", type=_int_list, help="conv kernel size, or one per conv layer, e.g. 5,3 (default: 5)")
+    model.add_argument("--first-conv-padding", choices=("same", "valid"), help="padding of the first conv layer (default: same, as the book)")
     model.add_argument("--dense-units", type=_int_list, help="hidden dense widths, comma-separated (default: 120,84)")
     model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="batch normalisation after each conv/dense layer (default: off)")
+    model.add_argument("--dense-batch-norm", action=argparse.BooleanOptionalAction, default=None, help="with --batch-norm, also after the hidden dense layers (default: on)")
     model.add_argument("--dropout", type=float, help=f"dropout after hidden dense layers (default: {defaults.dropout})")
 
     optimisation = parser.add_argument_group("optimisation")

@@ -189,6 +189,7 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
         self.grid_size = grid_size
         self._last_epoch: int | None = None
         self._last_written_epoch: int | None = None
+        self._activation_model: keras.Model | None = None
 
     def on_epoch_end(self, epoch, logs=None):
         self._last_epoch = epoch
@@ -225,7 +226,10 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
     def _write_activations(self) -> None:
         inputs = self.test_images[self.activation_indices]
         blocks = conv_block_outputs(self.model)
-        maps = keras.Model(self.model.inputs, [layer.output for layer in blocks])(inputs, training=False)
+        if self._activation_model is None:
+            # Built once: a new functional model per call costs about a second each time.
+            self._activation_model = keras.Model(self.model.inputs, [layer.output for layer in blocks])
+        maps = self._activation_model.predict_on_batch(inputs)
         labels = [f"#{index} {self.class_names[self.test_labels[index]]}" for index in self.activation_indices]
         for block, activations in zip(blocks, maps):
             name = block.name.split("_")[0]  # conv1, conv1_bn, conv1_relu -> conv1.

@@ -9,6 +9,7 @@ import keras
 from keras import layers
 
 from lenet_tf.config import TrainConfig
+from lenet_tf.keras_compat import FusedBatchNormalization
 from lenet_tf.registry import IMAGE_SIZE, NUM_CLASSES
 
 # One definition of the model's input and its preprocessing, read by training,
@@ -31,45 +32,45 @@ def build_model(config: TrainConfig) -> keras.Sequential:
         keras.Input(shape=INPUT_SHAPE, dtype=INPUT_DTYPE, name="image"),
         layers.Rescaling(PIXEL_SCALE, name="rescale"),
     ]
-    for index, filters in enumerate(config.conv_filters, start=1):
+    for index, (filters, kernel_size) in enumerate(zip(config.conv_filters, config.conv_kernel_sizes()), start=1):
         model_layers.append(
             layers.Conv2D(
                 filters,
-                kernel_size=config.kernel_size,
-                # Only the first conv pads, as in the book.
-                padding="same" if index == 1 else "valid",
+                kernel_size=kernel_size,
+                # Only the first conv may pad, as in the book.
+                padding=config.first_conv_padding if index == 1 else "valid",
                 kernel_initializer=initializer,
                 name=f"conv{index}",
-                **_activation_arguments(config),
+                **_activation_arguments(config.batch_norm, config.activation),
             )
         )
-        _append_batch_norm(model_layers, config, f"conv{index}")
+        _append_batch_norm(model_layers, config.batch_norm, config.activation, f"conv{index}")
         model_layers.append(pool(pool_size=2, strides=2, name=f"pool{index}"))
     model_layers.append(layers.Flatten(name="flatten"))
+    dense_batch_norm = config.batch_norm and config.dense_batch_norm
     for index, units in enumerate(config.dense_units, start=1):
-        model_layers.append(
-            layers.Dense(units, kernel_initializer=initializer, name=f"dense{index}", **_activation_arguments(config))
-        )
-        _append_batch_norm(model_layers, config, f"dense{index}")
+        model_layers.append(layers.Dense(units, kernel_initializer=initializer, name=f"dense{index}",
+                                         **_activation_arguments(dense_batch_norm, config.activation)))
+        _append_batch_norm(model_layers, dense_batch_norm, config.activation, f"dense{index}")
         if config.dropout:
             model_layers.append(layers.Dropout(config.dropout, name=f"dense{index}_dropout"))
     model_layers.append(layers.Dense(NUM_CLASSES, kernel_initializer=initializer, name="logits"))
     return keras.Sequential(model_layers, name="lenet")
 
 
-def _activation_arguments(config: TrainConfig) -> dict:
+def _activation_arguments(batch_norm: bool, activation: str) -> dict:
     """Without batch norm the activation lives inside the conv/dense layer, as in
     the book, so each layer's output is its activation map. With batch norm the
     order must be layer -> BN -> activation, and BN's shift makes a bias redundant."""
-    if config.batch_norm:
+    if batch_norm:
         return {"activation": None, "use_bias": False}
-    return {"activation": config.activation}
+    return {"activation": activation}
 
 
-def _append_batch_norm(model_layers: list, config: TrainConfig, name: str) -> None:
-    if config.batch_norm:
-        model_layers.append(layers.BatchNormalization(name=f"{name}_bn"))
-        model_layers.append(layers.Activation(config.activation, name=f"{name}_{config.activation}"))
+def _append_batch_norm(model_layers: list, batch_norm: bool, activation: str, name: str) -> None:
+    if batch_norm:
+        model_layers.append(FusedBatchNormalization(name=f"{name}_bn"))
+        model_layers.append(layers.Activation(activation, name=f"{name}_{activation}"))
 
 
 def layer_summary(model: keras.Model, out: TextIO | None = None) -> str:

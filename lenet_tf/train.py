@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -120,12 +120,19 @@ def worker_scratch_dir(run_dir: Path, task_index: int) -> Path:
     return scratch
 
 
-@dataclass(frozen=True)
+@dataclass
 class Clock:
+    """Time since the user started waiting, and where it went, stage by stage."""
+
     started: float  # time.time() when the user started waiting.
+    stages: dict[str, float] = field(default_factory=dict)
 
     def seconds(self) -> float:
         return time.time() - self.started
+
+    def mark(self, stage: str) -> None:
+        """Ends `stage`: it took the time since the previous mark (or the start)."""
+        self.stages[stage] = self.seconds() - sum(self.stages.values())
 
 
 def _run(config: TrainConfig, datasets: Datasets | None, placement: Placement, run_dir: RunDir,
@@ -133,24 +140,33 @@ def _run(config: TrainConfig, datasets: Datasets | None, placement: Placement, r
     """The stages of a run. `run_dir` is the run's folder (the chief's backup is
     read from it); `write_to` is where this process writes (a scratch folder on
     non-chief workers)."""
+    clock.mark("start-up (interpreter, TensorFlow, strategy)")
     _prepare_outputs(config, placement, write_to)
     datasets = _load_data(config, datasets)
+    clock.mark("data")
     pipelines = _make_pipelines(config, datasets, placement.replicas)
     config.write(write_to.config)
     print(f"training on {pipelines.train_count} {config.dataset} images from {datasets.source}; "
           f"strategy {placement.name} over {placement.replicas} replica(s) {', '.join(placement.devices)}; "
           f"global batch {pipelines.global_batch_size}", file=out, flush=True)
     model, epochs_done = _build_model(config, placement, pipelines, run_dir)
+    clock.mark("pipelines and model")
     throughput = ThroughputCallback(pipelines.train_count)
-    history, epochs_run = _fit(config, model, pipelines, epochs_done,
-                               make_callbacks(config, write_to, datasets, throughput, placement.is_chief),
-                               write_to, out)
+    callbacks = make_callbacks(config, write_to, datasets, throughput, placement.is_chief)
+    history, epochs_run = _fit(config, model, pipelines, epochs_done, callbacks, write_to, out)
+    clock.mark("fit (training, validation, checkpoints, dashboards)")
     evaluation = _evaluate(config, model, pipelines, clock)
+    clock.mark("test evaluation")
     metrics = _metrics(config, placement, datasets, pipelines, history, epochs_run, evaluation, throughput)
     _write_results(config, model, metrics, write_to)
+    clock.mark("final dashboards and curves")
     if placement.is_chief and config.export_formats:
         _export(config, model, datasets, metrics)
+        clock.mark("export and its parity check")
     metrics["wall_seconds"] = clock.seconds()
+    # A list, not a dict: metrics.json sorts keys, and the stages read in the order they ran.
+    metrics["stage_seconds"] = [[stage, seconds] for stage, seconds in clock.stages.items()]
+    metrics["training_seconds"] = sum(throughput.epoch_seconds)
     # Training, evaluation and the in-process part of the export; the parity
     # check and ONNX conversion run in child processes of their own.
     metrics["peak_rss_mib"] = peak_rss_mib()

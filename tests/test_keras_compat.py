@@ -85,3 +85,44 @@ def test_multi_worker_workaround_lets_two_workers_fit():
                                        "with two workers; when this passes, drop keras_compat.adapt_model_for_multi_worker")
 def test_canary_plain_fit_with_two_workers():
     assert _fit("multi_worker", steps_per_execution=1, workaround=False, workers=2) == [0, 0]
+
+
+def test_fused_batch_normalization_trains_like_keras_batch_normalization():
+    """Same outputs, gradients and moving statistics as Keras's layer, up to float rounding
+    (the moving variance: Bessel-corrected in TensorFlow's kernel, which at this batch
+    size differs by far less than the tolerance)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from lenet_tf.keras_compat import FusedBatchNormalization
+
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.normal(2.0, 3.0, (64, 10, 10, 8)), tf.float32)
+    weights = tf.constant(rng.normal(size=(64, 10, 10, 8)), tf.float32)  # A loss whose gradients are not ~0.
+    results = []
+    for layer in (keras.layers.BatchNormalization(momentum=0.9), FusedBatchNormalization(momentum=0.9)):
+        layer.build(images.shape)
+        layer.gamma.assign(np.linspace(0.5, 1.5, 8))
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            outputs = layer(images, training=True)
+            loss = tf.reduce_sum(outputs * weights)
+        gradients = tape.gradient(loss, [images, layer.gamma, layer.beta])
+        results.append([outputs, *gradients, layer.moving_mean, layer.moving_variance, layer(images, training=False)])
+    for keras_value, fused_value in zip(*results):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(fused_value), keras.ops.convert_to_numpy(keras_value),
+                                   rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.xfail(strict=True, reason="Keras 3's BatchNormalization does not run TensorFlow's fused kernel; when "
+                                       "this passes, FusedBatchNormalization can go")
+def test_canary_keras_batch_normalization_runs_the_fused_kernel():
+    import keras
+    import tensorflow as tf
+
+    layer = keras.layers.BatchNormalization()
+    layer.build((8, 6, 6, 4))
+    graph = tf.function(lambda images: layer(images, training=True)).get_concrete_function(
+        tf.TensorSpec((8, 6, 6, 4), tf.float32)).graph
+    assert any(operation.type.startswith("FusedBatchNorm") for operation in graph.get_operations())

@@ -70,7 +70,7 @@ def test_book_exercise_knobs_change_the_architecture(overrides, expected_layer_t
 
 
 def test_conv_and_dense_counts_and_widths_follow_the_config():
-    model = build_model(TrainConfig(conv_filters=(8, 16, 32), kernel_size=3, dense_units=(64,)))
+    model = build_model(TrainConfig(conv_filters=(8, 16, 32), kernel_size=(3,), dense_units=(64,)))
     conv_layers = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
     dense_layers = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
     assert [layer.filters for layer in conv_layers] == [8, 16, 32]

@@ -118,3 +118,71 @@ def test_invert_auto_detects_dark_on_light(tmp_path):
     b = load_image(tmp_path / "dark.png")
     np.testing.assert_array_equal(a, b)
     assert a.shape == (28, 28, 1) and a.dtype == np.uint8 and a.max() == 255
+
+
+def _reframed_copies(image: np.ndarray, index: int) -> dict[str, Image.Image]:
+    """One real 28x28 test image, re-framed the ways users' files differ from the dataset."""
+    rng = np.random.default_rng(index)
+    padded = np.zeros((72, 72), np.uint8)
+    top, left = rng.integers(0, 44, 2)
+    padded[top:top + 28, left:left + 28] = image
+    shifted = np.zeros((28, 28), np.uint8)
+    shifted[4:, 3:] = image[:24, :25]  # Off-centre by several pixels, on the dataset's own canvas.
+    return {
+        "png": Image.fromarray(image),
+        "padded": Image.fromarray(padded),
+        "scaled up": Image.fromarray(image).resize((112, 112), Image.Resampling.BICUBIC),
+        "shifted": Image.fromarray(shifted),
+        "dark on light": Image.fromarray(255 - image),
+        "jpeg": Image.fromarray(image).resize((84, 84), Image.Resampling.BICUBIC),
+    }
+
+
+def _accuracy_by_kind(model_path: str, images, labels, dataset: str, directory) -> tuple[dict, np.ndarray, dict]:
+    """Writes every copy of every image as a file, runs `lenet-tf predict` on all of them
+    in one process, and returns per-kind accuracy, the predictions on the PNGs, and per-kind counts."""
+    paths, kinds = [], []
+    for index, image in enumerate(images):
+        for kind, picture in _reframed_copies(image[..., 0], index).items():
+            path = directory / f"{index}_{kind.replace(' ', '_')}.{'jpg' if kind == 'jpeg' else 'png'}"
+            picture.save(path, **({"quality": 90} if kind == "jpeg" else {}))
+            paths.append(str(path))
+            kinds.append(kind)
+    completed = run_cli("predict", "--model", model_path, "--dataset", dataset, "--json", *paths)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    predicted = np.array([json.loads(line)["class_id"] for line in completed.stdout.splitlines()])
+    kinds = np.array(kinds)
+    truth = np.repeat(labels, len(set(kinds)))
+    accuracy = {kind: float((predicted[kinds == kind] == truth[kinds == kind]).mean()) for kind in dict.fromkeys(kinds)}
+    return accuracy, predicted[kinds == "png"], {kind: int((kinds == kind).sum()) for kind in accuracy}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "mnist"])
+def test_dataset_images_saved_as_files_get_the_arrays_answers(dataset, fashion_model, tmp_path, request):
+    """200 real test images: as PNG files they get the arrays' answers; re-framed
+    (padded, scaled up, shifted, inverted, JPEG) they keep most of their accuracy."""
+    from lenet_tf.inference import load_predictor
+
+    if dataset == "fashion_mnist":
+        metrics, datasets = fashion_model
+        model_path = metrics["exports"]["float32"]
+    else:
+        from lenet_tf.config import TrainConfig
+        from lenet_tf.train import train_and_evaluate
+
+        datasets = request.getfixturevalue("mnist_datasets").limited(10_000, 1000)
+        metrics = train_and_evaluate(TrainConfig(dataset="mnist", epochs=2, batch_size=32, activation="relu",
+                                                 learning_rate=0.1, run_dir=str(tmp_path / "run"),
+                                                 export_dir=str(tmp_path / "exports"), image_every_epochs=0),
+                                     datasets=datasets)
+        model_path = metrics["exports"]["float32"]
+    images, labels = datasets.test_images[:200], datasets.test_labels[:200]
+    on_arrays = load_predictor(model_path).predict(images).argmax(axis=1)
+    accuracy, on_png, _ = _accuracy_by_kind(model_path, images, labels, dataset, tmp_path)
+    array_accuracy = float((on_arrays == labels).mean())
+    print(f"{dataset}: arrays {array_accuracy:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    assert (on_png == on_arrays).mean() >= 0.99
+    for kind in ("padded", "scaled up", "dark on light", "jpeg"):
+        assert accuracy[kind] >= array_accuracy - 0.1, (kind, accuracy)
+    assert accuracy["shifted"] >= array_accuracy - 0.25, accuracy

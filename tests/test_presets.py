@@ -83,13 +83,13 @@ def test_augmentation_shifts_by_at_most_two_pixels_and_keeps_dtype():
     images = np.zeros((64, 28, 28, 1), np.uint8)
     images[:, 13, 13, 0] = 255  # One bright pixel in the middle of each image.
     tf.random.set_seed(0)
-    shifted = augment_batch(tf.constant(images), flip=False).numpy()
+    shifted = augment_batch(tf.constant(images), shift=True, flip=False).numpy()
     assert shifted.dtype == np.uint8 and shifted.shape == images.shape
     positions = np.argwhere(shifted[..., 0] == 255)
     assert len(positions) == 64  # Nothing lost, nothing duplicated.
     assert np.abs(positions[:, 1:] - 13).max() <= 2
     assert len({tuple(p) for p in positions[:, 1:]}) > 5  # Offsets differ per image.
-    flipped = augment_batch(tf.constant(images), flip=True).numpy()
+    flipped = augment_batch(tf.constant(images), shift=True, flip=True).numpy()
     columns = np.argwhere(flipped[..., 0] == 255)[:, 2]
     assert ((columns >= 11) & (columns <= 16)).all()  # 27 - 13 = 14, within 2 of a shift.
 

@@ -1,0 +1,190 @@
+"""The speedrun: how long a user waits for a good model, over many seeds, each in a fresh process.
+
+    python -m benchmarks.speedrun --dataset fashion_mnist --seeds 10 --target 0.925 --time-target 45
+    python -m benchmarks.speedrun --dataset mnist --seeds 10 --target 0.990 --time-target 10
+
+For every seed, `python train.py --preset fast --seed S` runs in a process of its own
+(exports included, as a user runs it). Read back from its metrics.json and TensorBoard
+events: the test accuracy (reported once, at the end), the seconds from the process's start
+until that accuracy was known (TensorFlow's import, data loading and dashboards included,
+the export not), the whole process's wall time with the export, and when the validation
+curve first reached the target. Time targets are for a machine on which the yardstick
+(benchmarks/yardstick.py) takes 10 s; the yardstick is timed in the same run and the targets
+are scaled by it. Every seed is reported, the losing ones too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import has_markers, machine_description, replace_between_markers
+from lenet_tf.io_utils import child_environment
+from lenet_tf.run_dir import RunDir
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+YARDSTICK_REFERENCE_SECONDS = 10.0
+
+
+def time_yardstick(repeats: int) -> list[float]:
+    """Wall seconds of the yardstick process, `repeats` times."""
+    seconds = []
+    for _ in range(repeats):
+        completed = subprocess.run([sys.executable, "-m", "benchmarks.yardstick"], cwd=REPOSITORY,
+                                   capture_output=True, text=True, env=child_environment())
+        if completed.returncode != 0:
+            raise RuntimeError(f"the yardstick failed:\n{completed.stderr[-2000:]}")
+        seconds.append(float(completed.stdout.strip().splitlines()[-1]))
+    return seconds
+
+
+def validation_times(run_dir: RunDir, launched: float) -> list[tuple[int, float, float]]:
+    """(epoch, validation accuracy, seconds since the process was launched) for every epoch."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir.logs / "validation"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    if "epoch_accuracy" not in accumulator.Tags()["tensors"]:
+        return []
+    return [(event.step + 1, float(tf.make_ndarray(event.tensor_proto)), event.wall_time - launched)
+            for event in accumulator.Tensors("epoch_accuracy")]
+
+
+def run_seed(dataset: str, preset: str, seed: int, scratch: Path, extra: list[str], target: float) -> dict[str, Any]:
+    run_dir = RunDir(scratch / f"run-{seed}")
+    command = [sys.executable, str(REPOSITORY / "train.py"), "--preset", preset, "--dataset", dataset,
+               "--seed", str(seed), "--run-dir", str(run_dir), "--export-dir", str(scratch / "exports"), *extra]
+    launched = time.time()
+    completed = subprocess.run(command, capture_output=True, text=True, env=child_environment())
+    process_seconds = time.time() - launched
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
+    metrics = json.loads(run_dir.metrics.read_text())
+    curve = validation_times(run_dir, launched)
+    reached = next(((epoch, seconds) for epoch, accuracy, seconds in curve if accuracy >= target), None)
+    return {
+        "seed": seed,
+        "test_accuracy": metrics["test_accuracy"],
+        "seconds_to_tested_model": metrics["seconds_to_tested_model"],
+        "process_seconds_with_export": process_seconds,
+        "training_seconds": metrics.get("training_seconds"),
+        "examples_per_sec": metrics["examples_per_sec"],
+        "stage_seconds": metrics.get("stage_seconds", []),
+        "validation_curve": [[epoch, accuracy] for epoch, accuracy, _ in curve],
+        "first_reached_target": {"epoch": reached[0], "seconds": reached[1]} if reached else None,
+    }
+
+
+def summarise(runs: list[dict[str, Any]], yardstick: list[float], target: float, time_target: float) -> dict[str, Any]:
+    accuracies = [run["test_accuracy"] for run in runs]
+    waits = [run["seconds_to_tested_model"] for run in runs]
+    scale = statistics.median(yardstick) / YARDSTICK_REFERENCE_SECONDS
+    stages: dict[str, list[float]] = {}
+    for run in runs:
+        for stage, seconds in run["stage_seconds"]:
+            stages.setdefault(stage, []).append(seconds)
+    return {
+        "accuracy": {"mean": statistics.fmean(accuracies), "std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
+                     "min": min(accuracies), "max": max(accuracies)},
+        "seconds_to_tested_model": {"median": statistics.median(waits), "max": max(waits)},
+        "yardstick_seconds": yardstick,
+        "scaled_time_target": time_target * scale,
+        "accuracy_target": target,
+        "mean_meets_accuracy_target": statistics.fmean(accuracies) >= target,
+        "every_run_within_time_target": max(waits) <= time_target * scale,
+        "median_stage_seconds": {stage: statistics.median(values) for stage, values in stages.items()},
+    }
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    machine, summary, settings = result["machine"], result["summary"], result["settings"]
+    accuracy, waits = summary["accuracy"], summary["seconds_to_tested_model"]
+    lines = [
+        f"Measured {machine['date']} on {machine['cores']} cores of {machine['cpu']}; TensorFlow "
+        f"{machine['tensorflow']}, Keras {machine['keras']}. `python -m benchmarks.speedrun --dataset "
+        f"{settings['dataset']} --preset {settings['preset']} --seeds {len(result['runs'])} --target "
+        f"{settings['target']} --time-target {settings['time_target']:g}`: each seed a fresh `python train.py "
+        f"--preset {settings['preset']} --dataset {settings['dataset']} --seed S` process.",
+        "",
+        f"Yardstick (plain Keras, classic LeNet, one epoch, TensorFlow import included): "
+        f"{', '.join(f'{seconds:.1f}' for seconds in summary['yardstick_seconds'])} s; the "
+        f"{settings['time_target']:g} s target scales to **{summary['scaled_time_target']:.1f} s** on this machine.",
+        "",
+        "| seed | test accuracy | tested after (s) | process with export (s) | training (s) | images/s | "
+        f"validation first ≥ {settings['target']} |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in result["runs"]:
+        reached = run["first_reached_target"]
+        reached_text = f"epoch {reached['epoch']}, {reached['seconds']:.1f} s" if reached else "not reached"
+        lines.append(f"| {run['seed']} | {run['test_accuracy']:.4f} | {run['seconds_to_tested_model']:.1f} | "
+                     f"{run['process_seconds_with_export']:.1f} | {run['training_seconds']:.1f} | "
+                     f"{run['examples_per_sec']:,.0f} | {reached_text} |")
+    lines += [
+        "",
+        f"Test accuracy **{accuracy['mean']:.4f}** ± {accuracy['std']:.4f} (min {accuracy['min']:.4f}, max "
+        f"{accuracy['max']:.4f}) against a target of {settings['target']} for the mean: "
+        f"{'reached' if summary['mean_meets_accuracy_target'] else 'not reached'}. Tested after "
+        f"{waits['median']:.1f} s (median), {waits['max']:.1f} s at most, against {summary['scaled_time_target']:.1f} s "
+        f"for every run: {'within' if summary['every_run_within_time_target'] else 'not within'}.",
+        "",
+        "Where a run's wait goes (median over the seeds, seconds):",
+        "",
+        "| stage | seconds |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in summary["median_stage_seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speedrun", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (default: %(default)s)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--target", type=float, default=0.925, help="test accuracy the mean must reach")
+    parser.add_argument("--time-target", type=float, default=45.0,
+                        help="seconds every run may take on a machine whose yardstick takes 10 s")
+    parser.add_argument("--yardstick-repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=Path("speedrun_results.json"))
+    parser.add_argument("--doc", type=Path, help="also write the Markdown into this page between "
+                        "<!-- speedrun-<dataset>:start/end --> lines")
+    parser.add_argument("extra", nargs="*", help="further flags for train.py, after --")
+    args = parser.parse_args(argv)
+    block = f"speedrun-{args.dataset}"
+    if args.doc and not has_markers(args.doc, block):
+        parser.error(f"--doc {args.doc} has no <!-- {block}:start --> and <!-- {block}:end --> lines")
+    yardstick = time_yardstick(args.yardstick_repeats)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="lenet-speedrun-") as scratch:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            runs.append(run_seed(args.dataset, args.preset, seed, Path(scratch), args.extra, args.target))
+            print(f"seed {seed}: test accuracy {runs[-1]['test_accuracy']:.4f}, tested after "
+                  f"{runs[-1]['seconds_to_tested_model']:.1f} s", flush=True)
+    result = {
+        "machine": {**machine_description(), "date": datetime.date.today().isoformat()},
+        "settings": {"dataset": args.dataset, "preset": args.preset, "target": args.target,
+                     "time_target": args.time_target, "extra": args.extra},
+        "runs": runs,
+        "summary": summarise(runs, yardstick, args.target, args.time_target),
+    }
+    markdown = to_markdown(result)
+    print(markdown)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    if args.doc:
+        replace_between_markers(args.doc, markdown, block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

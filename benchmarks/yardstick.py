@@ -1,0 +1,48 @@
+"""The machine's yardstick: a plain-Keras process that trains the book's classic LeNet for one
+epoch on Fashion-MNIST (model.fit on float32 numpy arrays, batch 256, SGD at 0.9, validation on
+the test split), TensorFlow's import included. Prints its own wall time in seconds.
+
+    python -m benchmarks.yardstick
+
+Speedrun times are quoted for a machine where this takes 10 s; benchmarks/speedrun.py times
+it in the same run and scales its targets by it.
+"""
+
+import os
+import sys
+
+
+def main() -> int:
+    from lenet_tf.io_utils import process_start_time
+
+    started = process_start_time()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import time
+
+    import keras
+    from keras import layers
+
+    from lenet_tf.data import load_datasets
+
+    data = load_datasets("fashion_mnist")
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(6, 5, padding="same", activation="sigmoid"),
+        layers.AveragePooling2D(2),
+        layers.Conv2D(16, 5, activation="sigmoid"),
+        layers.AveragePooling2D(2),
+        layers.Flatten(),
+        layers.Dense(120, activation="sigmoid"),
+        layers.Dense(84, activation="sigmoid"),
+        layers.Dense(10),
+    ])
+    model.compile(keras.optimizers.SGD(0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(data.train_images.astype("float32") / 255, data.train_labels, batch_size=256, epochs=1, verbose=0,
+              validation_data=(data.test_images.astype("float32") / 255, data.test_labels))
+    print(f"{time.time() - started:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
