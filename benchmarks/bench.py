@@ -52,7 +52,8 @@ def to_markdown(results: dict[str, Any]) -> str:
     if "exports" in results:
         lines += ["Batch-1 latency: TFLite through the interpreter API (set_tensor, invoke, get_tensor; the "
                   "signature runner's p50 in brackets), the SavedModel through its `serving_default` signature, "
-                  "ONNX through an onnxruntime session.", "",
+                  "ONNX through an onnxruntime session, the web page's model inside the page in Chromium "
+                  "(onnxruntime-web, measured with performance.now(), 0.1 ms resolution).", "",
                   "| format | size | test accuracy | max abs Δp vs Keras | top-1 agreement | batch-1 p50 | batch-1 p99 |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, numbers in results["exports"].items():

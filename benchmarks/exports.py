@@ -69,7 +69,36 @@ def bench_exports(version_dir: Path, calls: int) -> dict[str, Any]:
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         results["onnx"] = {"bytes": onnx_path.stat().st_size,
                            **_latency(lambda: session.run(["probabilities"], {"image": image}), calls)}
+    web_model = version_dir / "web" / "lenet.web.onnx"
+    if web_model.is_file():
+        results["web"] = {"bytes": web_model.stat().st_size, **web_page_latency(version_dir, calls=200)}
     for name, numbers in results.items():
         numbers.update(card["parity"].get(name, {}))
     results["_keras_test_accuracy"] = card["parity"]["keras"]["test_accuracy"]
     return results
+
+
+def web_page_latency(version_dir: Path, calls: int) -> dict[str, float]:
+    """Batch-1 latency measured inside the exported web page (performance.now(), whose
+    resolution in a page is 0.1 ms), in Debian's Chromium driven by Playwright."""
+    import threading
+
+    from playwright.sync_api import sync_playwright
+
+    from lenet_tf.webpage import make_server, web_dir_of
+
+    server = make_server(web_dir_of(version_dir), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+            page.evaluate("window.lenet.ready")
+            measured = page.evaluate(f"window.lenet.benchmark({calls})")
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {"p50_us": measured["p50_ms"] * 1000, "p99_us": measured["p99_ms"] * 1000, "calls": calls}
