@@ -1,7 +1,7 @@
 """The `lenet-tf` command line: the only module that knows about flags.
 
 Subcommands: train (the default of train.py), summary, export, evaluate,
-predict, tensorboard. Every mistake a user can make ends in one line on
+predict, serve-web, tensorboard. Every mistake a user can make ends in one line on
 stderr and exit code 2.
 """
 
@@ -73,9 +73,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     optimisation.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (default: off; modern: on)")
     optimisation.add_argument("--weight-decay", type=float, help="decoupled weight decay (default: 0; modern: 5e-4)")
     optimisation.add_argument("--label-smoothing", type=float, help="default: 0; modern: 0.1")
-    optimisation.add_argument("--lr-schedule", choices=SCHEDULES, help="default: constant; modern: cosine")
+    optimisation.add_argument("--lr-schedule", choices=SCHEDULES, help="after the warm-up: constant, cosine or linear decay to 0 (default: constant; modern: cosine; fast: linear)")
     optimisation.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up (default: 0; modern: 1)")
-    optimisation.add_argument("--augment", choices=AUGMENTATIONS, help="training-time shifts (and flips) in the pipeline (default: none; modern: shift_flip, shift for mnist)")
+    optimisation.add_argument("--augment", choices=AUGMENTATIONS, help="training-time shifts and/or left-right flips in the pipeline; flips only where the class survives them (default: none; modern: shift_flip; fast: flip; on mnist without flips)")
     optimisation.add_argument("--validation-split", type=float, help="hold out this fraction of the training split for validation; 0 = validate on the test split (default: 0)")
 
     runtime = parser.add_argument_group("runtime and outputs")

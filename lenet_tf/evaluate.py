@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from lenet_tf.config import TrainConfig
 from lenet_tf.errors import UsageError
 from lenet_tf.images import load_image
-from lenet_tf.config import TrainConfig
 from lenet_tf.inference import Predictor, find_model_card
 from lenet_tf.registry import NUM_CLASSES, dataset_info
 from lenet_tf.run_dir import RunDir

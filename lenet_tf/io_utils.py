@@ -72,7 +72,9 @@ def full_disk_message(error: BaseException, where: Path) -> str:
 
 def is_full_disk_error(error: BaseException) -> bool:
     """Whether `error` (or an error it wraps) is a full disk or quota, whatever library raised it."""
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _FULL_DISK_ERRORS:
             return True
         if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):

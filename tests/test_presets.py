@@ -115,3 +115,15 @@ def test_modern_preset_trains_and_exports_with_parity(tmp_path, small_real_datas
     # 0.4 is four times chance.
     assert metrics["test_accuracy"] > 0.4
     assert set(metrics["exports"]) == {"saved_model", "float32", "int8", "metadata"}
+
+
+def test_fast_preset_stays_lenet_shaped_under_100k_parameters_and_never_flips_digits():
+    model = build_model(preset("fast"))
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("Conv2D") == 2 and kinds.count("Dense") == 2
+    assert kinds.count("FusedBatchNormalization") == 2  # After the convolutions only.
+    assert model.count_params() == 83_066
+    assert model.get_layer("conv1").output.shape == (None, 24, 24, 16)  # Unpadded 5x5.
+    assert preset("fast", "fashion_mnist").augment == "flip"
+    assert preset("fast", "mnist").augment == "none"
+    preset("fast", "mnist").validate()
