@@ -59,7 +59,7 @@ def test_layer_summary_lists_every_layer_with_shapes_and_total():
     "overrides, expected_layer_types",
     [
         (dict(activation="relu", pooling="max"), {"MaxPooling2D"}),
-        (dict(batch_norm=True), {"BatchNormalization"}),
+        (dict(batch_norm=True), {"FusedBatchNormalization"}),
         (dict(dropout=0.3), {"Dropout"}),
     ],
 )
