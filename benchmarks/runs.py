@@ -38,25 +38,30 @@ def bench_full_run(extra_args: list[str]) -> dict[str, Any]:
     }
 
 
+def _events(folder: Path, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return accumulator.Tensors(tag) if tag in accumulator.Tags()["tensors"] else []
+
+
+def validation_curve(run_dir: Path, since: float) -> list[tuple[int, float, float]]:
+    """(epoch, validation accuracy, seconds after `since`) for every epoch of a run, from its event files."""
+    import tensorflow as tf
+
+    return [(event.step + 1, float(tf.make_ndarray(event.tensor_proto)), event.wall_time - since)
+            for event in _events(RunDir(run_dir).logs / "validation", "epoch_accuracy")]
+
+
 def time_to_accuracy(run_dir: Path, target: float) -> dict[str, Any]:
     """Seconds from a run's start to the end of the first epoch whose validation
     accuracy reached `target`, read from its TensorBoard event files (the
     HParams session start marks the start of training)."""
-    import tensorflow as tf
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    def events(folder: Path, tag: str):
-        accumulator = EventAccumulator(str(folder), size_guidance={"tensors": 0})
-        accumulator.Reload()
-        return accumulator.Tensors(tag) if tag in accumulator.Tags()["tensors"] else []
-
-    logs = RunDir(run_dir).logs
-    starts = events(logs, "_hparams_/session_start_info")
+    starts = _events(RunDir(run_dir).logs, "_hparams_/session_start_info")
     if not starts:
         return {"run_dir": str(run_dir), "error": "no HParams session start in the event files"}
-    for event in events(logs / "validation", "epoch_accuracy"):
-        accuracy = float(tf.make_ndarray(event.tensor_proto))
+    for epoch, accuracy, seconds in validation_curve(run_dir, since=starts[0].wall_time):
         if accuracy >= target:
-            return {"run_dir": str(run_dir), "target": target, "epoch": event.step + 1, "accuracy": accuracy,
-                    "seconds": event.wall_time - starts[0].wall_time}
+            return {"run_dir": str(run_dir), "target": target, "epoch": epoch, "accuracy": accuracy, "seconds": seconds}
     return {"run_dir": str(run_dir), "target": target, "error": "target never reached"}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import has_markers, machine_description, replace_between_markers
+from benchmarks.runs import validation_curve
 from lenet_tf.io_utils import child_environment
 from lenet_tf.run_dir import RunDir
 
@@ -46,19 +47,6 @@ def time_yardstick(repeats: int) -> list[float]:
     return seconds
 
 
-def validation_times(run_dir: RunDir, launched: float) -> list[tuple[int, float, float]]:
-    """(epoch, validation accuracy, seconds since the process was launched) for every epoch."""
-    import tensorflow as tf
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(run_dir.logs / "validation"), size_guidance={"tensors": 0})
-    accumulator.Reload()
-    if "epoch_accuracy" not in accumulator.Tags()["tensors"]:
-        return []
-    return [(event.step + 1, float(tf.make_ndarray(event.tensor_proto)), event.wall_time - launched)
-            for event in accumulator.Tensors("epoch_accuracy")]
-
-
 def run_seed(dataset: str, preset: str, seed: int, scratch: Path, extra: list[str], target: float) -> dict[str, Any]:
     run_dir = RunDir(scratch / f"run-{seed}")
     command = [sys.executable, str(REPOSITORY / "train.py"), "--preset", preset, "--dataset", dataset,
@@ -69,7 +57,7 @@ def run_seed(dataset: str, preset: str, seed: int, scratch: Path, extra: list[st
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
     metrics = json.loads(run_dir.metrics.read_text())
-    curve = validation_times(run_dir, launched)
+    curve = validation_curve(run_dir.root, since=launched)
     reached = next(((epoch, seconds) for epoch, accuracy, seconds in curve if accuracy >= target), None)
     return {
         "seed": seed,
