@@ -59,6 +59,9 @@ class TrainConfig:
     batch_norm: bool = False
     # With batch_norm: also after the hidden dense layers, not only the conv layers.
     dense_batch_norm: bool = True
+    # Weight of the old value in batch norm's moving mean and variance per step
+    # (Keras's default 0.99 averages over ~100 steps; short runs need fewer).
+    batch_norm_momentum: float = 0.99
     dropout: float = 0.0  # Dropout rate after each hidden dense layer; 0 disables it.
 
     # --- optimisation -----------------------------------------------------
@@ -137,7 +140,7 @@ class TrainConfig:
         if "flip" in self.augment and not dataset_info(self.dataset).flip_keeps_class:
             raise UsageError(f"--augment {self.augment} mirrors images, which changes the class of {self.dataset} "
                              "images (a mirrored digit is another shape); use shift or none")
-        for name in ("momentum", "label_smoothing", "validation_split"):
+        for name in ("momentum", "label_smoothing", "validation_split", "batch_norm_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(self, name)})")
         if self.weight_decay < 0 or self.warmup_epochs < 0:

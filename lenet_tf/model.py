@@ -44,14 +44,14 @@ def build_model(config: TrainConfig) -> keras.Sequential:
                 **_activation_arguments(config.batch_norm, config.activation),
             )
         )
-        _append_batch_norm(model_layers, config.batch_norm, config.activation, f"conv{index}")
+        _append_batch_norm(model_layers, config, config.batch_norm, f"conv{index}")
         model_layers.append(pool(pool_size=2, strides=2, name=f"pool{index}"))
     model_layers.append(layers.Flatten(name="flatten"))
     dense_batch_norm = config.batch_norm and config.dense_batch_norm
     for index, units in enumerate(config.dense_units, start=1):
         model_layers.append(layers.Dense(units, kernel_initializer=initializer, name=f"dense{index}",
                                          **_activation_arguments(dense_batch_norm, config.activation)))
-        _append_batch_norm(model_layers, dense_batch_norm, config.activation, f"dense{index}")
+        _append_batch_norm(model_layers, config, dense_batch_norm, f"dense{index}")
         if config.dropout:
             model_layers.append(layers.Dropout(config.dropout, name=f"dense{index}_dropout"))
     model_layers.append(layers.Dense(NUM_CLASSES, kernel_initializer=initializer, name="logits"))
@@ -67,10 +67,10 @@ def _activation_arguments(batch_norm: bool, activation: str) -> dict:
     return {"activation": activation}
 
 
-def _append_batch_norm(model_layers: list, batch_norm: bool, activation: str, name: str) -> None:
+def _append_batch_norm(model_layers: list, config: TrainConfig, batch_norm: bool, name: str) -> None:
     if batch_norm:
-        model_layers.append(FusedBatchNormalization(name=f"{name}_bn"))
-        model_layers.append(layers.Activation(activation, name=f"{name}_{activation}"))
+        model_layers.append(FusedBatchNormalization(momentum=config.batch_norm_momentum, name=f"{name}_bn"))
+        model_layers.append(layers.Activation(config.activation, name=f"{name}_{config.activation}"))
 
 
 def layer_summary(model: keras.Model, out: TextIO | None = None) -> str:

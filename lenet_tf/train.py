@@ -154,11 +154,11 @@ def _run(config: TrainConfig, datasets: Datasets | None, placement: Placement, r
     throughput = ThroughputCallback(pipelines.train_count)
     callbacks = make_callbacks(config, write_to, datasets, throughput, placement.is_chief)
     history, epochs_run = _fit(config, model, pipelines, epochs_done, callbacks, write_to, out)
-    clock.mark("fit (training, validation, checkpoints, dashboards)")
-    evaluation = _evaluate(config, model, pipelines, clock)
+    clock.mark("fit (training, validation, checkpoints, epoch dashboards)")
+    evaluation = _evaluate(config, model, pipelines, history, epochs_run, clock)
     clock.mark("test evaluation")
     metrics = _metrics(config, placement, datasets, pipelines, history, epochs_run, evaluation, throughput)
-    _write_results(config, model, metrics, write_to)
+    _write_results(config, model, metrics, write_to, callbacks)
     clock.mark("final dashboards and curves")
     if placement.is_chief and config.export_formats:
         _export(config, model, datasets, metrics)
@@ -319,14 +319,22 @@ def _lost_worker_message(error: tf.errors.OpError, config: TrainConfig) -> str:
             f"same command to resume from the chief's last backup in {RunDir(config.run_dir).backup}")
 
 
-def _evaluate(config: TrainConfig, model: keras.Model, pipelines: Pipelines, clock: Clock) -> dict[str, float]:
+def _evaluate(config: TrainConfig, model: keras.Model, pipelines: Pipelines, history: dict[str, list[float]],
+              epochs_run: int, clock: Clock) -> dict[str, float]:
     """The test split, evaluated once; the validation split too when there is one."""
-    test_loss, test_accuracy = model.evaluate(pipelines.test, verbose=0)
+    # fit has just evaluated these weights on its validation data after the
+    # last epoch; a second pass over the same data would compute the same numbers.
+    last_validation = (history["val_loss"][-1], history["val_accuracy"][-1]) if epochs_run and "val_loss" in history \
+        else None
+    if config.validation_split or last_validation is None:
+        test_loss, test_accuracy = model.evaluate(pipelines.test, verbose=0)
+    else:
+        test_loss, test_accuracy = last_validation  # Validation ran on the test split, as in the book.
     evaluation = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy),
                   # The time a user waits for a trained and tested model, before any export.
                   "seconds_to_tested_model": clock.seconds()}
     if config.validation_split:
-        validation_loss, validation_accuracy = model.evaluate(pipelines.validation, verbose=0)
+        validation_loss, validation_accuracy = last_validation or model.evaluate(pipelines.validation, verbose=0)
         evaluation.update(validation_loss=float(validation_loss), validation_accuracy=float(validation_accuracy))
     return evaluation
 
@@ -355,8 +363,10 @@ def _metrics(config: TrainConfig, placement: Placement, datasets: Datasets, pipe
     }
 
 
-def _write_results(config: TrainConfig, model: keras.Model, metrics: dict[str, Any], write_to: RunDir) -> None:
-    """The final metrics and op graph in TensorBoard, and the book's curves as a PNG."""
+def _write_results(config: TrainConfig, model: keras.Model, metrics: dict[str, Any], write_to: RunDir,
+                   callbacks: list[keras.callbacks.Callback]) -> None:
+    """The final image dashboards, metrics and op graph in TensorBoard, and the book's curves as a PNG."""
+    next(callback for callback in callbacks if isinstance(callback, dashboards.ImageDashboardsCallback)).write_final()
     dashboards.write_final_metrics(write_to.logs, metrics, step=config.epochs - 1)
     dashboards.write_op_graph(write_to.logs, model)
     with reporting_full_disk(write_to.curves):

@@ -123,3 +123,23 @@ def test_a_second_training_on_the_same_run_dir_is_refused_and_writes_nothing(tmp
         assert sorted(path.name for path in run_dir.root.iterdir()) == before
     train_and_evaluate(config, datasets=small_real_datasets)  # Released: the next one runs.
     assert run_dir.metrics.is_file()
+
+
+@pytest.mark.parametrize("validation_split", [0.0, 0.25])
+def test_reported_test_metrics_are_a_fresh_evaluation_of_the_final_model(tmp_path, small_real_datasets,
+                                                                         validation_split):
+    """The test numbers may come from fit's last validation pass (when that ran
+    on the test split); either way they are what the saved model scores."""
+    import keras
+    import numpy as np
+
+    config = TrainConfig(dataset="fashion_mnist", epochs=2, batch_size=64, activation="relu", learning_rate=0.1,
+                         validation_split=validation_split, run_dir=str(tmp_path / "run"), export_formats=(),
+                         image_every_epochs=0)
+    metrics = train_and_evaluate(config, datasets=small_real_datasets)
+    model = keras.models.load_model(RunDir(config.run_dir).checkpoint)
+    logits = model.predict(small_real_datasets.test_images, verbose=0)
+    accuracy = float(np.mean(logits.argmax(axis=1) == small_real_datasets.test_labels))
+    loss = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(small_real_datasets.test_labels, logits))
+    assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert metrics["test_loss"] == pytest.approx(loss, rel=1e-4)
