@@ -33,6 +33,7 @@ def build_model(config: TrainConfig) -> keras.Sequential:
         layers.Rescaling(PIXEL_SCALE, name="rescale"),
     ]
     for index, (filters, kernel_size) in enumerate(zip(config.conv_filters, config.conv_kernel_sizes()), start=1):
+        conv_batch_norm = config.batch_norm and (index > 1 or config.first_conv_batch_norm)
         model_layers.append(
             layers.Conv2D(
                 filters,
@@ -41,10 +42,10 @@ def build_model(config: TrainConfig) -> keras.Sequential:
                 padding=config.first_conv_padding if index == 1 else "valid",
                 kernel_initializer=initializer,
                 name=f"conv{index}",
-                **_activation_arguments(config.batch_norm, config.activation),
+                **_activation_arguments(conv_batch_norm, config.activation),
             )
         )
-        _append_batch_norm(model_layers, config, config.batch_norm, f"conv{index}")
+        _append_batch_norm(model_layers, config, conv_batch_norm, f"conv{index}")
         model_layers.append(pool(pool_size=2, strides=2, name=f"pool{index}"))
     model_layers.append(layers.Flatten(name="flatten"))
     dense_batch_norm = config.batch_norm and config.dense_batch_norm

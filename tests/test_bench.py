@@ -58,3 +58,28 @@ def test_bench_refuses_a_readme_without_markers_before_measuring(tmp_path, capsy
     assert exit_info.value.code == 2
     assert "has no lines <!-- bench:start -->" in capsys.readouterr().err
     assert readme.read_text() == "# Title\n"
+
+
+@pytest.mark.slow
+def test_speedrun_reports_every_seed_and_the_yardstick_in_the_doc(tmp_path):
+    """Two tiny seeds in fresh train.py processes and the yardstick before and after them."""
+    from benchmarks import speedrun
+
+    output, page = tmp_path / "speedrun.json", tmp_path / "speedrun.md"
+    page.write_text("# Speedrun\n\n<!-- speedrun-fashion_mnist:start -->\nold\n<!-- speedrun-fashion_mnist:end -->\n")
+    assert speedrun.main(["--seeds", "2", "--yardstick-repeats", "2", "--target", "0.5", "--time-target", "45",
+                          "--output", str(output), "--doc", str(page),
+                          "--", "--limit-train", "2048", "--limit-test", "500", "--epochs", "2", "--format", ""]) == 0
+    result = json.loads(output.read_text())
+    assert [run["seed"] for run in result["runs"]] == [0, 1]
+    assert len(result["summary"]["yardstick_seconds"]) == 2
+    for run in result["runs"]:
+        assert 0.1 < run["test_accuracy"] <= 1.0
+        # The wait for a tested model is part of the process's life, which is longer.
+        assert 0 < run["seconds_to_tested_model"] < run["process_seconds_with_export"]
+        assert [epoch for epoch, _ in run["validation_curve"]] == [1, 2]
+    summary = result["summary"]
+    yardstick = summary["yardstick_seconds"]
+    assert summary["scaled_time_target"] == pytest.approx(45 * (yardstick[0] + yardstick[1]) / 2 / 10)
+    text = page.read_text()
+    assert "| 0 | " in text and "| 1 | " in text and "old" not in text

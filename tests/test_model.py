@@ -76,3 +76,23 @@ def test_conv_and_dense_counts_and_widths_follow_the_config():
     assert [layer.filters for layer in conv_layers] == [8, 16, 32]
     assert all(layer.kernel_size == (3, 3) for layer in conv_layers)
     assert [layer.units for layer in dense_layers] == [64, 10]
+
+
+def test_batch_norm_momentum_reaches_every_batch_norm_layer_and_bad_values_are_refused():
+    from lenet_tf.errors import UsageError
+
+    model = build_model(TrainConfig(batch_norm=True, batch_norm_momentum=0.9))
+    momenta = [layer.momentum for layer in model.layers if type(layer).__name__ == "FusedBatchNormalization"]
+    assert momenta == [0.9] * 4  # Two conv and two hidden dense layers.
+    with pytest.raises(UsageError, match="--batch-norm-momentum"):
+        TrainConfig(batch_norm_momentum=1.0).validate()
+
+
+def test_first_conv_without_batch_norm_keeps_its_bias_and_activation_and_its_maps_are_still_found():
+    from lenet_tf.model import conv_block_outputs
+
+    model = build_model(TrainConfig(batch_norm=True, first_conv_batch_norm=False, activation="relu"))
+    conv1 = model.get_layer("conv1")
+    assert conv1.use_bias and conv1.activation.__name__ == "relu"
+    assert model.get_layer("conv2").use_bias is False  # Batch norm's shift stands in for it.
+    assert [layer.name for layer in conv_block_outputs(model)] == ["conv1", "conv2_relu"]
