@@ -9,6 +9,7 @@ tests pass small in-memory datasets and a strategy; the CLI passes neither.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
@@ -157,12 +158,16 @@ def _run(config: TrainConfig, datasets: Datasets | None, placement: Placement, r
     clock.mark("fit (training, validation, checkpoints, epoch dashboards)")
     evaluation = _evaluate(config, model, pipelines, history, epochs_run, clock)
     clock.mark("test evaluation")
-    metrics = _metrics(config, placement, datasets, pipelines, history, epochs_run, evaluation, throughput)
-    _write_results(config, model, metrics, write_to, callbacks)
-    clock.mark("final dashboards and curves")
-    if placement.is_chief and config.export_formats:
-        _export(config, model, datasets, metrics)
-        clock.mark("export and its parity check")
+    exporting = placement.is_chief and bool(config.export_formats)
+    # The export's parity check runs in a fresh process; started now, it
+    # imports TensorFlow while this one draws the final dashboards.
+    with _parity_worker() if exporting else contextlib.nullcontext() as parity_worker:
+        metrics = _metrics(config, placement, datasets, pipelines, history, epochs_run, evaluation, throughput)
+        _write_results(config, model, metrics, write_to, callbacks)
+        clock.mark("final dashboards and curves")
+        if exporting:
+            _export(config, model, datasets, metrics, parity_worker)
+            clock.mark("export and its parity check")
     metrics["wall_seconds"] = clock.seconds()
     # A list, not a dict: metrics.json sorts keys, and the stages read in the order they ran.
     metrics["stage_seconds"] = [[stage, seconds] for stage, seconds in clock.stages.items()]
@@ -374,7 +379,14 @@ def _write_results(config: TrainConfig, model: keras.Model, metrics: dict[str, A
                                     validation_label="validation acc" if config.validation_split else "test acc")
 
 
-def _export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics: dict[str, Any]) -> None:
+def _parity_worker():
+    from lenet_tf.export import ParityWorker
+
+    return ParityWorker()
+
+
+def _export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics: dict[str, Any],
+            parity_worker) -> None:
     from lenet_tf.export import export_model
 
     # Export a plain copy built outside the strategy: the exported graph then
@@ -383,7 +395,7 @@ def _export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics
     # would wait forever for the other workers).
     plain_model = build_model(config)
     plain_model.set_weights(model.get_weights())
-    export = export_model(plain_model, config, datasets, metrics)
+    export = export_model(plain_model, config, datasets, metrics, parity_worker)
     metrics["exports"] = {key: str(path) for key, path in export.artifacts.items()}
     metrics["export_version_dir"] = str(export.version_dir)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lenet_tf.config import TrainConfig
-from lenet_tf.export import check_parity, export_model, parity_report
+from lenet_tf.export import ParityWorker, check_parity, export_model, parity_report
 from lenet_tf.inference import METADATA_FILE, sha256_of
 from lenet_tf.registry import dataset_info
 from lenet_tf.run_dir import RunDir
@@ -174,7 +174,10 @@ def test_export_killed_midway_leaves_previous_versions_and_no_partial_version(tr
     leftovers = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if str(model_dir) in cmdline.read_bytes().decode(errors="replace"):
+            text = cmdline.read_bytes().decode(errors="replace")
+            # A helper names its parent's pid (lenet_tf.child PID ...), a waiting
+            # parity worker names nothing else.
+            if str(model_dir) in text or f"lenet_tf.child\0{process.pid}\0" in text:
                 leftovers.append(cmdline.parent.name)
         except OSError:
             continue  # The process ended while we looked.
@@ -237,3 +240,16 @@ def test_export_refuses_a_run_dir_that_a_training_holds(trained):
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     line = completed.stderr.strip().splitlines()[-1]
     assert f"the run directory {config.run_dir} is in use by training process {os.getpid()} on host" in line
+
+
+def test_parity_worker_reports_a_model_it_cannot_load_and_is_stopped_when_unused(tmp_path):
+    from lenet_tf.errors import ParityError
+
+    with ParityWorker() as worker:
+        with pytest.raises(ParityError, match="fresh process"):
+            worker.run({"float32": tmp_path / "missing.tflite"}, np.zeros((2, 28, 28, 1), np.uint8))
+    assert worker.process.returncode not in (None, 0)
+    with ParityWorker() as unused:
+        pass
+    # Stopped and reaped, not left waiting for a job that will never come.
+    assert unused.process.returncode is not None and not Path(f"/proc/{unused.process.pid}").exists()
