@@ -281,9 +281,13 @@ def make_dataset(
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.batch(global_batch_size)
     if augment != "none":
-        dataset = dataset.map(
-            lambda batch_images, batch_labels: (
-                augment_batch(batch_images, shift="shift" in augment, flip="flip" in augment), batch_labels),
+        # Each batch takes its own seed from a seeded stream (new every epoch):
+        # a stateful random op would hand out its draws in whatever order the
+        # parallel map runs, and the same seed would not give the same run.
+        batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, batch_seeds).map(
+            lambda batch, batch_seed: (
+                augment_batch(batch[0], shift="shift" in augment, flip="flip" in augment, seed=batch_seed), batch[1]),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
@@ -292,25 +296,36 @@ def make_dataset(
 MAX_SHIFT = 2
 
 
-def augment_batch(images, shift: bool = True, flip: bool = False):
+def augment_batch(images, shift: bool = True, flip: bool = False, seed=None):
     """Shifts each uint8 image by up to MAX_SHIFT pixels in each direction
     (zero fill, like the black background) and, if `flip`, mirrors half of
     them left-right. Works on whole batches: pad once, then one random crop
     offset per image via a gather, no per-image Python. Flips alone cost
     almost nothing; the shifts' gathers cost about a quarter of a small
     model's training throughput on two cores (docs/speedrun.md).
+
+    `seed`: a shape [2] integer tensor makes the result a function of the
+    images and the seed (stateless random ops); None draws from TensorFlow's
+    global generator.
     """
     import tensorflow as tf
 
     batch = tf.shape(images)[0]
+    shift_seed, flip_seed = (None, None) if seed is None else tf.unstack(tf.random.split(seed, 2))
+
+    def uniform(shape, draw_seed, **kwargs):
+        if draw_seed is None:
+            return tf.random.uniform(shape, **kwargs)
+        return tf.random.stateless_uniform(shape, draw_seed, **kwargs)
+
     if shift:
         padded = tf.pad(images, [[0, 0], [MAX_SHIFT, MAX_SHIFT], [MAX_SHIFT, MAX_SHIFT], [0, 0]])
-        offsets = tf.random.uniform([batch, 2], 0, 2 * MAX_SHIFT + 1, dtype=tf.int32)
+        offsets = uniform([batch, 2], shift_seed, minval=0, maxval=2 * MAX_SHIFT + 1, dtype=tf.int32)
         rows = offsets[:, :1] + tf.range(IMAGE_SIZE)[None, :]
         columns = offsets[:, 1:] + tf.range(IMAGE_SIZE)[None, :]
         images = tf.gather(padded, rows, axis=1, batch_dims=1)
         images = tf.gather(images, columns, axis=2, batch_dims=1)
     if flip:
-        mirror = tf.random.uniform([batch, 1, 1, 1]) < 0.5
+        mirror = uniform([batch, 1, 1, 1], flip_seed) < 0.5
         images = tf.where(mirror, tf.reverse(images, axis=[2]), images)
     return images

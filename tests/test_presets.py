@@ -5,7 +5,7 @@ import pytest
 
 from lenet_tf.cli import build_parser, config_from_args
 from lenet_tf.config import TrainConfig, preset
-from lenet_tf.data import augment_batch
+from lenet_tf.data import augment_batch, make_dataset
 from lenet_tf.errors import UsageError
 from lenet_tf.model import build_model
 from lenet_tf.optimization import SmoothedSparseCrossentropy, learning_rate_schedule
@@ -127,3 +127,19 @@ def test_fast_preset_stays_lenet_shaped_under_100k_parameters_and_never_flips_di
     assert preset("fast", "fashion_mnist").augment == "flip"
     assert preset("fast", "mnist").augment == "none"
     preset("fast", "mnist").validate()
+
+
+def test_augmented_pipeline_is_the_same_for_the_same_seed_and_new_every_epoch():
+    """The random draws must not depend on the order in which tf.data's
+    parallel map happens to run the batches (they did, with a stateful op)."""
+    images = np.random.default_rng(0).integers(0, 256, (4096, 28, 28, 1), dtype=np.uint8)
+    labels = np.arange(4096) % 10
+
+    def two_epochs(seed):
+        dataset = make_dataset(images, labels, 64, True, seed, augment="shift_flip")
+        return [np.concatenate([batch_images.numpy() for batch_images, _ in dataset]) for _ in range(2)]
+
+    first, again, other = two_epochs(3), two_epochs(3), two_epochs(4)
+    assert all((epoch == repeat).all() for epoch, repeat in zip(first, again))
+    assert not (first[0] == first[1]).all()  # Reshuffled and re-augmented every epoch.
+    assert not (first[0] == other[0]).all()
