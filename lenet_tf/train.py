@@ -262,18 +262,14 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
 def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, throughput: ThroughputCallback,
                    is_chief: bool = True) -> list[keras.callbacks.Callback]:
     """Every callback of a training run, in the order they must run (only the chief backs up)."""
+    info = dataset_info(config.dataset)
     callbacks = [
         throughput,  # First, so the others see examples_per_sec in the logs.
         StopOnNonFiniteLoss(),
-        # An epoch's history and checkpoint are written before its backup, so
-        # a kill in between never leaves a backed-up epoch unrecorded.
+        # An epoch's history, checkpoint and dashboards are written before its
+        # backup, so a kill in between never leaves a backed-up epoch unrecorded.
         EpochHistory(write_to.history),
         AtomicCheckpoint(write_to.checkpoint),
-    ]
-    if is_chief:
-        callbacks.append(BackupCallback(Backup(write_to.backup)))
-    info = dataset_info(config.dataset)
-    callbacks += [
         dashboards.ImageDashboardsCallback(
             write_to.logs, datasets.test_images, datasets.test_labels, info.class_names,
             config.image_every_epochs, config.activation_indices, seed=config.seed,
@@ -286,6 +282,8 @@ def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, th
             profile_batch=config.profile_batch or 0,
         ),
     ]
+    if is_chief:
+        callbacks.append(BackupCallback(Backup(write_to.backup)))
     return callbacks
 
 
