@@ -20,6 +20,7 @@ import keras
 
 from lenet_tf.errors import UsageError
 from lenet_tf.io_utils import reporting_full_disk, write_json_atomic
+from lenet_tf.run_dir import BACKUP_RECORD_FILE
 
 
 class ThroughputCallback(keras.callbacks.Callback):
@@ -108,7 +109,7 @@ class Backup:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self.record_path = self.directory / "training_metadata.json"
+        self.record_path = self.directory / BACKUP_RECORD_FILE
 
     def epochs_done(self) -> int:
         """Epochs the backup holds (0 without a backup); raises UsageError if it is damaged."""

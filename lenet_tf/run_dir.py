@@ -25,6 +25,10 @@ from typing import Iterator
 from lenet_tf.errors import UsageError
 
 
+# The backup's record of its last epoch (lenet_tf.callbacks.Backup writes it).
+BACKUP_RECORD_FILE = "training_metadata.json"
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -58,8 +62,8 @@ class RunDir:
 
     @property
     def backup_metadata(self) -> Path:
-        """Keras BackupAndRestore's record of the last backed-up epoch."""
-        return self.backup / "training_metadata.json"
+        """The backup's record of the last backed-up epoch."""
+        return self.backup / BACKUP_RECORD_FILE
 
     @property
     def logs(self) -> Path:

@@ -310,8 +310,13 @@ def _fit(config: TrainConfig, model: keras.Model, pipelines: Pipelines, epochs_d
             f"training stopped: the loss became {last_loss} (diverged); lower --learning-rate "
             f"(was {config.learning_rate}). The last good checkpoint is in {RunDir(config.run_dir).checkpoint}"
         )
-    history = next(callback for callback in callbacks if isinstance(callback, EpochHistory)).as_history()
+    history = _callback_of_type(callbacks, EpochHistory).as_history()
     return history, epochs_run
+
+
+def _callback_of_type(callbacks: list[keras.callbacks.Callback], kind: type):
+    """The run's one callback of `kind` (make_callbacks adds exactly one of each)."""
+    return next(callback for callback in callbacks if isinstance(callback, kind))
 
 
 def _lost_worker_message(error: tf.errors.OpError, config: TrainConfig) -> str:
@@ -369,7 +374,7 @@ def _metrics(config: TrainConfig, placement: Placement, datasets: Datasets, pipe
 def _write_results(config: TrainConfig, model: keras.Model, metrics: dict[str, Any], write_to: RunDir,
                    callbacks: list[keras.callbacks.Callback]) -> None:
     """The final image dashboards, metrics and op graph in TensorBoard, and the book's curves as a PNG."""
-    next(callback for callback in callbacks if isinstance(callback, dashboards.ImageDashboardsCallback)).write_final()
+    _callback_of_type(callbacks, dashboards.ImageDashboardsCallback).write_final()
     dashboards.write_final_metrics(write_to.logs, metrics, step=config.epochs - 1)
     dashboards.write_op_graph(write_to.logs, model)
     with reporting_full_disk(write_to.curves):

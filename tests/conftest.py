@@ -141,7 +141,7 @@ def free_ports(count: int) -> list[int]:
 
 
 def wait_for_backed_up_epoch(metadata: Path, processes, timeout: float = 240) -> int:
-    """Polls a run's BackupAndRestore metadata until an epoch is backed up; returns
+    """Polls a run's backup record until an epoch is backed up; returns
     how many are (0 on timeout). Every process must still be running meanwhile,
     since the caller means to kill it mid-run."""
     import json
