@@ -83,3 +83,20 @@ def test_speedrun_reports_every_seed_and_the_yardstick_in_the_doc(tmp_path):
     assert summary["scaled_time_target"] == pytest.approx(45 * (yardstick[0] + yardstick[1]) / 2 / 10)
     text = page.read_text()
     assert "| 0 | " in text and "| 1 | " in text and "old" not in text
+
+
+def test_int8_latency_compares_both_int8_conversions_with_float32(tmp_path, fashion_mnist_dir, capsys):
+    """A tiny classic run, then every model of the comparison converted, scored and timed."""
+    from benchmarks import int8_latency
+    from lenet_tf.config import TrainConfig
+    from lenet_tf.train import train_and_evaluate
+
+    config = TrainConfig(epochs=1, limit_train=2048, limit_test=500, data_dir=str(fashion_mnist_dir),
+                         run_dir=str(tmp_path / "run"), export_formats=())
+    train_and_evaluate(config)
+    assert int8_latency.main([str(tmp_path / "run"), "--rounds", "2", "--calls", "20"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    assert [row[0] for row in rows] == ["| float32", "| dynamic", "| int8, average pools kept", "| int8, as exported"]
+    for row in rows:
+        assert 0.0 <= float(row[2]) <= 1.0 and float(row[3].split()[0]) > 0
+    assert rows[0][4].startswith("1.00x")

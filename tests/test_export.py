@@ -72,6 +72,28 @@ def test_parity_numbers_meet_the_bounds(trained):
     assert parity["int8"]["examples"] == 500
 
 
+def test_int8_model_pools_by_depthwise_convolution_and_equals_the_model_in_float(trained):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lenet_tf.export import pooling_as_depthwise_convolution
+    from lenet_tf.model import build_model
+
+    config, metrics, _ = trained
+    version_dir = Path(metrics["export_version_dir"])
+    assert sorted(path.name for path in version_dir.iterdir() if path.name.startswith(".")) == []
+    int8_ops = {op["op_name"] for op in Interpreter(str(version_dir / "lenet.int8.tflite"))._get_ops_details()}
+    assert "AVERAGE_POOL_2D" not in int8_ops and "DEPTHWISE_CONV_2D" in int8_ops
+    float_ops = {op["op_name"] for op in Interpreter(str(version_dir / "lenet.float32.tflite"))._get_ops_details()}
+    assert "AVERAGE_POOL_2D" in float_ops  # Only the int8 variant is converted from the twin.
+
+    model = build_model(config)
+    twin = pooling_as_depthwise_convolution(model)
+    images = np.random.default_rng(7).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
+    np.testing.assert_allclose(twin.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+    assert twin.layers[1] is model.layers[1]  # Shared, weights included.
+    assert [layer.name for layer in twin.layers if "pool" in layer.name] == ["pool1_as_conv", "pool2_as_conv"]
+
+
 def test_signature_names_dtypes_and_shapes_in_a_fresh_process(trained):
     _, metrics, datasets = trained
     script = f"""
