@@ -49,7 +49,9 @@ def convert_variants(run_dir: Path, scratch: Path) -> tuple[dict[str, Path], obj
 
     from lenet_tf.config import TrainConfig
     from lenet_tf.data import load_datasets
-    from lenet_tf.export import CALIBRATION_EXAMPLES, convert_tflite, pooling_as_depthwise_convolution, write_saved_model
+    from lenet_tf.export import (
+        CALIBRATION_EXAMPLES, convert_tflite, pooling_as_depthwise_convolution, write_saved_model,
+    )
     from lenet_tf.run_dir import RunDir
 
     run = RunDir(run_dir)
