@@ -112,8 +112,9 @@ def markdown(p50s: dict[str, list[float]], accuracies: dict[str, float], files: 
     ]
     for name, samples in p50s.items():
         ratios = [sample / baseline for sample, baseline in zip(samples, p50s["float32"])]
+        ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
         lines.append(f"| {name} | {files[name].stat().st_size / 1024:.0f} KiB | {accuracies[name]:.4f} | "
-                     f"{min(samples):.1f} µs | {statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) |")
+                     f"{min(samples):.1f} µs | {ratio} |")
     return "\n".join(lines)
 
 
