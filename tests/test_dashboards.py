@@ -22,9 +22,11 @@ IMAGE_TAGS = ("confusion_matrix", "test_predictions", "activations/conv1", "acti
 @pytest.fixture(scope="module")
 def dashboard_run(tmp_path_factory, small_real_datasets):
     root = tmp_path_factory.mktemp("dashboards")
+    # Exporting, as runs do by default: the final figures are then drawn
+    # in a thread of their own while the export runs.
     config = TrainConfig(dataset="fashion_mnist", epochs=3, batch_size=64, activation="relu", learning_rate=0.1,
                          image_every_epochs=2, activation_indices=(0, 1, 2), run_dir=str(root / "runs" / "lenet"),
-                         export_formats=())
+                         export_formats=("saved_model",), export_dir=str(root / "exports"))
     metrics = train_and_evaluate(config, datasets=small_real_datasets)
     return config, metrics, root
 
@@ -50,6 +52,14 @@ def test_image_dashboards_every_n_epochs_and_at_the_end(dashboard_run):
         assert decoded.shape == (int(height), int(width), 4), tag
         assert int(width) >= 200 and int(height) >= 150
         assert decoded[..., :3].std() > 10, f"{tag} is a blank picture"
+
+
+def test_final_dashboards_are_drawn_while_the_export_runs_and_finished_before_the_run_ends(dashboard_run):
+    _, metrics, _ = dashboard_run
+    stages = [stage for stage, _ in metrics["stage_seconds"]]
+    assert stages[-2:] == ["export and its parity check (final dashboards drawn meanwhile)",
+                           "final dashboards and curves (after the export)"]
+    assert Path(metrics["export_version_dir"], "saved_model.pb").is_file()
 
 
 def test_confusion_matrix_picture_changes_with_training(dashboard_run):
