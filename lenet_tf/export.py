@@ -339,12 +339,13 @@ def pooling_as_depthwise_convolution(model: keras.Sequential) -> keras.Sequentia
     channels last) computed by a depthwise convolution whose weights are all
     1 / pool area; every other layer is shared with `model`, weights included.
 
-    Why: in a full-integer TFLite model, XNNPACK leaves int8 AVERAGE_POOL_2D to
-    TFLite's own kernel, which cuts the delegated graph in pieces. On the
-    classic model (2 cores of AMD EPYC, batch 1) that made int8 1.3x slower
-    than float32; the int8 depthwise convolution stays inside XNNPACK and the
-    int8 model runs as fast as float32. The weight 1/4 is exact in float and
-    in int8 (per-channel scale), so the twin's float outputs equal the model's.
+    Why: in a full-integer TFLite model, XNNPACK leaves int8 AVERAGE_POOL_2D
+    to TFLite's own kernels, which cuts the delegated graph in more pieces (3
+    XNNPACK partitions instead of float32's 2). On the classic model (2 cores
+    of AMD EPYC, batch 1) that made int8 1.3x slower than float32; the int8
+    depthwise convolution stays inside XNNPACK and the int8 model runs as
+    fast as float32. The weight 1/4 is exact in float and in int8
+    (per-channel scale), so the twin's float outputs equal the model's.
     """
     twin_layers = [keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name=model.inputs[0].name)]
     for layer in model.layers:
