@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine_description
+from lenet_tf.data import Datasets
 
 WARM_UP_CALLS = 200
 
@@ -43,14 +44,14 @@ def batch_one_p50_us(interpreter, image: np.ndarray, calls: int) -> float:
     return float(np.percentile(samples, 50))
 
 
-def convert_variants(run_dir: Path, scratch: Path) -> tuple[dict[str, Path], object]:
+def convert_variants(run_dir: Path, scratch: Path) -> tuple[dict[str, Path], Datasets]:
     """Writes the TFLite files to compare under `scratch`; returns them and the run's datasets."""
     import keras
 
     from lenet_tf.config import TrainConfig
     from lenet_tf.data import load_datasets
     from lenet_tf.export import (
-        CALIBRATION_EXAMPLES, convert_tflite, pooling_as_depthwise_convolution, write_saved_model,
+        calibration_images, convert_tflite, pooling_as_depthwise_convolution, write_saved_model,
     )
     from lenet_tf.run_dir import RunDir
 
@@ -58,8 +59,7 @@ def convert_variants(run_dir: Path, scratch: Path) -> tuple[dict[str, Path], obj
     config = TrainConfig.read(run.config)
     model = keras.models.load_model(run.checkpoint, compile=False)
     datasets = load_datasets(config.dataset, config.data_dir)
-    rng = np.random.default_rng(config.seed)  # As the export draws its calibration images.
-    calibration = datasets.train_images[rng.choice(len(datasets.train_images), CALIBRATION_EXAMPLES, replace=False)]
+    calibration = calibration_images(datasets, config.seed)
     write_saved_model(model, scratch / "model")
     write_saved_model(pooling_as_depthwise_convolution(model), scratch / "twin")
     sources = {
@@ -75,7 +75,7 @@ def convert_variants(run_dir: Path, scratch: Path) -> tuple[dict[str, Path], obj
     return files, datasets
 
 
-def test_accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
+def accuracy_of(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
     from lenet_tf.inference import load_predictor
 
     probabilities = load_predictor(path, verify=False).predict(images)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds and --calls must be positive")
     with tempfile.TemporaryDirectory() as scratch:
         files, datasets = convert_variants(args.run_dir, Path(scratch))
-        accuracies = {name: test_accuracy(path, datasets.test_images, datasets.test_labels)
+        accuracies = {name: accuracy_of(path, datasets.test_images, datasets.test_labels)
                       for name, path in files.items()}
         p50s = measure(files, args.rounds, args.calls)
         print(markdown(p50s, accuracies, files, args.rounds, args.calls))

@@ -302,9 +302,7 @@ def _write_artifacts(model, config, datasets, staging) -> dict[str, Path]:
     artifacts = {}
     write_saved_model(model, staging)
     artifacts["saved_model"] = staging
-    rng = np.random.default_rng(config.seed)
-    count = min(CALIBRATION_EXAMPLES, len(datasets.train_images))
-    calibration = datasets.train_images[rng.choice(len(datasets.train_images), count, replace=False)]
+    calibration = calibration_images(datasets, config.seed)
     if "onnx" in config.export_formats:
         artifacts["onnx"] = convert_onnx(staging, staging / ONNX_FILE)
     if "web" in config.export_formats:
@@ -328,6 +326,13 @@ def _write_artifacts(model, config, datasets, staging) -> dict[str, Path]:
                 path.write_bytes(convert_tflite(staging, variant, calibration))
             artifacts[variant] = path
     return artifacts
+
+
+def calibration_images(datasets: Datasets, seed: int) -> np.ndarray:
+    """The training images the int8 conversion calibrates on, drawn by `seed`."""
+    rng = np.random.default_rng(seed)
+    count = min(CALIBRATION_EXAMPLES, len(datasets.train_images))
+    return datasets.train_images[rng.choice(len(datasets.train_images), count, replace=False)]
 
 
 def _has_average_pooling(model: keras.Model) -> bool:
