@@ -10,7 +10,8 @@ from typing import Any, Callable
 import numpy as np
 
 
-def _latency(call: Callable[[], Any], calls: int) -> dict[str, float]:
+def latency(call: Callable[[], Any], calls: int) -> dict[str, float]:
+    """p50 and p99 microseconds of `call`, after a warm-up of up to 100 calls."""
     for _ in range(min(100, calls)):
         call()
     samples = []
@@ -37,14 +38,14 @@ def bench_exports(version_dir: Path, calls: int) -> dict[str, Any]:
     tensor = tf.constant(image)
     saved_model_bytes = sum(entry["bytes"] for name, entry in card["files"].items()
                             if not name.endswith((".tflite", ".onnx")))
-    results["saved_model"] = {"bytes": saved_model_bytes, **_latency(lambda: serve(image=tensor), max(200, calls // 10))}
+    results["saved_model"] = {"bytes": saved_model_bytes, **latency(lambda: serve(image=tensor), max(200, calls // 10))}
     for path in sorted(version_dir.glob("*.tflite")):
         variant = path.name.split(".")[1]
         with native_stderr_silenced():
             runner_interpreter = Interpreter(model_path=str(path))
             direct = Interpreter(model_path=str(path))
         runner = runner_interpreter.get_signature_runner(SIGNATURE_KEY)
-        runner_latency = _latency(lambda runner=runner: runner(**{INPUT_KEY: image}), calls)
+        runner_latency = latency(lambda runner=runner: runner(**{INPUT_KEY: image}), calls)
         # The interpreter API proper (set_tensor, invoke, get_tensor) skips the
         # signature runner's per-call dictionary and shape checks. A second
         # interpreter, so no array from the runner pins the first one's buffers.
@@ -60,7 +61,7 @@ def bench_exports(version_dir: Path, calls: int) -> dict[str, Any]:
             direct.invoke()
             return direct.get_tensor(output_index)
 
-        results[variant] = {"bytes": path.stat().st_size, **_latency(invoke, calls),
+        results[variant] = {"bytes": path.stat().st_size, **latency(invoke, calls),
                             "signature_runner_p50_us": runner_latency["p50_us"]}
     onnx_path = version_dir / "lenet.onnx"
     if onnx_path.is_file():
@@ -68,7 +69,7 @@ def bench_exports(version_dir: Path, calls: int) -> dict[str, Any]:
 
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         results["onnx"] = {"bytes": onnx_path.stat().st_size,
-                           **_latency(lambda: session.run(["probabilities"], {"image": image}), calls)}
+                           **latency(lambda: session.run(["probabilities"], {"image": image}), calls)}
     web_model = version_dir / "web" / "lenet.web.onnx"
     if web_model.is_file():
         results["web"] = {"bytes": web_model.stat().st_size, **web_page_latency(version_dir, calls=200)}

@@ -17,31 +17,26 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import machine_description
+from benchmarks.exports import latency
 from lenet_tf.data import Datasets
 
-WARM_UP_CALLS = 200
-
-
-def batch_one_p50_us(interpreter, image: np.ndarray, calls: int) -> float:
-    """p50 of set_tensor + invoke + get_tensor through the interpreter API, after a warm-up."""
+def interpreter_call(interpreter, image: np.ndarray):
+    """One batch-1 call through the interpreter API: set_tensor, invoke, get_tensor."""
     input_details = interpreter.get_input_details()[0]
     output_index = interpreter.get_output_details()[0]["index"]
     feed = image.astype(input_details["dtype"])
-    samples = []
-    for call in range(WARM_UP_CALLS + calls):
-        start = time.perf_counter_ns()
+
+    def call():
         interpreter.set_tensor(input_details["index"], feed)
         interpreter.invoke()
-        interpreter.get_tensor(output_index)
-        if call >= WARM_UP_CALLS:
-            samples.append((time.perf_counter_ns() - start) / 1000)
-    return float(np.percentile(samples, 50))
+        return interpreter.get_tensor(output_index)
+
+    return call
 
 
 def convert_variants(run_dir: Path, scratch: Path) -> tuple[dict[str, Path], Datasets]:
@@ -92,10 +87,11 @@ def measure(files: dict[str, Path], rounds: int, calls: int) -> dict[str, list[f
     for interpreter in interpreters.values():
         interpreter.allocate_tensors()
     image = np.zeros((1, 28, 28, 1), np.uint8)
+    calls_of = {name: interpreter_call(interpreter, image) for name, interpreter in interpreters.items()}
     p50s: dict[str, list[float]] = {name: [] for name in files}
     for _ in range(rounds):
-        for name, interpreter in interpreters.items():
-            p50s[name].append(batch_one_p50_us(interpreter, image, calls))
+        for name, call in calls_of.items():
+            p50s[name].append(latency(call, calls)["p50_us"])
     return p50s
 
 

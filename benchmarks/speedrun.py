@@ -7,13 +7,13 @@ For every seed, `python train.py --preset fast --seed S` runs in a process of it
 (exports included, as a user runs it). Read back from its metrics.json and TensorBoard
 events: the test accuracy (reported once, at the end), the seconds from the process's start
 until that accuracy was known (TensorFlow's import, data loading and the per-epoch dashboards
-included; the final image dashboards and the export come after it), the whole process's wall time with the export, and when the validation
-curve first reached the target. Time targets are for a machine on which the yardstick
-(benchmarks/yardstick.py) takes 10 s; the yardstick is timed in the same run, between the
-seeds, and the targets are scaled by its fastest run: this class of machine drops into a slow
-mode for seconds to minutes, and a yardstick run caught in it would loosen the targets (the
-median did once: yardstick runs of 17.0, 16.5 and 9.5 s). Every seed is reported, the losing
-ones too.
+included; the final image dashboards and the export come after it), the whole process's wall
+time with the export, and when the validation curve first reached the target. Time targets
+are for a machine on which the yardstick (benchmarks/yardstick.py) takes 10 s; the yardstick
+is timed in the same run, between the seeds, and the targets are scaled by its fastest run:
+this class of machine drops into a slow mode for seconds to minutes, and a yardstick run
+caught in it would loosen the targets (the median did once: yardstick runs of 17.0, 16.5 and
+9.5 s). Every seed is reported, the losing ones too.
 """
 
 from __future__ import annotations
