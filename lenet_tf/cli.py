@@ -62,6 +62,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dense-units", type=_int_list, help="hidden dense widths, comma-separated (default: 120,84)")
     model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="batch normalisation after each conv/dense layer (default: off)")
     model.add_argument("--first-conv-batch-norm", action=argparse.BooleanOptionalAction, default=None, help="with --batch-norm, also after the first conv layer (default: on)")
+    model.add_argument("--whiten-first-conv", action=argparse.BooleanOptionalAction, default=None, help="fix the first conv layer's kernels to the whitened principal components of the training images' patches, untrained (default: off; fast on fashion_mnist: on)")
     model.add_argument("--dense-batch-norm", action=argparse.BooleanOptionalAction, default=None, help="with --batch-norm, also after the hidden dense layers (default: on)")
     model.add_argument("--batch-norm-momentum", type=float, help=f"weight of the old value in batch norm's moving statistics per step (default: {defaults.batch_norm_momentum})")
     model.add_argument("--dropout", type=float, help=f"dropout after hidden dense layers (default: {defaults.dropout})")

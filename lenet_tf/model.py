@@ -42,6 +42,8 @@ def build_model(config: TrainConfig) -> keras.Sequential:
                 padding=config.first_conv_padding if index == 1 else "valid",
                 kernel_initializer=initializer,
                 name=f"conv{index}",
+                # A whitened first layer keeps the kernels it is given (whiten_first_conv below).
+                trainable=not (index == 1 and config.whiten_first_conv),
                 **_activation_arguments(conv_batch_norm, config.activation),
             )
         )
@@ -57,6 +59,56 @@ def build_model(config: TrainConfig) -> keras.Sequential:
             model_layers.append(layers.Dropout(config.dropout, name=f"dense{index}_dropout"))
     model_layers.append(layers.Dense(NUM_CLASSES, kernel_initializer=initializer, name="logits"))
     return keras.Sequential(model_layers, name="lenet")
+
+
+# Images whose patches estimate the whitening: 1,000 give 576,000 5x5 patches,
+# plenty for a 25x25 covariance, in under a tenth of a second (2,000 gave the
+# same kernels to 2 decimals in 0.3 s).
+WHITENING_SAMPLE = 1000
+# Added to each variance before dividing by its square root, on pixels scaled
+# to [0, 1]: it keeps the faint components (Fashion-MNIST's 16th of 25 has
+# variance 0.01) from being amplified into noise.
+WHITENING_EPSILON = 1e-2
+
+
+def whitening_weights(images, kernel_size: int, filters: int, use_bias: bool) -> list:
+    """Kernels (and biases) for a first conv layer that whitens its input patches.
+
+    Each filter projects a kernel_size x kernel_size patch, centred on the
+    patches' mean, onto one principal component of the patches, divided by
+    the square root of that component's variance: the outputs are
+    uncorrelated and of about unit variance, the input that trains fastest
+    (the whitened first layer of the CIFAR-10 speedruns). Filters beyond the
+    kernel_size**2 components repeat the leading ones negated, so that a
+    ReLU after them passes both signs. Without a bias (batch norm follows
+    the layer) the centring is left to the batch norm.
+    """
+    import numpy as np
+
+    every = max(1, len(images) // WHITENING_SAMPLE)
+    pixels = np.asarray(images[::every][:WHITENING_SAMPLE], dtype=np.float32)[..., 0] * PIXEL_SCALE
+    patches = np.lib.stride_tricks.sliding_window_view(pixels, (kernel_size, kernel_size), axis=(1, 2))
+    patches = patches.reshape(-1, kernel_size * kernel_size)
+    mean = patches.mean(axis=0, dtype=np.float64)
+    centred = patches - mean.astype(np.float32)
+    covariance = (centred.T @ centred).astype(np.float64) / max(len(centred) - 1, 1)
+    variances, components = np.linalg.eigh(covariance)
+    order = np.argsort(variances)[::-1]  # eigh returns them in ascending order.
+    whitening = components[:, order] / np.sqrt(np.maximum(variances[order], 0.0) + WHITENING_EPSILON)
+    while whitening.shape[1] < filters:
+        whitening = np.concatenate([whitening, -whitening], axis=1)
+    whitening = whitening[:, :filters]
+    weights = [whitening.reshape(kernel_size, kernel_size, 1, filters).astype("float32")]
+    if use_bias:
+        weights.append((-mean @ whitening).astype("float32"))
+    return weights
+
+
+def whiten_first_conv(model: keras.Model, images) -> None:
+    """Sets the first conv layer's weights to whitening_weights of `images`
+    (the training images); build_model has already frozen that layer."""
+    conv = next(layer for layer in model.layers if isinstance(layer, layers.Conv2D))
+    conv.set_weights(whitening_weights(images, conv.kernel_size[0], conv.filters, conv.use_bias))
 
 
 def _activation_arguments(batch_norm: bool, activation: str) -> dict:

@@ -40,7 +40,7 @@ from lenet_tf.io_utils import (
     write_json_atomic,
 )
 from lenet_tf.keras_compat import adapt_model_for_multi_worker
-from lenet_tf.model import build_model
+from lenet_tf.model import build_model, whiten_first_conv
 from lenet_tf.optimization import build_compiled_model
 from lenet_tf.registry import dataset_info
 from lenet_tf.run_dir import RunDir, holding
@@ -57,8 +57,13 @@ class Pipelines:
     train: tf.data.Dataset
     validation: tf.data.Dataset
     test: tf.data.Dataset
-    train_count: int
+    # What the training pipeline draws from (without a held-out validation part).
+    train_images: np.ndarray
     global_batch_size: int
+
+    @property
+    def train_count(self) -> int:
+        return len(self.train_images)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -244,7 +249,7 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
             "training examples; lower --batch-size or raise --limit-train"
         )
     train = make_dataset(train_images, train_labels, global_batch_size, True, config.seed, augment=config.augment)
-    return Pipelines(train, validation, test, len(train_images), global_batch_size)
+    return Pipelines(train, validation, test, train_images, global_batch_size)
 
 
 def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines,
@@ -268,6 +273,9 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
         raise damage
     with placement.strategy.scope():
         model = build_compiled_model(config, pipelines.steps_per_epoch)
+        if config.whiten_first_conv:
+            # From the training images only; a resumed run restores the same kernels next.
+            whiten_first_conv(model, pipelines.train_images)
         backup.restore(model)
     if placement.name == "multi_worker":
         adapt_model_for_multi_worker(model, placement.strategy, next(iter(pipelines.train)))

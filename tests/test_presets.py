@@ -118,15 +118,62 @@ def test_modern_preset_trains_and_exports_with_parity(tmp_path, small_real_datas
 
 
 def test_fast_preset_stays_lenet_shaped_under_100k_parameters_and_never_flips_digits():
-    model = build_model(preset("fast"))
-    kinds = [type(layer).__name__ for layer in model.layers]
-    assert kinds.count("Conv2D") == 2 and kinds.count("Dense") == 2
-    assert kinds.count("FusedBatchNormalization") == 2  # After the convolutions only.
-    assert model.count_params() == 83_066
-    assert model.get_layer("conv1").output.shape == (None, 24, 24, 16)  # Unpadded 5x5.
+    for dataset, batch_norms, parameters in (("fashion_mnist", 1, 83_018), ("mnist", 2, 83_066)):
+        model = build_model(preset("fast", dataset))
+        kinds = [type(layer).__name__ for layer in model.layers]
+        assert kinds.count("Conv2D") == 2 and kinds.count("Dense") == 2
+        # After the convolutions only; on Fashion-MNIST not after the whitened first one.
+        assert kinds.count("FusedBatchNormalization") == batch_norms
+        assert model.count_params() == parameters  # The whitening kernels counted too.
+        assert model.get_layer("conv1").output.shape == (None, 24, 24, 16)  # Unpadded 5x5.
     assert preset("fast", "fashion_mnist").augment == "flip"
     assert preset("fast", "mnist").augment == "none"
     preset("fast", "mnist").validate()
+
+
+def test_whitening_kernels_make_the_first_layer_outputs_uncorrelated_with_unit_variance(small_real_datasets):
+    from lenet_tf.model import WHITENING_EPSILON, whitening_weights
+
+    images = small_real_datasets.train_images
+    kernel, bias = whitening_weights(images, 5, 16, use_bias=True)
+    assert kernel.shape == (5, 5, 1, 16) and bias.shape == (16,)
+    patches = np.lib.stride_tricks.sliding_window_view(images[..., 0] / 255.0, (5, 5), axis=(1, 2)).reshape(-1, 25)
+    outputs = patches @ kernel.reshape(25, 16) + bias
+    covariance = np.cov(outputs, rowvar=False)
+    assert np.abs(outputs.mean(axis=0)).max() < 0.05  # Centred by the bias.
+    assert np.abs(covariance - np.diag(np.diag(covariance))).max() < 0.05  # Uncorrelated.
+    # Unit variance, less what the epsilon takes from the faintest components.
+    variances = np.diag(covariance)
+    assert variances[0] == pytest.approx(1.0, abs=0.02) and (variances > 0.4).all() and (variances < 1.02).all()
+    assert WHITENING_EPSILON > 0
+
+    # More filters than a patch has pixels: the extra ones are negated copies.
+    wide, = whitening_weights(images, 3, 12, use_bias=False)
+    assert wide.shape == (3, 3, 1, 12)
+    np.testing.assert_allclose(wide[..., 9:], -wide[..., :3])
+    # Blank images have no principal components to speak of: finite weights, no error.
+    blank = whitening_weights(np.zeros((8, 28, 28, 1), np.uint8), 5, 6, use_bias=True)
+    assert all(np.isfinite(weights).all() for weights in blank)
+
+
+def test_whitened_first_layer_keeps_its_kernels_through_training_and_export(tmp_path, small_real_datasets):
+    from lenet_tf.model import whitening_weights
+
+    config = preset("fast", "fashion_mnist")
+    config.epochs, config.run_dir, config.export_dir = 2, str(tmp_path / "run"), str(tmp_path / "exports")
+    config.validation_split = 0.25
+    metrics = train_and_evaluate(config, datasets=small_real_datasets)
+    assert metrics["test_accuracy"] > 0.4  # Four times chance; 2 epochs on 1,500 images.
+    import keras
+
+    trained = keras.models.load_model(tmp_path / "run" / "checkpoints" / "last.keras", compile=False)
+    assert not trained.get_layer("conv1").trainable
+    # Whitened from the 1,500 training images, not the held-out 500.
+    order = np.random.default_rng(config.seed).permutation(2000)[500:]
+    expected = whitening_weights(small_real_datasets.train_images[order], 5, 16, use_bias=True)
+    for weights, wanted in zip(trained.get_layer("conv1").get_weights(), expected):
+        np.testing.assert_allclose(weights, wanted, rtol=1e-5, atol=1e-6)
+    assert "float32" in metrics["exports"]  # Exported, and the parity check passed.
 
 
 def test_augmented_pipeline_is_the_same_for_the_same_seed_and_new_every_epoch():
