@@ -279,7 +279,7 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
     if flips:
         # Fashion-MNIST: 8 epochs of batch 256. Flips are free in the pipeline;
         # shifts cost a quarter of the throughput. A whitened, untrained first
-        # layer, without batch norm after it, trains 1.4-1.8x faster per image
+        # layer, without batch norm after it, trains 1.2-1.8x faster per image
         # to the same accuracy as a trained one with batch norm (docs/speedrun.md).
         return dataclasses.replace(fast, augment="flip", batch_size=256, learning_rate=0.2, epochs=8,
                                    warmup_epochs=1.0, whiten_first_conv=True, first_conv_batch_norm=False)
