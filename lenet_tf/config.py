@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lenet_tf.errors import UsageError
-from lenet_tf.registry import dataset_info, dataset_names
+from lenet_tf.registry import IMAGE_SIZE, dataset_info, dataset_names
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 ACTIVATIONS = ("sigmoid", "relu")
@@ -162,6 +162,7 @@ class TrainConfig:
         for name in ("conv_filters", "dense_units", "kernel_size"):
             for value in getattr(self, name):
                 _positive(name, value)
+        self._check_conv_stack_fits_the_image()
         for export_format in self.export_formats:
             _choice("format", export_format, EXPORT_FORMATS)
         if self.export_formats and "saved_model" not in self.export_formats:
@@ -187,6 +188,19 @@ class TrainConfig:
                 f"--task-index {self.task_index} is outside --worker-hosts (0..{len(self.worker_hosts) - 1})"
             )
         return self
+
+    def _check_conv_stack_fits_the_image(self) -> None:
+        """Each conv block (conv, then a 2x2 pool) must leave at least one pixel
+        of the 28x28 image, or Keras fails mid-build with a shape error."""
+        side = IMAGE_SIZE
+        for index, kernel_size in enumerate(self.conv_kernel_sizes(), start=1):
+            padded = index == 1 and self.first_conv_padding == "same"
+            side = (side if padded else side - kernel_size + 1) // 2
+            if side < 1:
+                raise UsageError(
+                    f"conv layer {index} (kernel {kernel_size}) leaves nothing of the {IMAGE_SIZE}x{IMAGE_SIZE} "
+                    "image after its 2x2 pooling; use smaller --kernel-size or fewer --conv-filters layers"
+                )
 
     def conv_kernel_sizes(self) -> tuple[int, ...]:
         """One kernel size per conv layer."""

@@ -56,6 +56,8 @@ def test_train_py_summary_prints_the_books_shapes():
         (["--strategy", "tpu"], "invalid choice: 'tpu'"),
         (["--activation", "tanh"], "invalid choice: 'tanh'"),
         (["--epochs", "ten"], "invalid int value"),
+        (["--kernel-size", "29"], "conv layer 2 (kernel 29) leaves nothing of the 28x28 image"),
+        (["--conv-filters", "6,16,32"], "conv layer 3 (kernel 5) leaves nothing"),
     ],
 )
 def test_invalid_flags_give_one_line_and_exit_2(argv, message, capsys):
