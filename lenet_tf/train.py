@@ -152,11 +152,12 @@ def _run(config: TrainConfig, datasets: Datasets | None, placement: Placement, r
     datasets = _load_data(config, datasets)
     clock.mark("data")
     pipelines = _make_pipelines(config, datasets, placement.replicas)
-    config.write(write_to.config)
     print(f"training on {pipelines.train_count} {config.dataset} images from {datasets.source}; "
           f"strategy {placement.name} over {placement.replicas} replica(s) {', '.join(placement.devices)}; "
           f"global batch {pipelines.global_batch_size}", file=out, flush=True)
     model, epochs_done = _build_model(config, placement, pipelines, run_dir)
+    # After the resume: a resume that fails keeps the interrupted run's config.
+    config.write(write_to.config)
     clock.mark("pipelines and model")
     throughput = ThroughputCallback(pipelines.train_count)
     callbacks = make_callbacks(config, write_to, datasets, throughput, placement.is_chief)
@@ -252,6 +253,14 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
     return Pipelines(train, validation, test, train_images, global_batch_size)
 
 
+def _read_config(run_dir: RunDir) -> TrainConfig | None:
+    """The config an earlier run wrote into this run folder, if it can be read."""
+    try:
+        return TrainConfig.read(run_dir.config) if run_dir.config.exists() else None
+    except UsageError:
+        return None
+
+
 def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines,
                  run_dir: RunDir) -> tuple[keras.Model, int]:
     """The compiled model, restored from the run's backup when there is one;
@@ -259,6 +268,8 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
 
     Every worker of a multi-worker run restores from the chief's backup (the
     weights are the same on all of them), and all check that they resume together.
+    When the backed-up weights do not fit this model, the error names the
+    settings that changed since the interrupted run (its config.json).
     """
     backup = Backup(run_dir.backup)
     try:
@@ -276,10 +287,33 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
         if config.whiten_first_conv:
             # From the training images only; a resumed run restores the same kernels next.
             whiten_first_conv(model, pipelines.train_images)
-        backup.restore(model)
+        try:
+            backup.restore(model)
+        except UsageError as error:
+            raise _changed_settings_error(config, _read_config(run_dir), backup.directory) or error from None
     if placement.name == "multi_worker":
         adapt_model_for_multi_worker(model, placement.strategy, next(iter(pipelines.train)))
     return model, epochs_done
+
+
+# Where a run reads and writes, not what it computes: free to differ on resume.
+_LOCATION_FIELDS = ("run_dir", "export_dir", "data_dir", "worker_hosts", "task_index")
+
+
+def _changed_settings_error(config: TrainConfig, interrupted_config: TrainConfig | None,
+                            backup_dir: Path) -> UsageError | None:
+    """A backup that does not load into this run's model, from a run started with
+    other settings, is not damaged: say which settings changed."""
+    if interrupted_config is None:
+        return None
+    before, now = interrupted_config.to_json_dict(), config.to_json_dict()
+    changed = [f"--{name.replace('_', '-')} {before.get(name)} -> {value}" for name, value in now.items()
+               if name not in _LOCATION_FIELDS and before.get(name) != value]
+    if not changed:
+        return None
+    return UsageError(f"the backup in {backup_dir} was written by a run with other settings "
+                      f"({'; '.join(changed)}) and does not fit this model; resume with that run's flags "
+                      "(its config.json), or delete that folder to start over")
 
 
 def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, throughput: ThroughputCallback,

@@ -141,3 +141,26 @@ def test_two_trainings_on_one_run_dir_the_second_refuses_at_once(tmp_path, fashi
         first.wait()
     third = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
+
+
+def test_resuming_with_settings_that_change_the_model_names_them_and_keeps_the_run(tmp_path, small_real_datasets):
+    """A backup from a run with other layers is not damaged: the error says what
+    changed, and the interrupted run's config stays for a resume with its flags."""
+    from lenet_tf.callbacks import Backup
+    from lenet_tf.config import preset
+    from lenet_tf.optimization import build_compiled_model
+
+    interrupted = preset("fast", "fashion_mnist")
+    interrupted.whiten_first_conv, interrupted.first_conv_batch_norm = False, True
+    interrupted.run_dir, interrupted.export_formats = str(tmp_path / "run"), ()
+    run_dir = RunDir(interrupted.run_dir)
+    run_dir.root.mkdir(parents=True)
+    interrupted.write(run_dir.config)
+    Backup(run_dir.backup).save(build_compiled_model(interrupted), 1)
+
+    resumed = preset("fast", "fashion_mnist")  # Whitened, no batch norm after conv1.
+    resumed.run_dir, resumed.export_formats = interrupted.run_dir, ()
+    with pytest.raises(UsageError, match=r"other settings \(--first-conv-batch-norm True -> False; "
+                                         r"--whiten-first-conv False -> True\).*resume with that run's flags"):
+        train_and_evaluate(resumed, datasets=small_real_datasets)
+    assert TrainConfig.read(run_dir.config) == interrupted
