@@ -132,7 +132,7 @@ def test_fast_preset_stays_lenet_shaped_under_100k_parameters_and_never_flips_di
 
 
 def test_whitening_kernels_make_the_first_layer_outputs_uncorrelated_with_unit_variance(small_real_datasets):
-    from lenet_tf.model import WHITENING_EPSILON, whitening_weights
+    from lenet_tf.model import whitening_weights
 
     images = small_real_datasets.train_images
     kernel, bias = whitening_weights(images, 5, 16, use_bias=True)
@@ -145,7 +145,6 @@ def test_whitening_kernels_make_the_first_layer_outputs_uncorrelated_with_unit_v
     # Unit variance, less what the epsilon takes from the faintest components.
     variances = np.diag(covariance)
     assert variances[0] == pytest.approx(1.0, abs=0.02) and (variances > 0.4).all() and (variances < 1.02).all()
-    assert WHITENING_EPSILON > 0
 
     # More filters than a patch has pixels: the extra ones are negated copies.
     wide, = whitening_weights(images, 3, 12, use_bias=False)
