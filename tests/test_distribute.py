@@ -130,8 +130,11 @@ def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, fas
     workers = _start_workers(run_dir, scratch)
     metadata = RunDir(run_dir).backup_metadata
     backed_up_epochs = wait_for_backed_up_epoch(metadata, workers)
-    for worker in workers:
+    # Worker 1 first, and both before waiting: killed second, it could notice
+    # the chief's loss first and exit cleanly, removing its scratch folder.
+    for worker in reversed(workers):
         worker.send_signal(signal.SIGKILL)
+    for worker in workers:
         worker.communicate()
     assert 1 <= backed_up_epochs < 4
     assert [path for path in scratch.iterdir() if path.name.startswith("lenet-worker1-")]  # Left by the kill.
