@@ -248,6 +248,7 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
         raise UsageError(
             f"the global batch size {global_batch_size} is larger than the {len(train_images)} "
             "training examples; lower --batch-size or raise --limit-train"
+            + (" or lower --validation-split" if config.validation_split else "")
         )
     train = make_dataset(train_images, train_labels, global_batch_size, True, config.seed, augment=config.augment)
     return Pipelines(train, validation, test, train_images, global_batch_size)

@@ -104,6 +104,11 @@ def test_validation_split_keeps_the_test_split_for_the_end(tmp_path, small_real_
     assert metrics["history"]["val_accuracy"][0] == pytest.approx(metrics["validation_accuracy"], abs=1e-6)
     assert 0.1 < metrics["test_accuracy"] <= 1.0 and metrics["test_examples"] == 500
 
+    # A split that leaves less than a batch to train on says which flag to lower.
+    config.validation_split, config.run_dir = 0.99, str(tmp_path / "too-small")
+    with pytest.raises(UsageError, match=r"larger than the 20 training examples; .* or lower --validation-split"):
+        train_and_evaluate(config, datasets=small_real_datasets)
+
 
 def test_modern_preset_trains_and_exports_with_parity(tmp_path, small_real_datasets):
     config = preset("modern", "fashion_mnist")
