@@ -77,8 +77,9 @@ def whitening_weights(images, kernel_size: int, filters: int, use_bias: bool) ->
     Each filter projects a kernel_size x kernel_size patch, centred on the
     patches' mean, onto one principal component of the patches, divided by
     the square root of that component's variance: the outputs are
-    uncorrelated and of about unit variance, the input that trains fastest
-    (the whitened first layer of the CIFAR-10 speedruns). Filters beyond the
+    uncorrelated and of about unit variance, which lets the next layers
+    train at a high rate from the first step (the whitened first layer of
+    the CIFAR-10 speedruns). Filters beyond the
     kernel_size**2 components repeat the leading ones negated, so that a
     ReLU after them passes both signs. Without a bias (batch norm follows
     the layer) the centring is left to the batch norm.
