@@ -25,6 +25,7 @@ from benchmarks.common import machine_description
 from benchmarks.exports import latency
 from lenet_tf.data import Datasets
 
+
 def interpreter_call(interpreter, image: np.ndarray):
     """One batch-1 call through the interpreter API: set_tensor, invoke, get_tensor."""
     input_details = interpreter.get_input_details()[0]

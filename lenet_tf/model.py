@@ -79,10 +79,10 @@ def whitening_weights(images, kernel_size: int, filters: int, use_bias: bool) ->
     the square root of that component's variance: the outputs are
     uncorrelated and of about unit variance, which lets the next layers
     train at a high rate from the first step (the whitened first layer of
-    the CIFAR-10 speedruns). Filters beyond the
-    kernel_size**2 components repeat the leading ones negated, so that a
-    ReLU after them passes both signs. Without a bias (batch norm follows
-    the layer) the centring is left to the batch norm.
+    the CIFAR-10 speedruns). Filters beyond the kernel_size**2 components
+    repeat the leading ones negated, so that a ReLU after them passes both
+    signs. Without a bias (batch norm follows the layer) the centring is
+    left to the batch norm.
     """
     import numpy as np
 

@@ -285,8 +285,8 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
         raise damage
     with placement.strategy.scope():
         model = build_compiled_model(config, pipelines.steps_per_epoch)
-        if config.whiten_first_conv:
-            # From the training images only; a resumed run restores the same kernels next.
+        if config.whiten_first_conv and not epochs_done:
+            # From the training images only; a resumed run's kernels come from its backup.
             whiten_first_conv(model, pipelines.train_images)
         try:
             backup.restore(model)
