@@ -29,8 +29,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_list(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        # An empty item ("6,,16") is a typo, not a layer to drop silently.
+        return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
@@ -199,7 +202,12 @@ def _export(args) -> int:
 def _model_dataset(args) -> str:
     from lenet_tf.evaluate import dataset_of_model
 
-    return args.dataset or dataset_of_model(args.model) or "fashion_mnist"
+    trained_on = dataset_of_model(args.model)
+    if args.dataset and trained_on and args.dataset != trained_on:
+        # The class names (and the image framing) would be another dataset's.
+        raise UsageError(f"--dataset {args.dataset} does not match the model, which was trained on {trained_on}; "
+                         "leave --dataset out to use the model's own")
+    return args.dataset or trained_on or "fashion_mnist"
 
 
 def _evaluate(args) -> int:

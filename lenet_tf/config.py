@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ EXPORT_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tfl
 PRESETS = ("classic", "modern", "fast")
 SCHEDULES = ("constant", "cosine", "linear")
 AUGMENTATIONS = ("none", "shift", "flip", "shift_flip")
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -141,8 +143,16 @@ class TrainConfig:
         for name in ("limit_train", "limit_test"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                # NaN slips past every comparison below, and inf trains to NaN.
+                raise UsageError(f"--{field.name.replace('_', '-')} must be a finite number (got {value})")
         if not self.learning_rate > 0:
             raise UsageError(f"--learning-rate must be a positive number (got {self.learning_rate})")
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            # NumPy's and TensorFlow's global seeds are unsigned 32-bit numbers.
+            raise UsageError(f"--seed must be an integer from 0 to {MAX_SEED} (got {self.seed})")
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("augment", self.augment, AUGMENTATIONS)
         if "flip" in self.augment and not dataset_info(self.dataset).flip_keeps_class:
@@ -181,6 +191,11 @@ class TrainConfig:
                 f"--tensorboard-update-freq must be 'epoch', 'batch' or a number of batches "
                 f"(got {self.tensorboard_update_freq!r})"
             )
+        self._check_profile_batch()
+        if self.model_name is not None and (not self.model_name.strip() or self.model_name in (".", "..")
+                                            or any(sep in self.model_name for sep in ("/", "\\"))):
+            # Exports go to <export_dir>/<model_name>/<version>/: a path here would write elsewhere.
+            raise UsageError(f"--model-name must be a plain folder name, without '/' (got {self.model_name!r})")
         if self.worker_hosts and self.task_index is None:
             raise UsageError("--worker-hosts needs --task-index (this worker's position in the list)")
         if self.task_index is not None and not 0 <= self.task_index < max(len(self.worker_hosts), 1):
@@ -188,6 +203,16 @@ class TrainConfig:
                 f"--task-index {self.task_index} is outside --worker-hosts (0..{len(self.worker_hosts) - 1})"
             )
         return self
+
+    def _check_profile_batch(self) -> None:
+        """--profile-batch is empty, one batch number, or "start,stop" (Keras's TensorBoard format)."""
+        if not self.profile_batch:
+            return
+        parts = self.profile_batch.split(",")
+        numbers = [int(part) for part in parts if part.strip().isdigit()]
+        if len(numbers) != len(parts) or len(numbers) > 2 or (len(numbers) == 2 and not 0 < numbers[0] <= numbers[1]):
+            raise UsageError(f"--profile-batch must be a batch number or a range 'start,stop' such as 10,20 "
+                             f"(got {self.profile_batch!r})")
 
     def _check_conv_stack_fits_the_image(self) -> None:
         """Each conv block (conv, then a 2x2 pool) must leave at least one pixel

@@ -55,6 +55,8 @@ def load_image(path: str | Path, dataset: str = "fashion_mnist", invert: str = "
         size = path.stat().st_size
     except OSError as error:
         raise UsageError(f"{path}: cannot read ({error.strerror})") from None
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; pass image files (a shell glob such as {path}/*.png)")
     if size > MAX_FILE_BYTES:
         raise UsageError(f"{path}: file is {size // 2**20} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB limit")
     try:

@@ -58,6 +58,16 @@ def test_train_py_summary_prints_the_books_shapes():
         (["--epochs", "ten"], "invalid int value"),
         (["--kernel-size", "29"], "conv layer 2 (kernel 29) leaves nothing of the 28x28 image"),
         (["--conv-filters", "6,16,32"], "conv layer 3 (kernel 5) leaves nothing"),
+        (["--conv-filters", "6,,16"], "expected comma-separated integers"),
+        (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number"),
+        (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
+        (["--seed", str(2**32)], "--seed must be an integer from 0 to 4294967295"),
+        (["--profile-batch", "abc"], "--profile-batch must be a batch number or a range"),
+        (["--profile-batch", "20,10"], "--profile-batch must be a batch number or a range"),
+        (["--model-name", "../elsewhere"], "--model-name must be a plain folder name"),
+        (["--model-name", ".."], "--model-name must be a plain folder name"),
     ],
 )
 def test_invalid_flags_give_one_line_and_exit_2(argv, message, capsys):

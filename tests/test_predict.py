@@ -77,15 +77,29 @@ def test_broken_files_get_one_line_each_and_the_others_still_run(fashion_model, 
     Image.fromarray(datasets.test_images[1, ..., 0]).resize((300, 300)).save(tmp_path / "full.jpg")
     truncated.write_bytes((tmp_path / "full.jpg").read_bytes()[:400])
     missing = tmp_path / "missing.png"
+    folder = tmp_path / "pictures"
+    folder.mkdir()
     completed = run_cli("predict", "--model", metrics["exports"]["saved_model"], "--json",
-                        str(not_image), str(good), str(truncated), str(missing))
+                        str(not_image), str(good), str(truncated), str(missing), str(folder))
     assert completed.returncode == 2
     assert [json.loads(line)["file"] for line in completed.stdout.splitlines()] == [str(good)]
     errors = [line for line in completed.stderr.splitlines() if line.startswith("lenet-tf predict: error:")]
-    assert len(errors) == 3
+    assert len(errors) == 4
     assert "notes.png: not an image" in errors[0]
     assert "truncated.jpg" in errors[1]
     assert "missing.png" in errors[2]
+    assert "pictures: is a folder" in errors[3]
+    assert "Traceback" not in completed.stderr
+
+
+def test_a_dataset_other_than_the_models_is_one_line(fashion_model, tmp_path):
+    metrics, datasets = fashion_model
+    good = tmp_path / "good.png"
+    Image.fromarray(datasets.test_images[0, ..., 0]).save(good)
+    completed = run_cli("predict", "--model", metrics["exports"]["float32"], "--dataset", "mnist", str(good))
+    assert completed.returncode == 2
+    assert completed.stdout == ""
+    assert "--dataset mnist does not match the model, which was trained on fashion_mnist" in completed.stderr
     assert "Traceback" not in completed.stderr
 
 
