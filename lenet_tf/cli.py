@@ -310,6 +310,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lenet-tf {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as error:
+        reason = _out_of_memory(error)
+        if reason is None:
+            raise  # A bug: keep the traceback.
+        print(f"lenet-tf {args.command}: error: ran out of memory ({reason}); lower --batch-size or the layer "
+              "widths (--conv-filters, --dense-units)", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(error: Exception) -> str | None:
+    """What ran out, for an out-of-memory error (a model or batch too large for
+    this machine, usually absurd widths); None for any other error."""
+    import re
+
+    import tensorflow as tf
+
+    if not isinstance(error, (MemoryError, tf.errors.ResourceExhaustedError)):
+        return None
+    # TensorFlow's message is several lines of graph context around this part.
+    detail = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", str(error))
+    return detail.group(0) if detail else (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 if __name__ == "__main__":

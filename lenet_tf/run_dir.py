@@ -94,6 +94,7 @@ def holding(run_dir: RunDir, purpose: str, exclusive: bool = True) -> Iterator[N
     """
     import fcntl
 
+    created = not run_dir.root.exists()
     try:
         run_dir.root.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(run_dir.lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -111,7 +112,20 @@ def holding(run_dir: RunDir, purpose: str, exclusive: bool = True) -> Iterator[N
             _record_holder(descriptor, purpose)
         yield
     finally:
+        if created and exclusive:
+            _remove_if_only_the_lock(run_dir)
         os.close(descriptor)  # Releases the lock.
+
+
+def _remove_if_only_the_lock(run_dir: RunDir) -> None:
+    """A run that stopped before writing anything (a bad flag found late, no
+    memory for the model) leaves no folder behind that it created."""
+    try:
+        if [entry.name for entry in run_dir.root.iterdir()] == [run_dir.lock.name]:
+            run_dir.lock.unlink()
+            run_dir.root.rmdir()
+    except OSError:
+        pass  # Something appeared meanwhile: leave it.
 
 
 def _record_holder(descriptor: int, purpose: str) -> None:

@@ -114,6 +114,16 @@ def test_batch_larger_than_data_is_one_line(tmp_path):
     directory = write_idx_dir(tmp_path / "data", train=64, test=32)
     completed = run_cli("train", "--data-dir", str(directory), "--run-dir", str(tmp_path / "run"))
     _assert_one_line_error(completed, "global batch size 256 is larger than the 64 training examples")
+    # The run folder this command created (for its lock) goes with it.
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_too_large_for_memory_is_one_line(capsys):
+    code = main(["summary", "--dense-units", str(10**11)])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "ran out of memory (OOM when allocating tensor with shape[400,100000000000])" in error
+    assert error.count("\n") == 1, error
 
 
 def test_model_path_that_is_not_a_model_is_one_line(tmp_path):
