@@ -53,10 +53,11 @@ class ThroughputCallback(keras.callbacks.Callback):
         if logs is not None:
             logs["examples_per_sec"] = self.examples_per_epoch / seconds
 
-    def examples_per_sec(self) -> float:
-        """Throughput over the epochs after the first, which pays for tracing."""
+    def examples_per_sec(self) -> float | None:
+        """Throughput over the epochs after the first, which pays for tracing;
+        None when no epoch ran (a resumed run whose backup had every epoch)."""
         steady = self.epoch_seconds[1:] or self.epoch_seconds
-        return self.examples_per_epoch * len(steady) / sum(steady) if steady else float("nan")
+        return self.examples_per_epoch * len(steady) / sum(steady) if steady else None
 
 
 class EpochTensorBoard(keras.callbacks.TensorBoard):

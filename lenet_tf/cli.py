@@ -8,13 +8,14 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Sequence
 
 from lenet_tf.config import (
     ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, POOLINGS, PRESETS, SCHEDULES, STRATEGIES, TrainConfig, preset,
 )
-from lenet_tf.errors import ParityError, StoppedError, UsageError
+from lenet_tf.errors import ParityError, StoppedError, TerminatedError, UsageError
 from lenet_tf.images import INVERT_CHOICES
 from lenet_tf.io_utils import process_start_time
 from lenet_tf.quiet import import_tensorflow_quietly
@@ -303,13 +304,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import_tensorflow_quietly()
     try:
-        return HANDLERS[args.command](args)
+        with _sigterm_as_interrupt():
+            return HANDLERS[args.command](args)
     except (UsageError, ParityError, StoppedError) as error:
         print(f"lenet-tf {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print(f"lenet-tf {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        how = "terminated (SIGTERM)" if isinstance(interrupt, TerminatedError) else "interrupted"
+        print(f"lenet-tf {args.command}: {how}; run the same command again to resume", file=sys.stderr)
+        return interrupt.exit_code if isinstance(interrupt, TerminatedError) else 130
     except Exception as error:
         reason = _out_of_memory(error)
         if reason is None:
@@ -317,6 +320,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lenet-tf {args.command}: error: ran out of memory ({reason}); lower --batch-size or the layer "
               "widths (--conv-filters, --dense-units)", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises TerminatedError in the main thread for the duration, so
+    a stopped run cleans up as after Ctrl-C; the previous handler comes back
+    afterwards (tests call main() inside pytest's process)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Only the main thread may set signal handlers.
+        return
+
+    def terminate(signal_number, frame):
+        raise TerminatedError()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _out_of_memory(error: Exception) -> str | None:

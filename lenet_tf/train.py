@@ -413,7 +413,8 @@ def _metrics(config: TrainConfig, placement: Placement, datasets: Datasets, pipe
         "train_loss": history["loss"][-1] if history else float("nan"),
         "train_accuracy": history["accuracy"][-1] if history else float("nan"),
         **evaluation,
-        "examples_per_sec": float(throughput.examples_per_sec()),
+        # None, not NaN, when no epoch ran: NaN is not JSON that other tools read.
+        "examples_per_sec": throughput.examples_per_sec(),
         "epochs": config.epochs,
         "epochs_run_this_session": epochs_run,
         "strategy": placement.name,
@@ -466,7 +467,11 @@ def _print_summary(metrics: dict[str, Any], placement: Placement, out: TextIO) -
     print(f"loss {metrics['train_loss']:.3f}, train acc {metrics['train_accuracy']:.3f}, "
           f"test acc {metrics['test_accuracy']:.3f}, tested after {metrics['seconds_to_tested_model']:.1f} s",
           file=out)
-    print(f"{metrics['examples_per_sec']:.1f} examples/sec on {device_kind} ({', '.join(placement.devices)})", file=out)
+    if metrics["examples_per_sec"] is None:
+        print(f"no epochs left to train: the backup held all {metrics['epochs']}", file=out)
+    else:
+        print(f"{metrics['examples_per_sec']:.1f} examples/sec on {device_kind} ({', '.join(placement.devices)})",
+              file=out)
     if metrics["exports"]:
         print(f"exported to {metrics['export_version_dir']} ({metrics['wall_seconds']:.1f} s in all)",
               file=out, flush=True)

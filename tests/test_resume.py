@@ -52,6 +52,58 @@ def test_killed_run_resumes_from_its_backup_and_finishes(tmp_path, fashion_mnist
     assert not (run_dir / "backup").exists()  # Cleared once the run completed.
 
 
+@pytest.mark.slow
+def test_sigterm_stops_a_run_in_one_line_and_the_rerun_resumes(tmp_path, fashion_mnist_dir):
+    """SIGTERM (a scheduler stopping the job) mid-training and again mid-export:
+    each time one line and exit 143, a backup to resume from and no half-written
+    version; the third command finishes the run."""
+    import time
+
+    run_dir, model_dir = RunDir(tmp_path / "run"), tmp_path / "exports" / "lenet_fashion_mnist"
+    command = [sys.executable, "-m", "lenet_tf", "train", "--limit-train", "10000", "--limit-test", "500",
+               "--epochs", "3", "--batch-size", "64", "--activation", "relu", "--learning-rate", "0.1",
+               "--run-dir", str(run_dir.root), "--export-dir", str(tmp_path / "exports"), "--image-every-epochs", "0",
+               "--format", "saved_model,tflite,tflite-int8"]
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+
+    def terminate_when(ready) -> subprocess.CompletedProcess:
+        process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while not ready() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    def stopped_in_one_line(completed):
+        assert completed.returncode == 143, completed.stderr[-3000:]
+        assert completed.stderr.strip().splitlines()[-1] == (
+            "lenet-tf train: terminated (SIGTERM); run the same command again to resume")
+        assert "Traceback" not in completed.stderr
+
+    def backed_up_epochs() -> int:
+        try:
+            return json.loads(run_dir.backup_metadata.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    stopped_in_one_line(terminate_when(lambda: backed_up_epochs() >= 1))
+    assert 1 <= backed_up_epochs() < 3 and not run_dir.metrics.exists()
+
+    # Every epoch trained, the export under way in its hidden staging folder.
+    stopped_in_one_line(terminate_when(lambda: model_dir.is_dir() and any(model_dir.iterdir())))
+    assert backed_up_epochs() == 3
+    assert list(model_dir.iterdir()) == []  # The unfinished version was removed, none published.
+
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "no epochs left to train: the backup held all 3" in finished.stdout
+    metrics = json.loads(run_dir.metrics.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert metrics["epochs_run_this_session"] == 0 and metrics["examples_per_sec"] is None
+    assert len(metrics["history"]["loss"]) == 3
+    assert [path.name for path in model_dir.iterdir()] == ["1"]
+
+
 def test_output_folder_without_enough_free_space_is_refused(tmp_path):
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     with pytest.raises(UsageError, match="MiB free under the run directory"):
