@@ -254,6 +254,39 @@ def load_with_tfds(info: DatasetInfo) -> Datasets:
     return _checked_datasets(*splits["train"], *splits["test"], source="tensorflow_datasets")
 
 
+def examples_per_epoch(count: int, global_batch_size: int, replicas: int = 1) -> int:
+    """How many of `count` training examples an epoch uses: all of them, unless
+    the last batch would leave a replica without any.
+
+    A replica handed an empty share of a training batch fails TensorFlow's
+    gradient under MirroredStrategy (on CPU: a conv's "input depth must be
+    evenly divisible by filter depth"). The few examples left over (fewer
+    than the replicas) sit out that epoch instead: a different few each
+    epoch, as the shuffle comes first.
+    """
+    remainder = count % global_batch_size
+    return count - remainder if 0 < remainder < replicas else count
+
+
+def evaluation_batch_size(count: int, global_batch_size: int, replicas: int = 1) -> int | None:
+    """A batch size for evaluating all `count` examples on `replicas` replicas;
+    None when there is none (fewer examples than replicas, or too few to share).
+
+    Two failures to steer clear of, both under MirroredStrategy: a replica
+    with an empty share of a batch (see examples_per_epoch; an evaluation,
+    unlike an epoch of training, must see every example), and a first batch
+    whose shares differ in size, which Keras 3 averages over the replicas to
+    build the model (TensorFlow trainer's `_maybe_symbolic_build`). So: a
+    multiple of the replica count, no larger than the global batch, that
+    leaves no remainder or one of at least `replicas` examples.
+    """
+    if replicas <= 1:
+        return global_batch_size
+    largest = min(global_batch_size, count) // replicas * replicas
+    return next((size for size in range(largest, 0, -replicas) if count % size == 0 or count % size >= replicas),
+                None)
+
+
 def make_dataset(
     images: np.ndarray,
     labels: np.ndarray,
@@ -261,18 +294,26 @@ def make_dataset(
     shuffle: bool,
     seed: int,
     augment: str = "none",
+    replicas: int = 1,
 ):
-    """A tf.data pipeline over in-memory arrays.
+    """A tf.data pipeline over in-memory arrays, split among `replicas` replicas.
 
     Shuffling happens per example before batching, with a seed, and reshuffles
     every epoch; the cache sits before the shuffle so it stores the examples
-    once and the shuffle still changes every epoch.
+    once and the shuffle still changes every epoch. A training pipeline
+    (shuffle=True) yields examples_per_epoch examples an epoch; any other
+    yields every example, in batches of evaluation_batch_size.
     """
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
     if shuffle:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        kept = examples_per_epoch(len(images), global_batch_size, replicas)
+        if kept < len(images):
+            dataset = dataset.take(kept)
+    else:
+        global_batch_size = evaluation_batch_size(len(images), global_batch_size, replicas) or global_batch_size
     options = tf.data.Options()
     # Under multi-worker training every worker builds this same pipeline (same
     # seed, same order) and keeps its own share of each global batch: DATA

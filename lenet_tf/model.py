@@ -168,5 +168,16 @@ def conv_block_outputs(model: keras.Model, count: int = 2) -> list[keras.layers.
 
 def predict_probabilities(model: keras.Model, images, batch_size: int = 1024):
     """Softmax probabilities (numpy) of a logits model on uint8 images."""
-    logits = model.predict(images, batch_size=batch_size, verbose=0)
+    import numpy as np
+
+    from lenet_tf.data import evaluation_batch_size
+
+    # A model built under a strategy predicts on every replica, which needs a
+    # share of every batch (lenet_tf.data.evaluation_batch_size).
+    size = evaluation_batch_size(len(images), batch_size, model.distribute_strategy.num_replicas_in_sync)
+    if size is None:  # A few images, many replicas: one device computes them.
+        logits = np.concatenate([keras.ops.convert_to_numpy(model(images[start:start + batch_size], training=False))
+                                 for start in range(0, len(images), batch_size)])
+    else:
+        logits = model.predict(images, batch_size=size, verbose=0)
     return keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))

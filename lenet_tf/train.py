@@ -32,7 +32,7 @@ from lenet_tf.callbacks import (
     ThroughputCallback, check_workers_resume_together,
 )
 from lenet_tf.config import TrainConfig
-from lenet_tf.data import Datasets, load_datasets, make_dataset
+from lenet_tf.data import Datasets, evaluation_batch_size, examples_per_epoch, load_datasets, make_dataset
 from lenet_tf.distribute import Placement, make_placement
 from lenet_tf.errors import StoppedError, UsageError
 from lenet_tf.io_utils import (
@@ -60,10 +60,12 @@ class Pipelines:
     # What the training pipeline draws from (without a held-out validation part).
     train_images: np.ndarray
     global_batch_size: int
+    replicas: int = 1
 
     @property
     def train_count(self) -> int:
-        return len(self.train_images)
+        """Training examples per epoch (all, but for a few under several replicas: examples_per_epoch)."""
+        return examples_per_epoch(len(self.train_images), self.global_batch_size, self.replicas)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -235,14 +237,17 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
     keras.utils.set_random_seed(config.seed)
     global_batch_size = config.batch_size * replicas
     train_images, train_labels = datasets.train_images, datasets.train_labels
-    test = make_dataset(datasets.test_images, datasets.test_labels, global_batch_size, False, config.seed)
+    _check_enough_for_the_replicas("test split", len(datasets.test_images), replicas, "--limit-test")
+    test = make_dataset(datasets.test_images, datasets.test_labels, global_batch_size, False, config.seed,
+                        replicas=replicas)
     validation = test
     if config.validation_split:
         order = np.random.default_rng(config.seed).permutation(len(train_images))
         held_out = order[: int(round(len(order) * config.validation_split))]
         kept = order[len(held_out):]
+        _check_enough_for_the_replicas("validation split", len(held_out), replicas, "--validation-split")
         validation = make_dataset(train_images[held_out], train_labels[held_out], global_batch_size, False,
-                                  config.seed)
+                                  config.seed, replicas=replicas)
         train_images, train_labels = train_images[kept], train_labels[kept]
     if global_batch_size > len(train_images):
         raise UsageError(
@@ -250,8 +255,19 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
             "training examples; lower --batch-size or raise --limit-train"
             + (" or lower --validation-split" if config.validation_split else "")
         )
-    train = make_dataset(train_images, train_labels, global_batch_size, True, config.seed, augment=config.augment)
-    return Pipelines(train, validation, test, train_images, global_batch_size)
+    train = make_dataset(train_images, train_labels, global_batch_size, True, config.seed, augment=config.augment,
+                         replicas=replicas)
+    return Pipelines(train, validation, test, train_images, global_batch_size, replicas)
+
+
+def _check_enough_for_the_replicas(split: str, count: int, replicas: int, flag: str) -> None:
+    """Every replica must evaluate a share of every batch (data.evaluation_batch_size says why)."""
+    if count == 0:
+        raise UsageError(f"the {split} is empty; raise {flag}")
+    if evaluation_batch_size(count, count, replicas) is None:
+        raise UsageError(f"the {split}'s {count} example(s) cannot be shared among the {replicas} replicas that "
+                         f"evaluate it (each needs a share of every batch); change {flag} so that it holds a "
+                         f"multiple of {replicas} examples, or run on fewer devices")
 
 
 def _read_config(run_dir: RunDir) -> TrainConfig | None:

@@ -3,7 +3,9 @@ import gzip
 import numpy as np
 import pytest
 
-from lenet_tf.data import load_datasets, load_idx_dir, make_dataset, read_idx
+from lenet_tf.data import (
+    evaluation_batch_size, examples_per_epoch, load_datasets, load_idx_dir, make_dataset, read_idx,
+)
 from lenet_tf.registry import dataset_info
 from lenet_tf.errors import UsageError
 
@@ -194,3 +196,30 @@ def test_unreadable_data_folder_is_refused(tmp_path):
     directory.chmod(0o755)
     assert completed.returncode == 2, completed.stderr[-2000:]
     assert str(directory) in completed.stdout and "fix its permissions" in completed.stdout
+
+
+@pytest.mark.parametrize("count, global_batch, replicas, expected", [
+    (512, 512, 2, 512), (513, 512, 2, 512), (515, 512, 2, 515), (60_000, 768, 3, 60_000), (60_001, 768, 8, 60_001), (59_905, 768, 8, 59_904),
+    (7, 6, 3, 6), (513, 512, 1, 513),
+])
+def test_an_epoch_leaves_out_only_a_last_batch_too_small_to_share(count, global_batch, replicas, expected):
+    assert examples_per_epoch(count, global_batch, replicas) == expected
+
+
+def test_evaluation_batches_give_every_replica_a_share_of_every_batch():
+    assert evaluation_batch_size(513, 512, 1) == 512
+    assert evaluation_batch_size(513, 512, 2) == 510  # 510 + 3: no empty replica, an even first batch.
+    assert evaluation_batch_size(10_000, 768, 3) == 768
+    assert evaluation_batch_size(9, 8, 2) == 6
+    assert evaluation_batch_size(5, 6, 3) is None and evaluation_batch_size(1, 1024, 2) is None
+    rng = np.random.default_rng(7)
+    for _ in range(2000):
+        count, replicas = int(rng.integers(1, 300)), int(rng.integers(2, 9))
+        global_batch = replicas * int(rng.integers(1, 40))
+        size = evaluation_batch_size(count, global_batch, replicas)
+        valid = [candidate for candidate in range(replicas, global_batch + 1, replicas)
+                 if candidate <= count and (count % candidate == 0 or count % candidate >= replicas)]
+        if size is None:
+            assert not valid, (count, global_batch, replicas)
+        else:
+            assert size == max(valid), (count, global_batch, replicas)

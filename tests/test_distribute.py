@@ -46,6 +46,20 @@ def test_two_mirrored_replicas_match_one_replica(tmp_path, fashion_mnist_dir):
     assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-3)
 
 
+def test_mirrored_replicas_train_and_export_splits_that_do_not_divide_evenly(tmp_path, fashion_mnist_dir):
+    """17 training and 9 test examples on 2 replicas of 4: TensorFlow fails a
+    replica with an empty share of a batch, and Keras a first batch shared
+    unevenly; the run trains on 16 a epoch and evaluates all 9 (in 6 + 3)."""
+    completed = run_cli("train", *COMMON, "--strategy", "mirrored", "--logical-cpus", "2", "--batch-size", "4",
+                        "--limit-train", "17", "--limit-test", "9", "--epochs", "1", "--format", "saved_model",
+                        "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "exports"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    metrics = _metrics(tmp_path / "run")
+    assert (metrics["replicas"], metrics["train_examples"], metrics["test_examples"]) == (2, 16, 9)
+    card = json.loads((Path(metrics["export_version_dir"]) / "metadata.json").read_text())
+    assert card["parity"]["saved_model"]["top1_agreement"] == 1.0
+
+
 @pytest.mark.slow
 def test_two_workers_on_loopback_train_once_and_only_the_chief_writes(tmp_path, fashion_mnist_dir):
     scratch = tmp_path / "tmp"

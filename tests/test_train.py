@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -108,6 +109,19 @@ def test_unwritable_run_dir_is_refused_before_training(tmp_path, small_real_data
     config = TrainConfig(dataset="fashion_mnist", run_dir=str(blocker / "run"))
     with pytest.raises(UsageError, match="cannot write the run directory"):
         train_and_evaluate(config, datasets=small_real_datasets)
+
+
+def test_a_split_that_replicas_cannot_share_is_refused_in_one_line(small_real_datasets):
+    from lenet_tf.train import _make_pipelines
+
+    datasets = small_real_datasets.limited(1000, 101)
+    config = TrainConfig(batch_size=32)
+    _make_pipelines(config, datasets, replicas=2)  # 101 test examples: batches of 64, then 37.
+    with pytest.raises(UsageError, match=r"the test split's 3 example\(s\) cannot be shared among the 4 replicas .* "
+                                         r"change --limit-test so that it holds a multiple of 4 examples"):
+        _make_pipelines(config, datasets.limited(1000, 3), replicas=4)
+    with pytest.raises(UsageError, match=r"the validation split's 5 example\(s\) cannot be shared among the 2 "):
+        _make_pipelines(dataclasses.replace(config, validation_split=0.005), datasets, replicas=2)
 
 
 def test_a_second_training_on_the_same_run_dir_is_refused_and_writes_nothing(tmp_path, small_real_datasets):
