@@ -285,8 +285,8 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
 
     Every worker of a multi-worker run restores from the chief's backup (the
     weights are the same on all of them), and all check that they resume together.
-    When the backed-up weights do not fit this model, the error names the
-    settings that changed since the interrupted run (its config.json).
+    A resume with settings that change what the run computes is refused,
+    naming the settings that changed since the interrupted run (its config.json).
     """
     backup = Backup(run_dir.backup)
     try:
@@ -299,6 +299,13 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
     check_workers_resume_together(placement.strategy, epochs_done, backup.directory)
     if damage:
         raise damage
+    if epochs_done:
+        # Keras would load such a backup anyway where the shapes allow, and
+        # quietly skip an optimizer whose slots differ (--momentum 0.9 -> 0):
+        # its step count too, so the rate schedule would start over.
+        changed = _changed_settings_error(config, _read_config(run_dir), backup.directory)
+        if changed:
+            raise changed
     with placement.strategy.scope():
         model = build_compiled_model(config, pipelines.steps_per_epoch)
         if config.whiten_first_conv and not epochs_done:
@@ -313,24 +320,28 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
     return model, epochs_done
 
 
-# Where a run reads and writes, not what it computes: free to differ on resume.
-_LOCATION_FIELDS = ("run_dir", "export_dir", "data_dir", "worker_hosts", "task_index")
+# Where a run reads and writes, where it runs and what it reports, not what
+# it computes: free to differ on resume (the preset's name is only a record).
+_FREE_ON_RESUME = ("run_dir", "export_dir", "data_dir", "worker_hosts", "task_index", "strategy", "logical_cpus",
+                   "steps_per_execution", "preset", "model_name", "export_formats", "tensorboard_update_freq",
+                   "histogram_freq", "profile_batch", "image_every_epochs", "activation_indices")
 
 
 def _changed_settings_error(config: TrainConfig, interrupted_config: TrainConfig | None,
                             backup_dir: Path) -> UsageError | None:
-    """A backup that does not load into this run's model, from a run started with
-    other settings, is not damaged: say which settings changed."""
+    """A resume continues the interrupted run: with other model, data or
+    training settings it would be half one run and half another, or not load
+    at all. Names the settings that changed, or None when none did."""
     if interrupted_config is None:
         return None
     before, now = interrupted_config.to_json_dict(), config.to_json_dict()
     changed = [f"--{name.replace('_', '-')} {before.get(name)} -> {value}" for name, value in now.items()
-               if name not in _LOCATION_FIELDS and before.get(name) != value]
+               if name not in _FREE_ON_RESUME and before.get(name) != value]
     if not changed:
         return None
     return UsageError(f"the backup in {backup_dir} was written by a run with other settings "
-                      f"({'; '.join(changed)}) and does not fit this model; resume with that run's flags "
-                      "(its config.json), or delete that folder to start over")
+                      f"({'; '.join(changed)}); resume with that run's flags (its config.json), or delete "
+                      "that folder to start over")
 
 
 def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, throughput: ThroughputCallback,

@@ -1,5 +1,7 @@
 """Fault tolerance: SIGKILL and resume, damaged backups, unwritable or full output folders, run-folder locks."""
 
+import dataclasses
+import io
 import json
 import os
 import signal
@@ -216,3 +218,26 @@ def test_resuming_with_settings_that_change_the_model_names_them_and_keeps_the_r
                                          r"--whiten-first-conv False -> True\).*resume with that run's flags"):
         train_and_evaluate(resumed, datasets=small_real_datasets)
     assert TrainConfig.read(run_dir.config) == interrupted
+
+
+def test_resuming_with_other_training_settings_is_refused_and_location_changes_are_not(tmp_path, small_real_datasets):
+    """--momentum 0.9 -> 0 loads the weights but not the optimizer (Keras skips
+    it with a warning, its step count too): refused, not silently restarted."""
+    from lenet_tf.callbacks import Backup
+    from lenet_tf.optimization import build_compiled_model
+
+    interrupted = TrainConfig(activation="relu", learning_rate=0.05, momentum=0.9, epochs=2, batch_size=64,
+                              run_dir=str(tmp_path / "run"), export_formats=(), image_every_epochs=0)
+    run_dir = RunDir(interrupted.run_dir)
+    run_dir.root.mkdir(parents=True)
+    interrupted.write(run_dir.config)
+    Backup(run_dir.backup).save(build_compiled_model(interrupted), 1)
+
+    other = dataclasses.replace(interrupted, momentum=0.0, seed=3)
+    with pytest.raises(UsageError, match=r"other settings \(--seed 0 -> 3; --momentum 0.9 -> 0.0\); resume with"):
+        train_and_evaluate(other, datasets=small_real_datasets)
+    # Where the run writes and what it reports may change: it resumes at epoch 2.
+    moved = dataclasses.replace(interrupted, export_dir=str(tmp_path / "elsewhere"), image_every_epochs=1,
+                                preset="modern")
+    metrics = train_and_evaluate(moved, datasets=small_real_datasets, out=io.StringIO())
+    assert metrics["epochs_run_this_session"] == 1
