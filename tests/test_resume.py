@@ -231,7 +231,9 @@ def test_resuming_with_other_training_settings_is_refused_and_location_changes_a
     run_dir = RunDir(interrupted.run_dir)
     run_dir.root.mkdir(parents=True)
     interrupted.write(run_dir.config)
-    Backup(run_dir.backup).save(build_compiled_model(interrupted), 1)
+    model = build_compiled_model(interrupted)
+    model.optimizer.build(model.trainable_variables)  # Its momentum slots, as after an epoch of training.
+    Backup(run_dir.backup).save(model, 1)
 
     other = dataclasses.replace(interrupted, momentum=0.0, seed=3)
     with pytest.raises(UsageError, match=r"other settings \(--seed 0 -> 3; --momentum 0.9 -> 0.0\); resume with"):
