@@ -13,7 +13,8 @@ import sys
 from typing import Sequence
 
 from lenet_tf.config import (
-    ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, POOLINGS, PRESETS, SCHEDULES, STRATEGIES, TrainConfig, preset,
+    ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, OPTIMIZERS, POOLINGS, PRESETS, SCHEDULES, STRATEGIES, TrainConfig,
+    preset,
 )
 from lenet_tf.errors import ParityError, StoppedError, TerminatedError, UsageError
 from lenet_tf.images import INVERT_CHOICES
@@ -72,11 +73,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dropout", type=float, help=f"dropout after hidden dense layers (default: {defaults.dropout})")
 
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--learning-rate", type=float, help=f"SGD learning rate (default: {defaults.learning_rate})")
+    optimisation.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd, or Keras's muon (orthogonalised momentum for the kernels, AdamW for the rest) (default: sgd; fast on fashion_mnist: muon)")
+    optimisation.add_argument("--learning-rate", type=float, help=f"peak learning rate (default: {defaults.learning_rate})")
     optimisation.add_argument("--batch-size", type=int, help=f"per-replica batch size (default: {defaults.batch_size})")
     optimisation.add_argument("--epochs", type=int, help=f"default: {defaults.epochs}")
     optimisation.add_argument("--seed", type=int, help=f"random seed (default: {defaults.seed})")
-    optimisation.add_argument("--momentum", type=float, help="SGD momentum (default: 0; modern: 0.9)")
+    optimisation.add_argument("--momentum", type=float, help="momentum (default: 0; modern: 0.9; fast on fashion_mnist: 0.95)")
     optimisation.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (default: off; modern: on)")
     optimisation.add_argument("--weight-decay", type=float, help="decoupled weight decay (default: 0; modern: 5e-4)")
     optimisation.add_argument("--label-smoothing", type=float, help="default: 0; modern: 0.1")

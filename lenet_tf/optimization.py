@@ -76,10 +76,24 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
     )
 
 
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """SGD, or Muon (config.optimizer), at the config's rate schedule, momentum and weight decay."""
+    learning_rate = learning_rate_schedule(config, steps_per_epoch)
+    if config.optimizer == "muon":
+        # Muon updates kernels (2-D and up) with Newton-Schulz-orthogonalised
+        # Nesterov momentum, scaled to AdamW's update size (its rms_rate), and
+        # everything else with AdamW at the same rate; one weight decay for both.
+        return keras.optimizers.Muon(learning_rate=learning_rate, momentum=config.momentum,
+                                     nesterov=config.nesterov, weight_decay=config.weight_decay,
+                                     adam_weight_decay=config.weight_decay)
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum, nesterov=config.nesterov,
+                                weight_decay=config.weight_decay or None)
+
+
 def build_compiled_model(config: TrainConfig, steps_per_epoch: int = 1) -> keras.Model:
     """The model, compiled as the book does (SGD, cross-entropy on logits,
-    accuracy), plus the optional momentum, weight decay, schedule and label
-    smoothing of the other presets.
+    accuracy), plus the optional optimizer, momentum, weight decay, schedule
+    and label smoothing of the other presets.
 
     Call inside `strategy.scope()` so the variables are mirrored.
     """
@@ -87,12 +101,7 @@ def build_compiled_model(config: TrainConfig, steps_per_epoch: int = 1) -> keras
     loss = (SmoothedSparseCrossentropy(config.label_smoothing) if config.label_smoothing
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.compile(
-        optimizer=keras.optimizers.SGD(
-            learning_rate=learning_rate_schedule(config, steps_per_epoch),
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay or None,
-        ),
+        optimizer=make_optimizer(config, steps_per_epoch),
         loss=loss,
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution_for(config.steps_per_execution),

@@ -55,6 +55,7 @@ def test_train_py_summary_prints_the_books_shapes():
         (["--dataset", "cifar10"], "invalid choice: 'cifar10'"),
         (["--strategy", "tpu"], "invalid choice: 'tpu'"),
         (["--activation", "tanh"], "invalid choice: 'tanh'"),
+        (["--optimizer", "adam"], "invalid choice: 'adam'"),
         (["--epochs", "ten"], "invalid int value"),
         (["--kernel-size", "29"], "conv layer 2 (kernel 29) leaves nothing of the 28x28 image"),
         (["--conv-filters", "6,16,32"], "conv layer 3 (kernel 5) leaves nothing"),

@@ -136,6 +136,35 @@ def test_fast_preset_stays_lenet_shaped_under_100k_parameters_and_never_flips_di
     preset("fast", "mnist").validate()
 
 
+def test_muon_and_its_state_come_back_from_the_backup_and_the_checkpoint(tmp_path, small_real_datasets):
+    """The fast Fashion-MNIST preset trains with Keras's Muon: a resume must
+    get its momentum and step count back, and the checkpoint must load."""
+    import keras
+
+    from lenet_tf.callbacks import Backup
+    from lenet_tf.optimization import build_compiled_model
+
+    config = preset("fast", "fashion_mnist")
+    assert (config.optimizer, config.epochs) == ("muon", 7)
+    model = build_compiled_model(config, steps_per_epoch=8)
+    assert isinstance(model.optimizer, keras.optimizers.Muon)
+    assert model.optimizer.momentum == 0.95 and model.optimizer.weight_decay == 0.004
+    images, labels = small_real_datasets.train_images[:512], small_real_datasets.train_labels[:512]
+    model.fit(images, labels, batch_size=64, epochs=1, verbose=0)
+    Backup(tmp_path / "backup").save(model, 1)
+    restored = build_compiled_model(config, steps_per_epoch=8)
+    assert Backup(tmp_path / "backup").restore(restored) == 1
+    assert int(restored.optimizer.iterations) == 8
+    for saved, loaded in zip(model.optimizer.variables, restored.optimizer.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(saved), keras.ops.convert_to_numpy(loaded))
+    model.save(tmp_path / "last.keras")
+    assert isinstance(keras.models.load_model(tmp_path / "last.keras").optimizer, keras.optimizers.Muon)
+    # SGD stays the default, and the flag picks either.
+    assert isinstance(build_compiled_model(TrainConfig()).optimizer, keras.optimizers.SGD)
+    parsed = config_from_args(build_parser().parse_args(["train", "--optimizer", "muon", "--learning-rate", "0.01"]))
+    assert isinstance(build_compiled_model(parsed).optimizer, keras.optimizers.Muon)
+
+
 def test_whitening_kernels_make_the_first_layer_outputs_uncorrelated_with_unit_variance(small_real_datasets):
     from lenet_tf.model import whitening_weights
 
