@@ -311,10 +311,7 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
         if config.whiten_first_conv and not epochs_done:
             # From the training images only; a resumed run's kernels come from its backup.
             whiten_first_conv(model, pipelines.train_images)
-        try:
-            backup.restore(model)
-        except UsageError as error:
-            raise _changed_settings_error(config, _read_config(run_dir), backup.directory) or error from None
+        backup.restore(model)
     if placement.name == "multi_worker":
         adapt_model_for_multi_worker(model, placement.strategy, next(iter(pipelines.train)))
     return model, epochs_done
