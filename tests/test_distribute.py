@@ -49,7 +49,7 @@ def test_two_mirrored_replicas_match_one_replica(tmp_path, fashion_mnist_dir):
 def test_mirrored_replicas_train_and_export_splits_that_do_not_divide_evenly(tmp_path, fashion_mnist_dir):
     """17 training and 9 test examples on 2 replicas of 4: TensorFlow fails a
     replica with an empty share of a batch, and Keras a first batch shared
-    unevenly; the run trains on 16 a epoch and evaluates all 9 (in 6 + 3)."""
+    unevenly; the run trains on 16 an epoch and evaluates all 9 (in 6 + 3)."""
     completed = run_cli("train", *COMMON, "--strategy", "mirrored", "--logical-cpus", "2", "--batch-size", "4",
                         "--limit-train", "17", "--limit-test", "9", "--epochs", "1", "--format", "saved_model",
                         "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "exports"))
