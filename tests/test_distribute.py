@@ -60,6 +60,30 @@ def test_mirrored_replicas_train_and_export_splits_that_do_not_divide_evenly(tmp
     assert card["parity"]["saved_model"]["top1_agreement"] == 1.0
 
 
+def test_predicting_fewer_images_than_replicas_can_share_gives_the_same_probabilities():
+    """7 images on 8 replicas (the out-of-distribution dashboard's count): no
+    batch gives every replica a share, so one device computes them, and the
+    answers are those of `model.predict` over all 8 replicas."""
+    script = """
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 8)
+from lenet_tf.config import TrainConfig
+from lenet_tf.model import predict_probabilities
+from lenet_tf.optimization import build_compiled_model
+with tf.distribute.MirroredStrategy([f"/cpu:{index}" for index in range(8)]).scope():
+    model = build_compiled_model(TrainConfig())
+images = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+few, all_replicas = predict_probabilities(model, images[:7]), predict_probabilities(model, images)
+print(few.shape, float(np.abs(few - all_replicas[:7]).max()))
+"""
+    completed = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    shape, difference = completed.stdout.strip().rsplit(" ", 1)
+    assert shape == "(7, 10)" and float(difference) < 1e-6
+
+
 @pytest.mark.slow
 def test_two_workers_on_loopback_train_once_and_only_the_chief_writes(tmp_path, fashion_mnist_dir):
     scratch = tmp_path / "tmp"
