@@ -266,7 +266,7 @@ def write_final_metrics(log_dir: Path, metrics: dict[str, Any], step: int) -> No
     with tf.summary.create_file_writer(str(log_dir)).as_default(step=step):
         for tag in FINAL_METRIC_TAGS:
             key = tag.split("/", 1)[1]
-            if metrics.get(key) is not None:
+            if key in metrics:
                 tf.summary.scalar(tag, metrics[key])
 
 

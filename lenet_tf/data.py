@@ -277,14 +277,16 @@ def evaluation_batch_size(count: int, global_batch_size: int, replicas: int = 1)
     unlike an epoch of training, must see every example), and a first batch
     whose shares differ in size, which Keras 3 averages over the replicas to
     build the model (TensorFlow trainer's `_maybe_symbolic_build`). So: a
-    multiple of the replica count, no larger than the global batch, that
-    leaves no remainder or one of at least `replicas` examples.
+    multiple of the replica count that leaves no remainder or one of at least
+    `replicas` examples, the largest up to the global batch, else the
+    smallest above it (a small per-replica batch and an odd count).
     """
     if replicas <= 1:
         return global_batch_size
-    largest = min(global_batch_size, count) // replicas * replicas
-    return next((size for size in range(largest, 0, -replicas) if count % size == 0 or count % size >= replicas),
-                None)
+    shareable = [size for size in range(replicas, count + 1, replicas)
+                 if count % size == 0 or count % size >= replicas]
+    within = [size for size in shareable if size <= global_batch_size]
+    return max(within) if within else min(shareable, default=None)
 
 
 def make_dataset(

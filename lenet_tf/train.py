@@ -237,7 +237,8 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
     keras.utils.set_random_seed(config.seed)
     global_batch_size = config.batch_size * replicas
     train_images, train_labels = datasets.train_images, datasets.train_labels
-    _check_enough_for_the_replicas("test split", len(datasets.test_images), replicas, "--limit-test")
+    _check_enough_for_the_replicas("test split", len(datasets.test_images), global_batch_size, replicas,
+                                   "--limit-test")
     test = make_dataset(datasets.test_images, datasets.test_labels, global_batch_size, False, config.seed,
                         replicas=replicas)
     validation = test
@@ -245,7 +246,8 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
         order = np.random.default_rng(config.seed).permutation(len(train_images))
         held_out = order[: int(round(len(order) * config.validation_split))]
         kept = order[len(held_out):]
-        _check_enough_for_the_replicas("validation split", len(held_out), replicas, "--validation-split")
+        _check_enough_for_the_replicas("validation split", len(held_out), global_batch_size, replicas,
+                                       "--validation-split")
         validation = make_dataset(train_images[held_out], train_labels[held_out], global_batch_size, False,
                                   config.seed, replicas=replicas)
         train_images, train_labels = train_images[kept], train_labels[kept]
@@ -260,11 +262,12 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
     return Pipelines(train, validation, test, train_images, global_batch_size, replicas)
 
 
-def _check_enough_for_the_replicas(split: str, count: int, replicas: int, flag: str) -> None:
+def _check_enough_for_the_replicas(split: str, count: int, global_batch_size: int, replicas: int,
+                                   flag: str) -> None:
     """Every replica must evaluate a share of every batch (data.evaluation_batch_size says why)."""
     if count == 0:
         raise UsageError(f"the {split} is empty; raise {flag}")
-    if evaluation_batch_size(count, count, replicas) is None:
+    if evaluation_batch_size(count, global_batch_size, replicas) is None:
         raise UsageError(f"the {split}'s {count} example(s) cannot be shared among the {replicas} replicas that "
                          f"evaluate it (each needs a share of every batch); change {flag} so that it holds a "
                          f"multiple of {replicas} examples, or run on fewer devices")

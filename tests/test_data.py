@@ -211,15 +211,17 @@ def test_evaluation_batches_give_every_replica_a_share_of_every_batch():
     assert evaluation_batch_size(513, 512, 2) == 510  # 510 + 3: no empty replica, an even first batch.
     assert evaluation_batch_size(10_000, 768, 3) == 768
     assert evaluation_batch_size(9, 8, 2) == 6
+    assert evaluation_batch_size(9, 2, 2) == 6  # Nothing up to the global batch shares 9: the smallest above it.
     assert evaluation_batch_size(5, 6, 3) is None and evaluation_batch_size(1, 1024, 2) is None
     rng = np.random.default_rng(7)
     for _ in range(2000):
         count, replicas = int(rng.integers(1, 300)), int(rng.integers(2, 9))
         global_batch = replicas * int(rng.integers(1, 40))
         size = evaluation_batch_size(count, global_batch, replicas)
-        valid = [candidate for candidate in range(replicas, global_batch + 1, replicas)
-                 if candidate <= count and (count % candidate == 0 or count % candidate >= replicas)]
+        valid = [candidate for candidate in range(replicas, count + 1, replicas)
+                 if count % candidate == 0 or count % candidate >= replicas]
+        within = [candidate for candidate in valid if candidate <= global_batch]
         if size is None:
             assert not valid, (count, global_batch, replicas)
         else:
-            assert size == max(valid), (count, global_batch, replicas)
+            assert size == (max(within) if within else min(valid)), (count, global_batch, replicas)
