@@ -16,7 +16,7 @@ from lenet_tf.config import (
     ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, OPTIMIZERS, POOLINGS, PRESETS, SCHEDULES, STRATEGIES, TrainConfig,
     preset,
 )
-from lenet_tf.errors import ParityError, StoppedError, TerminatedError, UsageError
+from lenet_tf.errors import ParityError, StoppedError, UsageError
 from lenet_tf.images import INVERT_CHOICES
 from lenet_tf.io_utils import process_start_time
 from lenet_tf.quiet import import_tensorflow_quietly
@@ -305,17 +305,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     import_tensorflow_quietly()
+    stop_signals: list[int] = []
     try:
-        with _sigterm_as_interrupt():
+        with _stop_signals_as_interrupts(stop_signals):
             return HANDLERS[args.command](args)
     except (UsageError, ParityError, StoppedError) as error:
         print(f"lenet-tf {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt as interrupt:
-        how = "terminated (SIGTERM)" if isinstance(interrupt, TerminatedError) else "interrupted"
-        print(f"lenet-tf {args.command}: {how}; run the same command again to resume", file=sys.stderr)
-        return interrupt.exit_code if isinstance(interrupt, TerminatedError) else 130
+    except KeyboardInterrupt:
+        return _report_stop(args.command, stop_signals)
     except Exception as error:
+        if stop_signals:
+            # The interrupt was raised inside TensorFlow's C++ bindings, which
+            # turn it into another exception (pybind11's "MISMATCH of original
+            # and normalized active exception types"): still the user's stop.
+            return _report_stop(args.command, stop_signals)
         reason = _out_of_memory(error)
         if reason is None:
             raise  # A bug: keep the traceback.
@@ -325,10 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM raises TerminatedError in the main thread for the duration, so
-    a stopped run cleans up as after Ctrl-C; the previous handler comes back
-    afterwards (tests call main() inside pytest's process)."""
+def _stop_signals_as_interrupts(received: list[int]):
+    """For the duration, SIGINT (Ctrl-C) and SIGTERM (kill, docker stop, a
+    scheduler) raise KeyboardInterrupt in the main thread and are recorded
+    in `received`: a stopped run cleans up as its `finally` blocks say (an
+    export removes its unfinished version) instead of the process vanishing
+    mid-write, as it does on SIGTERM by default. The previous handlers come
+    back afterwards (tests call main() inside pytest's process)."""
     import signal
     import threading
 
@@ -336,14 +343,27 @@ def _sigterm_as_interrupt():
         yield  # Only the main thread may set signal handlers.
         return
 
-    def terminate(signal_number, frame):
-        raise TerminatedError()
+    def stop(signal_number, frame):
+        received.append(signal_number)
+        raise KeyboardInterrupt()
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _report_stop(command: str, received: list[int]) -> int:
+    """One line for a run stopped by a signal; the shell's exit code, 128 + the signal."""
+    import signal
+
+    if signal.SIGTERM in received:
+        print(f"lenet-tf {command}: terminated (SIGTERM); run the same command again to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print(f"lenet-tf {command}: interrupted; run the same command again to resume", file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 def _out_of_memory(error: Exception) -> str | None:

@@ -30,14 +30,3 @@ class StoppedError(RuntimeError):
 
     exit_code = 1
 
-
-class TerminatedError(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `kill`, a container stopping) arrived.
-
-    Raised in the main thread by the CLI's handler and treated like Ctrl-C:
-    a KeyboardInterrupt, so that every `finally` runs (an export removes its
-    unfinished version) instead of the process vanishing mid-write. The CLI
-    reports it in one line and exits 143 (128 + SIGTERM), the shell's code.
-    """
-
-    exit_code = 143

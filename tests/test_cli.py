@@ -1,7 +1,10 @@
 """The command line: help, summary, and one-line errors with exit code 2 for user mistakes."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -142,3 +145,28 @@ def test_model_path_that_is_not_a_model_is_one_line(tmp_path):
 def test_export_from_a_folder_that_is_not_a_run_is_one_line(tmp_path):
     completed = run_cli("export", "--run-dir", str(tmp_path))
     _assert_one_line_error(completed, "is not a run directory with a checkpoint")
+
+
+@pytest.mark.parametrize("stop, line, code", [
+    (signal.SIGTERM, "lenet-tf summary: terminated (SIGTERM); run the same command again to resume", 143),
+    (signal.SIGINT, "lenet-tf summary: interrupted; run the same command again to resume", 130),
+])
+def test_a_stop_signal_is_one_line_even_when_tensorflow_turns_the_interrupt_into_another_error(
+        monkeypatch, capsys, stop, line, code):
+    """A signal that lands inside TensorFlow's C++ bindings surfaces as their
+    RuntimeError (seen in a SIGTERM during the SavedModel export's tracing)."""
+    import lenet_tf.cli as cli
+
+    def stopped_inside_tensorflow(args):
+        try:
+            os.kill(os.getpid(), stop)
+            time.sleep(30)  # The handler raises here.
+        except KeyboardInterrupt:
+            raise RuntimeError("pybind11::error_already_set: MISMATCH of original and normalized active "
+                               "exception types") from None
+
+    handlers_before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setitem(cli.HANDLERS, "summary", stopped_inside_tensorflow)
+    assert main(["summary"]) == code
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers_before
