@@ -74,6 +74,11 @@ class TrainConfig:
     # (Keras's default 0.99 averages over ~100 steps; short runs need fewer).
     batch_norm_momentum: float = 0.99
     dropout: float = 0.0  # Dropout rate after each hidden dense layer; 0 disables it.
+    # Flip test-time augmentation: in inference the model averages its logits
+    # for each image and its left-right mirror, inside the model, so every
+    # exported format does the same (lenet_tf.model.FlipViews). Costs twice
+    # the inference; only for datasets whose classes survive a mirror.
+    test_time_flip: bool = False
 
     # --- optimisation -----------------------------------------------------
     # "sgd" (the book's), or Keras's "muon": momentum updates orthogonalised
@@ -165,6 +170,9 @@ class TrainConfig:
         if "flip" in self.augment and not dataset_info(self.dataset).flip_keeps_class:
             raise UsageError(f"--augment {self.augment} mirrors images, which changes the class of {self.dataset} "
                              "images (a mirrored digit is another shape); use shift or none")
+        if self.test_time_flip and not dataset_info(self.dataset).flip_keeps_class:
+            raise UsageError(f"--test-time-flip mirrors images, which changes the class of {self.dataset} "
+                             "images (a mirrored digit is another shape); use --no-test-time-flip")
         for name in ("momentum", "label_smoothing", "validation_split", "batch_norm_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(self, name)})")

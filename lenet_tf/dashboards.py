@@ -241,8 +241,10 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
         labels = [f"#{index} {self.class_names[self.test_labels[index]]}" for index in self.activation_indices]
         for block, activations in zip(blocks, maps):
             name = block.name.split("_")[0]  # conv1, conv1_bn, conv1_relu -> conv1.
+            # With flip test-time augmentation the mirrored images' maps follow; show the images' own.
+            activations = keras.ops.convert_to_numpy(activations)[:len(inputs)]
             tf.summary.image(f"activations/{name}", _figure_to_image(activation_figure(
-                inputs, keras.ops.convert_to_numpy(activations), labels,
+                inputs, activations, labels,
                 f"{name} activations, one row per test image")))
 
 

@@ -32,6 +32,8 @@ def build_model(config: TrainConfig) -> keras.Sequential:
         keras.Input(shape=INPUT_SHAPE, dtype=INPUT_DTYPE, name="image"),
         layers.Rescaling(PIXEL_SCALE, name="rescale"),
     ]
+    if config.test_time_flip:
+        model_layers.append(FlipViews(name="flip_views"))
     for index, (filters, kernel_size) in enumerate(zip(config.conv_filters, config.conv_kernel_sizes()), start=1):
         conv_batch_norm = config.batch_norm and (index > 1 or config.first_conv_batch_norm)
         model_layers.append(
@@ -58,7 +60,47 @@ def build_model(config: TrainConfig) -> keras.Sequential:
         if config.dropout:
             model_layers.append(layers.Dropout(config.dropout, name=f"dense{index}_dropout"))
     model_layers.append(layers.Dense(NUM_CLASSES, kernel_initializer=initializer, name="logits"))
+    if config.test_time_flip:
+        model_layers.append(MeanOfViews(name="mean_of_views"))
     return keras.Sequential(model_layers, name="lenet")
+
+
+# Flip test-time augmentation as two layers of the model itself, so that
+# evaluation, predict and every exported format (SavedModel, TFLite, ONNX, the
+# web page) answer alike without code of their own. In training both layers
+# pass their input through: the training pipeline flips images already.
+
+
+@keras.saving.register_keras_serializable(package="lenet_tf")
+class FlipViews(layers.Layer):
+    """In inference, stacks each batch of images with its left-right mirror
+    along the batch axis: N images in, 2N out (the N images, then their N
+    mirrors); in training, the identity. MeanOfViews undoes the stacking."""
+
+    def call(self, inputs, training=None):
+        if training:
+            return inputs
+        return keras.ops.concatenate([inputs, keras.ops.flip(inputs, axis=2)], axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="lenet_tf")
+class MeanOfViews(layers.Layer):
+    """In inference, the mean of each image's logits and its mirror's (the two
+    halves of the batch that FlipViews stacked); in training, the identity.
+    Averaging logits rather than probabilities keeps the model's output logits,
+    as the rest of the package expects."""
+
+    def call(self, inputs, training=None):
+        if training:
+            return inputs
+        return keras.ops.mean(keras.ops.reshape(inputs, (2, -1, inputs.shape[-1])), axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
 
 
 # Images whose patches estimate the whitening: 1,000 give 576,000 5x5 patches,

@@ -71,7 +71,9 @@ def write_web_model_saved_model(model: keras.Model, directory: Path) -> None:
     def serve(image):
         maps = activations(image, training=False)
         outputs = {"probabilities": tf.nn.softmax(model(image, training=False))}
-        outputs.update({f"conv{index}": block_map for index, block_map in enumerate(maps, start=1)})
+        # With flip test-time augmentation the mirrored images' maps follow; the page shows the images' own.
+        count = tf.shape(image)[0]
+        outputs.update({f"conv{index}": block_map[:count] for index, block_map in enumerate(maps, start=1)})
         return outputs
 
     archive.add_endpoint(SIGNATURE_KEY, serve,

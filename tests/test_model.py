@@ -96,3 +96,36 @@ def test_first_conv_without_batch_norm_keeps_its_bias_and_activation_and_its_map
     assert conv1.use_bias and conv1.activation.__name__ == "relu"
     assert model.get_layer("conv2").use_bias is False  # Batch norm's shift stands in for it.
     assert [layer.name for layer in conv_block_outputs(model)] == ["conv1", "conv2_relu"]
+
+
+def test_test_time_flip_averages_each_images_logits_with_its_mirrors_in_inference_only(tmp_path):
+    import dataclasses
+
+    import keras
+
+    from lenet_tf.errors import UsageError
+
+    config = TrainConfig(activation="relu", batch_norm=True, test_time_flip=True)
+    model = build_model(config)
+    plain = build_model(dataclasses.replace(config, test_time_flip=False))
+    assert model.count_params() == plain.count_params()
+    plain.set_weights(model.get_weights())
+    # Asymmetric images, so that a mirror is another input.
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    mirrored = images[:, :, ::-1]
+    logits = keras.ops.convert_to_numpy(model(images, training=False))
+    expected = (keras.ops.convert_to_numpy(plain(images, training=False))
+                + keras.ops.convert_to_numpy(plain(mirrored, training=False))) / 2
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(mirrored, training=False)), logits, atol=1e-6)
+    assert not np.allclose(expected, keras.ops.convert_to_numpy(plain(images, training=False)), atol=1e-3)
+    # Training sees each image once, as the model without the flip does.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images, training=True)),
+                               keras.ops.convert_to_numpy(plain(images, training=True)), rtol=1e-5, atol=1e-5)
+    # It survives the .keras file, and one image in gives one row out.
+    model.save(tmp_path / "flip.keras")
+    loaded = keras.models.load_model(tmp_path / "flip.keras", compile=False)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(images[:1], training=False)),
+                               keras.ops.convert_to_numpy(model(images[:1], training=False)), atol=1e-6)
+    with pytest.raises(UsageError, match="--test-time-flip mirrors images, which changes the class of mnist"):
+        TrainConfig(dataset="mnist", test_time_flip=True).validate()

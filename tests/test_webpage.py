@@ -45,7 +45,10 @@ pytestmark = pytest.mark.skipif(_missing_browser() is not None, reason=str(_miss
 
 @pytest.fixture(scope="module")
 def web_export(tmp_path_factory, fashion_mnist_dir):
-    """A classic LeNet trained briefly on real Fashion-MNIST, exported with its web page."""
+    """A classic LeNet trained briefly on real Fashion-MNIST, exported with its web page.
+
+    With flip test-time augmentation, as the fast preset's model has it: the
+    page must then give the mirror-averaged answers and one image's maps."""
     from lenet_tf.config import TrainConfig
     from lenet_tf.data import load_datasets
     from lenet_tf.train import train_and_evaluate
@@ -54,7 +57,7 @@ def web_export(tmp_path_factory, fashion_mnist_dir):
     datasets = load_datasets("fashion_mnist").limited(10_000, 1000)
     config = TrainConfig(epochs=2, batch_size=64, activation="relu", learning_rate=0.1, image_every_epochs=0,
                          run_dir=str(root / "run"), export_dir=str(root / "exports"),
-                         export_formats=("saved_model", "web"))
+                         export_formats=("saved_model", "web"), test_time_flip=True)
     metrics = train_and_evaluate(config, datasets=datasets)
     return Path(metrics["export_version_dir"]), datasets
 
@@ -178,6 +181,12 @@ def test_drawing_shows_a_prediction_and_the_activation_maps(page, tmp_path):
     assert all(name in names for name, _ in shown)
     assert [percent for _, percent in shown] == sorted((percent for _, percent in shown), reverse=True)
     assert page.locator("#conv1 canvas").count() == 6 and page.locator("#conv2 canvas").count() == 16
+    # One image's maps: not the mirrored view's that the model computes beside them.
+    sizes = page.evaluate("""async () => {
+        const result = await window.lenet.classify(new Array(784).fill(0));
+        return ["conv1", "conv2"].map((name) => [result[name].data.length, result[name].dims]);
+    }""")
+    assert sizes == [[28 * 28 * 6, [28, 28, 6]], [10 * 10 * 16, [10, 10, 16]]]
     # No class name appears on the page before the predictions.
     before_predictions = page.evaluate(
         "document.body.innerText.slice(0, document.body.innerText.indexOf(document.querySelector('#predictions').innerText))")
