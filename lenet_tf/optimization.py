@@ -7,7 +7,7 @@ import math
 import keras
 
 from lenet_tf.config import TrainConfig
-from lenet_tf.keras_compat import steps_per_execution_for
+from lenet_tf.keras_compat import ConvolutionMuon, steps_per_execution_for
 from lenet_tf.model import build_model
 
 
@@ -80,12 +80,12 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
     """SGD, or Muon (config.optimizer), at the config's rate schedule, momentum and weight decay."""
     learning_rate = learning_rate_schedule(config, steps_per_epoch)
     if config.optimizer == "muon":
-        # Muon updates kernels (2-D and up) with Newton-Schulz-orthogonalised
-        # Nesterov momentum, scaled to AdamW's update size (its rms_rate), and
-        # everything else with AdamW at the same rate; one weight decay for both.
-        return keras.optimizers.Muon(learning_rate=learning_rate, momentum=config.momentum,
-                                     nesterov=config.nesterov, weight_decay=config.weight_decay,
-                                     adam_weight_decay=config.weight_decay)
+        # Muon updates the dense and conv kernels with Newton-Schulz-
+        # orthogonalised Nesterov momentum, scaled to AdamW's update size (its
+        # rms_rate), and everything else with AdamW at the same rate; one weight
+        # decay for both. Keras's own Muon would leave the conv kernels to AdamW.
+        return ConvolutionMuon(learning_rate=learning_rate, momentum=config.momentum, nesterov=config.nesterov,
+                               weight_decay=config.weight_decay, adam_weight_decay=config.weight_decay)
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum, nesterov=config.nesterov,
                                 weight_decay=config.weight_decay or None)
 

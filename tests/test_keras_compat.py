@@ -126,3 +126,38 @@ def test_canary_keras_batch_normalization_runs_the_fused_kernel():
     graph = tf.function(lambda images: layer(images, training=True)).get_concrete_function(
         tf.TensorSpec((8, 6, 6, 4), tf.float32)).graph
     assert any(operation.type.startswith("FusedBatchNorm") for operation in graph.get_operations())
+
+
+def test_convolution_muon_updates_a_conv_kernel_as_muon_updates_its_flattened_matrix():
+    import keras
+    import numpy as np
+
+    from lenet_tf.keras_compat import ConvolutionMuon
+
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 3, 16, 32)).astype("float32")
+    gradient = rng.normal(size=kernel.shape).astype("float32")
+    conv = keras.Variable(kernel, name="conv_kernel")
+    matrix = keras.Variable(kernel.reshape(144, 32), name="dense_kernel")
+    bias = keras.Variable(np.zeros(32, "float32"), name="bias")
+    optimizer = ConvolutionMuon(learning_rate=0.01, weight_decay=0.0, adam_weight_decay=0.0)
+    optimizer.build([conv, matrix, bias])
+    for _ in range(2):  # The second step also goes through the momentum.
+        optimizer.apply([gradient, gradient.reshape(144, 32), np.ones(32, "float32")], [conv, matrix, bias])
+    # The conv kernel took Muon's step: exactly the dense kernel's, reshaped.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(conv).reshape(144, 32),
+                               keras.ops.convert_to_numpy(matrix), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(keras.ops.convert_to_numpy(conv), kernel)
+    # Muon keeps no AdamW velocity for it; 1-D variables still go to AdamW.
+    assert optimizer.adam_velocities[optimizer._get_variable_index(conv)] is None
+    assert optimizer.adam_velocities[optimizer._get_variable_index(bias)] is not None
+    # exclude_layers still hands a matching conv kernel back to AdamW.
+    assert ConvolutionMuon(exclude_layers=["conv"])._should_use_adamw(conv)
+
+
+@pytest.mark.xfail(strict=True, reason="keras-team/keras#21885 made Keras's Muon update only 2-D variables; when "
+                                       "it updates conv kernels itself, ConvolutionMuon can go")
+def test_canary_keras_muon_updates_conv_kernels():
+    import keras
+
+    assert not keras.optimizers.Muon()._should_use_adamw(keras.Variable(keras.ops.zeros((3, 3, 16, 32))))

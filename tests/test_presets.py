@@ -133,6 +133,7 @@ def test_fast_preset_stays_lenet_shaped_under_100k_parameters_and_never_flips_di
         assert model.get_layer("conv1").output.shape == (None, 24, 24, 16)  # Unpadded 5x5.
     assert preset("fast", "fashion_mnist").augment == "flip"
     assert preset("fast", "mnist").augment == "none"
+    assert preset("fast", "fashion_mnist").test_time_flip and not preset("fast", "mnist").test_time_flip
     preset("fast", "mnist").validate()
 
 
