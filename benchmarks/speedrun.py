@@ -100,12 +100,16 @@ def summarise(runs: list[dict[str, Any]], yardstick: list[float], target: float,
 def to_markdown(result: dict[str, Any]) -> str:
     machine, summary, settings = result["machine"], result["summary"], result["settings"]
     accuracy, waits = summary["accuracy"], summary["seconds_to_tested_model"]
+    # Flags passed through to train.py belong in both commands: without them
+    # the block would describe the preset as it stands, not what ran.
+    extra = "".join(f" {flag}" for flag in settings.get("extra", ()))
     lines = [
         f"Measured {machine['date']} on {machine['cores']} cores of {machine['cpu']}; TensorFlow "
         f"{machine['tensorflow']}, Keras {machine['keras']}. `python -m benchmarks.speedrun --dataset "
         f"{settings['dataset']} --preset {settings['preset']} --seeds {len(result['runs'])} --target "
-        f"{settings['target']} --time-target {settings['time_target']:g}`: each seed a fresh `python train.py "
-        f"--preset {settings['preset']} --dataset {settings['dataset']} --seed S` process.",
+        f"{settings['target']} --time-target {settings['time_target']:g}{' --' + extra if extra else ''}`: each "
+        f"seed a fresh `python train.py --preset {settings['preset']} --dataset {settings['dataset']} --seed S"
+        f"{extra}` process.",
         "",
         f"Yardstick (plain Keras, classic LeNet, one epoch, TensorFlow import included): "
         f"{', '.join(f'{seconds:.1f}' for seconds in summary['yardstick_seconds'])} s; by the fastest, the "

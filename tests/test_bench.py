@@ -83,6 +83,8 @@ def test_speedrun_reports_every_seed_and_the_yardstick_in_the_doc(tmp_path):
     assert summary["scaled_time_target"] == pytest.approx(45 * min(yardstick) / 10)
     text = page.read_text()
     assert "| 0 | " in text and "| 1 | " in text and "old" not in text
+    # The flags passed through are named in both commands of the block.
+    assert text.count("--limit-train 2048 --limit-test 500 --epochs 2 --format ") == 2
 
 
 def test_int8_latency_compares_both_int8_conversions_with_float32(tmp_path, fashion_mnist_dir, capsys):
