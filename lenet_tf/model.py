@@ -102,7 +102,6 @@ class MeanOfViews(layers.Layer):
         return input_shape
 
 
-
 # Images whose patches estimate the whitening: 1,000 give 576,000 5x5 patches,
 # plenty for a 25x25 covariance, in under a tenth of a second (2,000 gave the
 # same kernels to 2 decimals in 0.3 s).
