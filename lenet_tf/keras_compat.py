@@ -11,6 +11,7 @@ Everything else in the package uses public Keras API only.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import keras
@@ -101,9 +102,10 @@ class ConvolutionMuon(keras.optimizers.Muon):
     update, and in a LeNet only the dense kernels got Muon's. Muon's author
     uses it on conv filters by flattening their last three dimensions; on
     the fast preset that raised the validation accuracy by about 0.2 points
-    (docs/speedrun.md). Overrides Muon's protected `_should_use_adamw` and
-    `_muon_update_step`; the update itself is Keras's (Newton-Schulz, then
-    `lr_adjust`), on the flattened matrix.
+    (docs/speedrun.md). Overrides Muon's protected `_should_use_adamw`, and
+    the two steps of its update that depend on the shape: the Newton-Schulz
+    iteration and `lr_adjust` see the flattened matrix, and the rest of
+    Keras's step (momentum, Nesterov) runs as it is.
     """
 
     def _should_use_adamw(self, variable):
@@ -111,12 +113,17 @@ class ConvolutionMuon(keras.optimizers.Muon):
             return any(re.search(keyword, variable.path) for keyword in self.exclude_layers)
         return super()._should_use_adamw(variable)
 
-    def _muon_update_step(self, gradient, variable, lr, m):
-        if len(variable.shape) == 2:
-            return super()._muon_update_step(gradient, variable, lr, m)
-        # Keras's 2-D step, on the kernel seen as a matrix of one column per filter.
-        self.assign_add(m, gradient + m * (self.momentum - 1))
-        direction = gradient + self.momentum * m if self.nesterov else m
-        matrix = keras.ops.reshape(direction, (-1, variable.shape[-1]))
-        update = self.lr_adjust(lr * self.zeropower_via_newtonschulz5(matrix, self.ns_steps))
-        self.assign_sub(variable, keras.ops.reshape(update, variable.shape))
+    def zeropower_via_newtonschulz5(self, x, steps: int):
+        # Keras's iteration would treat a 4-D tensor as a batch of 2-D matrices.
+        return self._on_matrix(x, functools.partial(super().zeropower_via_newtonschulz5, steps=steps))
+
+    def lr_adjust(self, x):
+        # Keras scales by the first two dimensions, the kernel's height and width for a 4-D one.
+        return self._on_matrix(x, super().lr_adjust)
+
+    @staticmethod
+    def _on_matrix(x, function):
+        """function(x) for a 2-D x; for a conv kernel, function of its matrix of one column per filter."""
+        if len(x.shape) != 4:
+            return function(x)
+        return keras.ops.reshape(function(keras.ops.reshape(x, (-1, x.shape[-1]))), x.shape)
