@@ -20,7 +20,7 @@ STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 ACTIVATIONS = ("sigmoid", "relu")
 POOLINGS = ("avg", "max")
 EXPORT_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx", "web")
-PRESETS = ("classic", "modern", "fast")
+PRESETS = ("classic", "modern", "fast", "best")
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("sgd", "muon")
 AUGMENTATIONS = ("none", "shift", "flip", "shift_flip")
@@ -287,6 +287,9 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
     fast:    the shortest wait for a good model on a CPU (docs/speedrun.md):
              `python train.py --preset fast` trains and tests in under a
              minute on 2 CPU cores; `python -m benchmarks.speedrun` measures it.
+    best:    the most accurate model under 100,000 parameters in under 15
+             minutes on 2 CPU cores (docs/speedrun.md, "Beyond 0.93"): about
+             10 minutes for Fashion-MNIST.
     """
     _choice("preset", name, PRESETS)
     if name == "classic":
@@ -314,6 +317,17 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
     )
     if name == "modern":
         return modern
+    if name == "best":
+        # The modern recipe with three conv blocks of 3x3 kernels (32, 64, 96
+        # filters; the third block's 3x3 map leaves room for them under 100,000
+        # parameters: 93,898, as the modern preset's are counted) and one dense
+        # layer of 48, trained with Muon on
+        # the conv and dense kernels, and for Fashion-MNIST answering for each
+        # image and its mirror. Each of the three changes raised the validation
+        # accuracy on its own (docs/speedrun.md).
+        return dataclasses.replace(modern, conv_filters=(32, 64, 96), kernel_size=(3,), dense_units=(48,),
+                                   optimizer="muon", learning_rate=0.01, momentum=0.95, weight_decay=0.004,
+                                   test_time_flip=flips)
     # fast: the modern preset made cheaper per image and shorter (docs/speedrun.md).
     fast = dataclasses.replace(
         modern,
