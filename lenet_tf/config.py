@@ -321,10 +321,11 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
         # The modern recipe with three conv blocks of 3x3 kernels (32, 64, 96
         # filters; the third block's 3x3 map leaves room for them under 100,000
         # parameters: 93,898, as the modern preset's are counted) and one dense
-        # layer of 48, trained with Muon on
-        # the conv and dense kernels, and for Fashion-MNIST answering for each
-        # image and its mirror. Each of the three changes raised the validation
-        # accuracy on its own (docs/speedrun.md).
+        # layer of 48, trained with Muon on the conv and dense kernels, and for
+        # Fashion-MNIST answering for each image and its mirror. On the
+        # validation split (seed 0) the three blocks added 0.53 points to the
+        # modern preset, the mirror 0.30, Muon 0.03 more (0.28 on the test
+        # split); together 0.9422 (docs/speedrun.md).
         return dataclasses.replace(modern, conv_filters=(32, 64, 96), kernel_size=(3,), dense_units=(48,),
                                    optimizer="muon", learning_rate=0.01, momentum=0.95, weight_decay=0.004,
                                    test_time_flip=flips)
