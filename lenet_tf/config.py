@@ -83,9 +83,9 @@ class TrainConfig:
     # --- optimisation -----------------------------------------------------
     # "sgd" (the book's), or "muon" (Keras's, extended to the conv kernels):
     # momentum updates orthogonalised for the dense and conv kernels (AdamW
-    # for biases and batch norm), which trained the
-    # fast preset to more accuracy per second (docs/speedrun.md). Momentum,
-    # Nesterov, weight decay and the rate schedule apply to either.
+    # for biases and batch norm), which trained the fast preset to more
+    # accuracy per second (docs/speedrun.md). Momentum, Nesterov, weight decay
+    # and the rate schedule apply to either.
     optimizer: str = "sgd"
     learning_rate: float = 0.9  # Large, because sigmoid nets train slowly with plain SGD.
     # Per-replica batch; the global batch is this times the number of replicas,
@@ -168,12 +168,12 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("augment", self.augment, AUGMENTATIONS)
-        if "flip" in self.augment and not dataset_info(self.dataset).flip_keeps_class:
-            raise UsageError(f"--augment {self.augment} mirrors images, which changes the class of {self.dataset} "
-                             "images (a mirrored digit is another shape); use shift or none")
-        if self.test_time_flip and not dataset_info(self.dataset).flip_keeps_class:
-            raise UsageError(f"--test-time-flip mirrors images, which changes the class of {self.dataset} "
-                             "images (a mirrored digit is another shape); use --no-test-time-flip")
+        if not dataset_info(self.dataset).flip_keeps_class:
+            for flag, mirrors, remedy in ((f"--augment {self.augment}", "flip" in self.augment, "use shift or none"),
+                                          ("--test-time-flip", self.test_time_flip, "use --no-test-time-flip")):
+                if mirrors:
+                    raise UsageError(f"{flag} mirrors images, which changes the class of {self.dataset} images "
+                                     f"(a mirrored digit is another shape); {remedy}")
         for name in ("momentum", "label_smoothing", "validation_split", "batch_norm_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(self, name)})")
@@ -317,6 +317,9 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
     )
     if name == "modern":
         return modern
+    # Muon at Keras's own momentum and weight decay for it, and the peak rate
+    # that scored best for it on the fast preset (docs/speedrun.md#muon).
+    muon = dict(optimizer="muon", learning_rate=0.01, momentum=0.95, weight_decay=0.004)
     if name == "best":
         # The modern recipe with three conv blocks of 3x3 kernels (32, 64, 96
         # filters; the third block's 3x3 map leaves room for them under 100,000
@@ -327,8 +330,7 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
         # modern preset, the mirror 0.30, Muon 0.03 more (0.28 on the test
         # split); together 0.9422 (docs/speedrun.md).
         return dataclasses.replace(modern, conv_filters=(32, 64, 96), kernel_size=(3,), dense_units=(48,),
-                                   optimizer="muon", learning_rate=0.01, momentum=0.95, weight_decay=0.004,
-                                   test_time_flip=flips)
+                                   test_time_flip=flips, **muon)
     # fast: the modern preset made cheaper per image and shorter (docs/speedrun.md).
     fast = dataclasses.replace(
         modern,
@@ -336,30 +338,32 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
         # there, and each BN layer costs throughput.
         dense_batch_norm=False,
         # 16 filters of 5x5 over the unpadded 24x24 interior, then 32 of 3x3,
-        # one dense layer: 83,066 parameters, about 1.8x the modern preset's images/s.
+        # one dense layer: 83,018 parameters (whitened first layer included),
+        # about 1.8x the modern preset's images/s.
         kernel_size=(5, 3),
         first_conv_padding="valid",
         dense_units=(96,),
         # A linear warm-up, then linear decay to 0: the triangular "one-cycle"
-        # shape that short runs favour, at a high peak rate.
+        # shape that short runs favour.
         lr_schedule="linear",
+        # A whitened, untrained first layer without batch norm after it trains
+        # 1.2-1.8x faster per image to the same accuracy as a trained one with
+        # batch norm; with Muon on the conv and dense kernels, on both datasets.
+        whiten_first_conv=True,
+        first_conv_batch_norm=False,
+        **muon,
         # The image dashboards once, at the end.
         image_every_epochs=0,
     )
     if flips:
         # Fashion-MNIST: 7 epochs of batch 256. Flips are free in the pipeline;
-        # shifts cost a quarter of the throughput. A whitened, untrained first
-        # layer, without batch norm after it, trains 1.2-1.8x faster per image
-        # to the same accuracy as a trained one with batch norm. Muon's steps
-        # cost about a tenth more than SGD's; its 7 epochs, at Keras's own
-        # momentum and weight decay for it, scored 0.27 points above SGD's 8
+        # shifts cost a quarter of the throughput. Muon's steps cost about a
+        # tenth more than SGD's; its 7 epochs scored 0.27 points above SGD's 8
         # on the test split over 10 seeds. Averaging each image's answer with
         # its mirror's added 0.25-0.6 points on the validation split, for twice
         # the inference, and Muon on the conv kernel too another 0.17 on
         # average: 0.9254 on the test split over 10 seeds (docs/speedrun.md).
         return dataclasses.replace(fast, augment="flip", batch_size=256, epochs=7, warmup_epochs=1.0,
-                                   whiten_first_conv=True, first_conv_batch_norm=False,
-                                   optimizer="muon", learning_rate=0.01, momentum=0.95, weight_decay=0.004,
                                    test_time_flip=True)
     # MNIST: one epoch. Batch 128 (twice the updates of 256) reaches 0.99; 256
     # stopped about 0.1 point short. Batch norm's moving statistics remember
@@ -371,8 +375,7 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
     # on the conv kernel it scored 0.9909 over 10 seeds, 0.5 s sooner than
     # SGD with a trained first layer (docs/speedrun.md).
     return dataclasses.replace(fast, augment="none", batch_size=128, epochs=1, warmup_epochs=0.25,
-                               batch_norm_momentum=0.9, whiten_first_conv=True, first_conv_batch_norm=False,
-                               optimizer="muon", learning_rate=0.01, momentum=0.95, weight_decay=0.004)
+                               batch_norm_momentum=0.9)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
