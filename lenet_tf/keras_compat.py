@@ -61,6 +61,24 @@ def steps_per_execution_for(requested: int) -> int:
     return requested if not tf.distribute.has_strategy() else 1
 
 
+def build_before_fit(model: keras.Model, strategy: tf.distribute.Strategy, batch_spec) -> None:
+    """Creates the optimizer's and the metrics' variables before `fit` traces
+    its training step; `batch_spec` is the training pipeline's element_spec.
+
+    Under the default strategy Keras 3's TensorFlow trainer leaves them to
+    be created while the step is traced (its `_maybe_symbolic_build` returns
+    early there, "for backwards compatibility"), and a tf.function that
+    creates variables on its first call is traced again
+    (tensorflow/tensorflow#48851; keras-team/keras#22618 is the same cost
+    after loading a model): the first epoch paid for two traces of the
+    whole step, about 0.8 s of a one-epoch MNIST run on 2 CPU cores. This
+    runs the protected `_symbolic_build` that Keras runs itself inside
+    other strategies, on symbolic tensors of the batch's shapes.
+    """
+    with strategy.scope():
+        model._symbolic_build(data_batch=batch_spec)
+
+
 def adapt_model_for_multi_worker(model, strategy: tf.distribute.Strategy, sample_batch) -> None:
     """Makes `model.fit` work under MultiWorkerMirroredStrategy.
 

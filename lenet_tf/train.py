@@ -39,7 +39,7 @@ from lenet_tf.io_utils import (
     ensure_writable_dir, full_disk_message, is_full_disk_error, peak_rss_mib, reporting_full_disk,
     write_json_atomic,
 )
-from lenet_tf.keras_compat import adapt_model_for_multi_worker
+from lenet_tf.keras_compat import adapt_model_for_multi_worker, build_before_fit
 from lenet_tf.model import build_model, whiten_first_conv
 from lenet_tf.optimization import build_compiled_model
 from lenet_tf.registry import dataset_info
@@ -315,6 +315,7 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
             # From the training images only; a resumed run's kernels come from its backup.
             whiten_first_conv(model, pipelines.train_images)
         backup.restore(model)
+    build_before_fit(model, placement.strategy, pipelines.train.element_spec)
     if placement.name == "multi_worker":
         adapt_model_for_multi_worker(model, placement.strategy, next(iter(pipelines.train)))
     return model, epochs_done
