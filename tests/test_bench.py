@@ -60,6 +60,23 @@ def test_bench_refuses_a_readme_without_markers_before_measuring(tmp_path, capsy
     assert readme.read_text() == "# Title\n"
 
 
+def test_speedrun_scales_each_seed_by_the_faster_yardstick_run_beside_it():
+    """A seed that ran while the machine was in its slow mode (both yardstick runs beside it
+    took 20 s) fails the strict verdict, by the run's fastest yardstick, but not the other."""
+    from benchmarks.speedrun import neighbouring_yardsticks, summarise
+
+    yardstick, positions = [10.0, 20.0, 20.0, 8.0], [0, 1, 2, 3]
+    assert [neighbouring_yardsticks(yardstick, positions, index) for index in range(3)] == [10.0, 20.0, 8.0]
+    # Two yardstick runs spread over three seeds: every seed lies between the same two.
+    assert [neighbouring_yardsticks([10.0, 9.0], [0, 3], index) for index in range(3)] == [9.0, 9.0, 9.0]
+    runs = [{"test_accuracy": 0.9, "seconds_to_tested_model": wait, "stage_seconds": []} for wait in (5.0, 15.0, 4.0)]
+    summary = summarise(runs, yardstick, positions, target=0.9, time_target=10.0)
+    assert summary["scaled_time_target"] == pytest.approx(8.0)
+    assert not summary["every_run_within_time_target"]
+    assert summary["seconds_to_tested_model_on_reference"] == pytest.approx([5.0, 7.5, 5.0])
+    assert summary["every_run_within_time_target_by_neighbours"]
+
+
 @pytest.mark.slow
 def test_speedrun_reports_every_seed_and_the_yardstick_in_the_doc(tmp_path):
     """Two tiny seeds in fresh train.py processes and the yardstick before and after them."""
@@ -81,6 +98,7 @@ def test_speedrun_reports_every_seed_and_the_yardstick_in_the_doc(tmp_path):
     summary = result["summary"]
     yardstick = summary["yardstick_seconds"]
     assert summary["scaled_time_target"] == pytest.approx(45 * min(yardstick) / 10)
+    assert summary["yardstick_after_seeds"] == [0, 2]
     text = page.read_text()
     assert "| 0 | " in text and "| 1 | " in text and "old" not in text
     # The flags passed through are named in both commands of the block.
