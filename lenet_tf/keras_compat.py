@@ -71,7 +71,7 @@ def build_before_fit(model: keras.Model, strategy: tf.distribute.Strategy, batch
     creates variables on its first call is traced again
     (tensorflow/tensorflow#48851; keras-team/keras#22618 is the same cost
     after loading a model): the first epoch paid for two traces of the
-    whole step, about 0.8 s of a one-epoch MNIST run on 2 CPU cores. This
+    whole step, about a second of a one-epoch MNIST run on 2 CPU cores. This
     runs the protected `_symbolic_build` that Keras runs itself inside
     other strategies, on symbolic tensors of the batch's shapes.
     """
