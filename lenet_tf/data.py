@@ -322,13 +322,13 @@ def make_dataset(
     # sharding. In-memory data has no files to shard by, so AUTO would fall
     # back to this anyway, with a warning.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    # No autotuning: its thread wakes 10, 20, 40, ... ms apart, and deleting an
-    # iterator often waited for its next wake-up, so on 2 CPU cores a pass over
-    # the data ended 5.11 s (10 ms x 511) after it began, or later, however
-    # soon the model was done; Keras makes an iterator for every epoch and
-    # every validation pass. The AUTOTUNE settings below then take the number
-    # of cores (at most 16), and an epoch of the fast preset ran at the same
-    # speed as autotuning's best (docs/speedrun.md, Outside training).
+    # No autotuning: with it, on 2 CPU cores, a pass over the data often ended
+    # 5.11 s after it began (10 ms x 511, as if deleting the iterator waited
+    # for the next wake-up of a thread that sleeps 10, 20, 40, ... ms),
+    # however soon the model was done; Keras makes an iterator for every
+    # epoch and every validation pass. The AUTOTUNE settings below then take
+    # the number of cores (at most 16), and an epoch of the fast preset ran
+    # as fast as autotuning's best ones (docs/speedrun.md, Outside training).
     options.autotune.enabled = False
     dataset = dataset.batch(global_batch_size)
     if augment != "none":
