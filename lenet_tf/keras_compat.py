@@ -79,7 +79,7 @@ def build_before_fit(model: keras.Model, strategy: tf.distribute.Strategy, batch
         model._symbolic_build(data_batch=batch_spec)
 
 
-def adapt_model_for_multi_worker(model, strategy: tf.distribute.Strategy, sample_batch) -> None:
+def adapt_model_for_multi_worker(model, strategy: tf.distribute.Strategy, batch_spec) -> None:
     """Makes `model.fit` work under MultiWorkerMirroredStrategy.
 
     keras-team/keras#20585 (open): Keras 3's TensorFlow trainer fails there in
@@ -87,17 +87,18 @@ def adapt_model_for_multi_worker(model, strategy: tf.distribute.Strategy, sample
     workers, and its train/test steps average scalar metrics across workers
     with `reduce(MEAN, axis=0)`, which rejects scalars. So, on this model
     instance only (nothing is saved with it):
-      - the symbolic build uses a local batch of the same shape (this
-        overrides the private `_maybe_symbolic_build`, calling `_symbolic_build`);
+      - the model is built from the local batch's shapes (`batch_spec`, the
+        training pipeline's element_spec; build_before_fit), and Keras's own
+        build, which would draw and average a batch, is skipped (this
+        overrides the protected `_maybe_symbolic_build`);
       - each step returns its metrics with shape [1]; the cross-worker mean
         over axis 0 is then the global mean, as Keras intends, and Keras's log
         handling turns the one-element arrays back into floats.
     Gradients are untouched: they are all-reduced by the strategy as usual.
     """
 
-    def symbolic_build(iterator=None, data_batch=None):
-        with strategy.scope():
-            model._symbolic_build(data_batch=sample_batch)
+    def already_built(iterator=None, data_batch=None):
+        pass
 
     def with_vector_metrics(step):
         def wrapped(data):
@@ -105,7 +106,8 @@ def adapt_model_for_multi_worker(model, strategy: tf.distribute.Strategy, sample
 
         return wrapped
 
-    model._maybe_symbolic_build = symbolic_build
+    build_before_fit(model, strategy, batch_spec)
+    model._maybe_symbolic_build = already_built
     model.train_step = with_vector_metrics(model.train_step)
     model.test_step = with_vector_metrics(model.test_step)
 

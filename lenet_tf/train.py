@@ -315,9 +315,10 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
             # From the training images only; a resumed run's kernels come from its backup.
             whiten_first_conv(model, pipelines.train_images)
         backup.restore(model)
-    build_before_fit(model, placement.strategy, pipelines.train.element_spec)
     if placement.name == "multi_worker":
-        adapt_model_for_multi_worker(model, placement.strategy, next(iter(pipelines.train)))
+        adapt_model_for_multi_worker(model, placement.strategy, pipelines.train.element_spec)  # Builds it too.
+    else:
+        build_before_fit(model, placement.strategy, pipelines.train.element_spec)
     return model, epochs_done
 
 

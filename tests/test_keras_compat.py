@@ -34,7 +34,7 @@ with strategy.scope():
                   steps_per_execution=steps_per_execution)
 if workaround:
     from lenet_tf.keras_compat import adapt_model_for_multi_worker
-    adapt_model_for_multi_worker(model, strategy, next(iter(data)))
+    adapt_model_for_multi_worker(model, strategy, data.element_spec)
 history = model.fit(data, epochs=1, verbose=0)
 print("loss", history.history["loss"][-1])
 """
