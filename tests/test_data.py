@@ -1,12 +1,18 @@
+import functools
 import gzip
+import hashlib
+import http.server
+import socket
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lenet_tf.data import (
-    evaluation_batch_size, examples_per_epoch, load_datasets, load_idx_dir, make_dataset, read_idx,
+    check_host_answers, evaluation_batch_size, examples_per_epoch, load_datasets, load_idx_dir, make_dataset, read_idx,
 )
-from lenet_tf.registry import dataset_info
+from lenet_tf.registry import IDX_STEMS, dataset_info
 from lenet_tf.errors import UsageError
 
 from conftest import write_idx, write_idx_dir
@@ -142,7 +148,59 @@ def test_offline_with_nothing_found_names_every_option(tmp_path, monkeypatch):
     message = str(error.value)
     for hint in ("--data-dir", "LENET_TF_DATA_DIR", "Keras cache", "tensorflow_datasets"):
         assert hint in message
+    # Its download host was asked first (refused or unknown on an offline
+    # machine), not tried for minutes file by file.
+    assert "cannot reach storage.googleapis.com:443" in message or "did not answer within" in message
     assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_tensorflow_datasets_downloads_and_prepares_real_mnist(tmp_path, monkeypatch, mnist_datasets):
+    # The download path for real, from a web server on this machine: the
+    # builder's download URL points at it, tensorflow_datasets fetches the
+    # four files over HTTP and prepares the dataset as it would online.
+    import tensorflow_datasets as tfds
+
+    idx_folder = Path(mnist_datasets.source)
+    if not all((idx_folder / f"{stem}.gz").is_file() for stem in IDX_STEMS.values()):
+        pytest.skip(f"real MNIST was not read from the four .gz files ({mnist_datasets.source})")
+    handler = functools.partial(_QuietFileHandler, directory=str(idx_folder))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        monkeypatch.setattr(tfds.image_classification.MNIST, "URL", f"http://127.0.0.1:{server.server_port}/")
+        monkeypatch.delenv("LENET_TF_DATA_DIR", raising=False)
+        monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+        monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+        data = load_datasets("mnist")
+        server.shutdown()
+    assert data.source == "tensorflow_datasets"
+    assert data.train_images.shape == (60_000, 28, 28, 1) and data.train_images.dtype == np.uint8
+    assert data.train_labels.dtype == np.int32
+    # tensorflow_datasets stores the examples in its own order: the same
+    # (image, label) pairs as the IDX files, each exactly once.
+    for split in ("train", "test"):
+        assert _pairs(getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")) == _pairs(
+            getattr(mnist_datasets, f"{split}_images"), getattr(mnist_datasets, f"{split}_labels"))
+
+
+class _QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_host_check_fails_fast_for_a_closed_port_and_passes_for_a_listening_one():
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_host_answers(f"http://127.0.0.1:{port}/files/")
+    # The port is closed now: refused at once, well within the timeout.
+    with pytest.raises(ConnectionError, match=f"cannot reach 127.0.0.1:{port}"):
+        check_host_answers(f"http://127.0.0.1:{port}/files/", timeout=30)
+
+
+def _pairs(images: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, int]]:
+    return sorted((hashlib.sha1(image.tobytes()).digest(), int(label)) for image, label in zip(images, labels))
 
 
 def test_pipeline_batches_shuffles_with_seed_and_keeps_dtypes():
