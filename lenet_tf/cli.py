@@ -16,6 +16,7 @@ from lenet_tf.config import (
     ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, OPTIMIZERS, POOLINGS, PRESETS, SCHEDULES, STRATEGIES, TrainConfig,
     preset,
 )
+from lenet_tf.data import BackgroundLoad
 from lenet_tf.errors import ParityError, StoppedError, UsageError
 from lenet_tf.images import INVERT_CHOICES
 from lenet_tf.io_utils import process_start_time
@@ -179,8 +180,20 @@ def _train(args) -> int:
     from lenet_tf.train import train_and_evaluate
 
     # The wait a user sees starts with the process: TensorFlow's import counts.
-    train_and_evaluate(config, started=process_start_time())
+    train_and_evaluate(config, started=process_start_time(), background_load=args.background_load)
     return 0
+
+
+def _start_reading_data(args) -> BackgroundLoad | None:
+    """For `train`: starts reading its data, which the import of TensorFlow
+    does not need; None for other commands, or flags the run will refuse."""
+    if args.command != "train" or args.summary:
+        return None
+    try:
+        config = config_from_args(args)
+    except UsageError:
+        return None  # _train reports it.
+    return BackgroundLoad(config.dataset, config.data_dir)
 
 
 def _summary(args) -> int:
@@ -305,6 +318,7 @@ HANDLERS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.background_load = _start_reading_data(args)
     import_tensorflow_quietly()
     stop_signals: list[int] = []
     try:

@@ -32,7 +32,9 @@ from lenet_tf.callbacks import (
     ThroughputCallback, check_workers_resume_together,
 )
 from lenet_tf.config import TrainConfig
-from lenet_tf.data import Datasets, evaluation_batch_size, examples_per_epoch, load_datasets, make_dataset
+from lenet_tf.data import (
+    BackgroundLoad, Datasets, evaluation_batch_size, examples_per_epoch, load_datasets, make_dataset,
+)
 from lenet_tf.distribute import Placement, make_placement
 from lenet_tf.errors import StoppedError, UsageError
 from lenet_tf.io_utils import (
@@ -78,6 +80,7 @@ def train_and_evaluate(
     placement: Placement | None = None,
     out: TextIO = sys.stdout,
     started: float | None = None,
+    background_load: BackgroundLoad | None = None,
 ) -> dict[str, Any]:
     """Trains, evaluates and exports one run; returns the metrics dict it writes.
 
@@ -88,6 +91,9 @@ def train_and_evaluate(
         out: where progress lines go.
         started: when the user started waiting (`time.time()`), for the
             metrics' wall times; the CLI passes its process's start. Default: now.
+        background_load: the data, if already being read (the CLI starts
+            reading before it imports TensorFlow); used when it is for
+            `config.dataset` and `config.data_dir`.
     """
     clock = Clock(time.time() if started is None else started)
     config.validate()
@@ -95,15 +101,16 @@ def train_and_evaluate(
     # any other TensorFlow op runs in this process.
     placement = placement or make_placement(config)
     run_dir = RunDir(config.run_dir)
+    data = datasets if datasets is not None else background_load
     try:
         if placement.is_chief:
             with holding(run_dir, "training"):
-                return _run(config, datasets, placement, run_dir, run_dir, out, clock)
+                return _run(config, data, placement, run_dir, run_dir, out, clock)
         # Non-chief workers write to a scratch folder that is removed
         # afterwards, so that only the chief's outputs exist.
         scratch = RunDir(worker_scratch_dir(run_dir.root, placement.task_index))
         try:
-            return _run(config, datasets, placement, run_dir, scratch, out, clock)
+            return _run(config, data, placement, run_dir, scratch, out, clock)
         finally:
             shutil.rmtree(scratch.root, ignore_errors=True)
     except (UsageError, StoppedError):
@@ -144,7 +151,7 @@ class Clock:
         self.stages[stage] = self.seconds() - sum(self.stages.values())
 
 
-def _run(config: TrainConfig, datasets: Datasets | None, placement: Placement, run_dir: RunDir,
+def _run(config: TrainConfig, datasets: Datasets | BackgroundLoad | None, placement: Placement, run_dir: RunDir,
          write_to: RunDir, out: TextIO, clock: Clock) -> dict[str, Any]:
     """The stages of a run. `run_dir` is the run's folder (the chief's backup is
     read from it); `write_to` is where this process writes (a scratch folder on
@@ -216,7 +223,9 @@ def _prepare_outputs(config: TrainConfig, placement: Placement, write_to: RunDir
         ensure_writable_dir(Path(config.export_dir), "export directory")
 
 
-def _load_data(config: TrainConfig, datasets: Datasets | None) -> Datasets:
+def _load_data(config: TrainConfig, datasets: Datasets | BackgroundLoad | None) -> Datasets:
+    if isinstance(datasets, BackgroundLoad):
+        datasets = datasets.result(config.dataset, config.data_dir)
     if datasets is None:
         datasets = load_datasets(config.dataset, config.data_dir)
     datasets = datasets.limited(config.limit_train, config.limit_test)

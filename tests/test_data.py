@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from lenet_tf.data import (
-    check_host_answers, evaluation_batch_size, examples_per_epoch, load_datasets, load_idx_dir, make_dataset, read_idx,
+    BackgroundLoad, check_host_answers, evaluation_batch_size, examples_per_epoch, load_datasets, load_idx_dir,
+    make_dataset, read_idx,
 )
 from lenet_tf.registry import IDX_STEMS, dataset_info
 from lenet_tf.errors import UsageError
@@ -42,6 +43,26 @@ def test_reads_uncompressed_and_gzip_idx_alike(tmp_path):
     packed = write_idx(tmp_path / "packed-idx3-ubyte", array, gz=True)
     np.testing.assert_array_equal(read_idx(raw), array)
     np.testing.assert_array_equal(read_idx(packed), array)
+
+
+def test_reads_gzip_files_of_several_members_and_zero_padding_as_gzip_does(tmp_path):
+    array = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    payload = write_idx(tmp_path / "one-idx3-ubyte", array, gz=False).read_bytes()
+    # Split inside the header and inside the data: every read crosses a member.
+    members = gzip.compress(payload[:6]) + b"\0" * 5 + gzip.compress(payload[6:1000]) + gzip.compress(payload[1000:])
+    path = tmp_path / "members-idx3-ubyte.gz"
+    path.write_bytes(members)
+    assert gzip.decompress(members.replace(b"\0" * 5, b"")) == payload
+    np.testing.assert_array_equal(read_idx(path), array)
+
+
+def test_rejects_a_gzip_file_with_a_bad_checksum(tmp_path):
+    path = write_idx(tmp_path / "labels-idx1-ubyte", np.arange(10, dtype=np.uint8))
+    compressed = bytearray(path.read_bytes())
+    compressed[-8] ^= 0xFF  # The CRC-32 of the data, in gzip's trailer.
+    path.write_bytes(bytes(compressed))
+    with pytest.raises(UsageError, match="cannot read .*re-download it"):
+        read_idx(path)
 
 
 def test_rejects_wrong_magic(tmp_path):
@@ -201,6 +222,22 @@ def test_host_check_fails_fast_for_a_closed_port_and_passes_for_a_listening_one(
 
 def _pairs(images: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, int]]:
     return sorted((hashlib.sha1(image.tobytes()).digest(), int(label)) for image, label in zip(images, labels))
+
+
+def test_background_load_reads_the_same_splits_and_steps_aside_when_it_cannot(tmp_path, monkeypatch):
+    folder = write_idx_dir(tmp_path / "idx", train=20, test=10, seed=3)
+    loading = BackgroundLoad("mnist", str(folder))
+    loaded, expected = loading.result("mnist", str(folder)), load_datasets("mnist", str(folder))
+    assert loaded.source == expected.source == str(folder)
+    for split in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(loaded, split), getattr(expected, split))
+    # Read for another dataset or folder than the run's: not used.
+    assert loading.result("fashion_mnist", str(folder)) is None
+    assert loading.result("mnist", None) is None
+    # A failed local search leaves the foreground load to search (and to say
+    # why it failed): the background never downloads.
+    missing = BackgroundLoad("mnist", str(tmp_path / "nowhere"))
+    assert missing.result("mnist", str(tmp_path / "nowhere")) is None
 
 
 def test_pipeline_batches_shuffles_with_seed_and_keeps_dtypes():
