@@ -76,6 +76,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd, or muon (Keras's, extended to conv kernels: orthogonalised momentum for the kernels, AdamW for the rest) (default: sgd; fast: muon)")
+    optimisation.add_argument("--muon-ns-steps", type=int, help=f"with muon: Newton-Schulz iterations per update (default: {defaults.muon_ns_steps}; fast on MNIST: 3)")
     optimisation.add_argument("--learning-rate", type=float, help=f"peak learning rate (default: {defaults.learning_rate})")
     optimisation.add_argument("--batch-size", type=int, help=f"per-replica batch size (default: {defaults.batch_size})")
     optimisation.add_argument("--epochs", type=int, help=f"default: {defaults.epochs}")

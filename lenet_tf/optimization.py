@@ -85,7 +85,8 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
         # rms_rate), and everything else with AdamW at the same rate; one weight
         # decay for both. Keras's own Muon would leave the conv kernels to AdamW.
         return ConvolutionMuon(learning_rate=learning_rate, momentum=config.momentum, nesterov=config.nesterov,
-                               weight_decay=config.weight_decay, adam_weight_decay=config.weight_decay)
+                               weight_decay=config.weight_decay, adam_weight_decay=config.weight_decay,
+                               ns_steps=config.muon_ns_steps)
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum, nesterov=config.nesterov,
                                 weight_decay=config.weight_decay or None)
 

@@ -164,6 +164,13 @@ def test_muon_and_its_state_come_back_from_the_backup_and_the_checkpoint(tmp_pat
     assert isinstance(build_compiled_model(TrainConfig()).optimizer, keras.optimizers.SGD)
     parsed = config_from_args(build_parser().parse_args(["train", "--optimizer", "muon", "--learning-rate", "0.01"]))
     assert isinstance(build_compiled_model(parsed).optimizer, keras.optimizers.Muon)
+    # Newton-Schulz iterations: Keras's 5, but 3 for fast MNIST, and the flag sets them.
+    assert (model.optimizer.ns_steps, build_compiled_model(parsed).optimizer.ns_steps) == (5, 5)
+    assert build_compiled_model(preset("fast", "mnist")).optimizer.ns_steps == 3
+    parsed = config_from_args(build_parser().parse_args(["train", "--preset", "fast", "--muon-ns-steps", "4"]))
+    assert build_compiled_model(parsed).optimizer.ns_steps == 4
+    with pytest.raises(UsageError, match="--muon-ns-steps must be a positive integer"):
+        config_from_args(build_parser().parse_args(["train", "--muon-ns-steps", "0"]))
 
 
 def test_whitening_kernels_make_the_first_layer_outputs_uncorrelated_with_unit_variance(small_real_datasets):
