@@ -194,7 +194,8 @@ def _start_reading_data(args) -> BackgroundLoad | None:
         config = config_from_args(args)
     except UsageError:
         return None  # _train reports it.
-    return BackgroundLoad(config.dataset, config.data_dir)
+    return BackgroundLoad(config.dataset, config.data_dir,
+                          config.conv_kernel_sizes()[0] if config.whiten_first_conv else None)
 
 
 def _summary(args) -> int:

@@ -11,12 +11,13 @@ from keras import layers
 from lenet_tf.config import TrainConfig
 from lenet_tf.keras_compat import FusedBatchNormalization
 from lenet_tf.registry import IMAGE_SIZE, NUM_CLASSES
+from lenet_tf.whitening import whitening_weights
 
 # One definition of the model's input and its preprocessing, read by training,
 # export and predict alike: raw uint8 pixels in, scaled to [0, 1] inside.
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 INPUT_DTYPE = "uint8"
-PIXEL_SCALE = 1.0 / 255.0
+PIXEL_SCALE = 1.0 / 255.0  # lenet_tf.whitening scales the same way.
 
 
 def build_model(config: TrainConfig) -> keras.Sequential:
@@ -100,50 +101,6 @@ class MeanOfViews(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
-
-
-# Images whose patches estimate the whitening: 1,000 give 576,000 5x5 patches,
-# plenty for a 25x25 covariance, in under a tenth of a second (2,000 gave the
-# same kernels to 2 decimals in 0.3 s).
-WHITENING_SAMPLE = 1000
-# Added to each variance before dividing by its square root, on pixels scaled
-# to [0, 1]: it keeps the faint components (Fashion-MNIST's 16th of 25 has
-# variance 0.01) from being amplified into noise.
-WHITENING_EPSILON = 1e-2
-
-
-def whitening_weights(images, kernel_size: int, filters: int, use_bias: bool) -> list:
-    """Kernels (and biases) for a first conv layer that whitens its input patches.
-
-    Each filter projects a kernel_size x kernel_size patch, centred on the
-    patches' mean, onto one principal component of the patches, divided by
-    the square root of that component's variance: the outputs are
-    uncorrelated and of about unit variance, which lets the next layers
-    train at a high rate from the first step (the whitened first layer of
-    the CIFAR-10 speedruns). Filters beyond the kernel_size**2 components
-    repeat the leading ones negated, so that a ReLU after them passes both
-    signs. Without a bias (batch norm follows the layer) the centring is
-    left to the batch norm.
-    """
-    import numpy as np
-
-    every = max(1, len(images) // WHITENING_SAMPLE)
-    pixels = np.asarray(images[::every][:WHITENING_SAMPLE], dtype=np.float32)[..., 0] * PIXEL_SCALE
-    patches = np.lib.stride_tricks.sliding_window_view(pixels, (kernel_size, kernel_size), axis=(1, 2))
-    patches = patches.reshape(-1, kernel_size * kernel_size)
-    mean = patches.mean(axis=0, dtype=np.float64)
-    centred = patches - mean.astype(np.float32)
-    covariance = (centred.T @ centred).astype(np.float64) / max(len(centred) - 1, 1)
-    variances, components = np.linalg.eigh(covariance)
-    order = np.argsort(variances)[::-1]  # eigh returns them in ascending order.
-    whitening = components[:, order] / np.sqrt(np.maximum(variances[order], 0.0) + WHITENING_EPSILON)
-    while whitening.shape[1] < filters:
-        whitening = np.concatenate([whitening, -whitening], axis=1)
-    whitening = whitening[:, :filters]
-    weights = [whitening.reshape(kernel_size, kernel_size, 1, filters).astype("float32")]
-    if use_bias:
-        weights.append((-mean @ whitening).astype("float32"))
-    return weights
 
 
 def whiten_first_conv(model: keras.Model, images) -> None:

@@ -174,7 +174,7 @@ def test_muon_and_its_state_come_back_from_the_backup_and_the_checkpoint(tmp_pat
 
 
 def test_whitening_kernels_make_the_first_layer_outputs_uncorrelated_with_unit_variance(small_real_datasets):
-    from lenet_tf.model import whitening_weights
+    from lenet_tf.whitening import whitening_weights
 
     images = small_real_datasets.train_images
     kernel, bias = whitening_weights(images, 5, 16, use_bias=True)
@@ -198,7 +198,7 @@ def test_whitening_kernels_make_the_first_layer_outputs_uncorrelated_with_unit_v
 
 
 def test_whitened_first_layer_keeps_its_kernels_through_training_and_export(tmp_path, small_real_datasets):
-    from lenet_tf.model import whitening_weights
+    from lenet_tf.whitening import whitening_weights
 
     config = preset("fast", "fashion_mnist")
     config.epochs, config.run_dir, config.export_dir = 2, str(tmp_path / "run"), str(tmp_path / "exports")
