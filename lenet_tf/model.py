@@ -10,14 +10,13 @@ from keras import layers
 
 from lenet_tf.config import TrainConfig
 from lenet_tf.keras_compat import FusedBatchNormalization
-from lenet_tf.registry import IMAGE_SIZE, NUM_CLASSES
+from lenet_tf.registry import IMAGE_SIZE, NUM_CLASSES, PIXEL_SCALE
 from lenet_tf.whitening import whitening_weights
 
 # One definition of the model's input and its preprocessing, read by training,
-# export and predict alike: raw uint8 pixels in, scaled to [0, 1] inside.
+# export and predict alike: raw uint8 pixels in, scaled to [0, 1] inside (PIXEL_SCALE).
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 INPUT_DTYPE = "uint8"
-PIXEL_SCALE = 1.0 / 255.0  # lenet_tf.whitening scales the same way.
 
 
 def build_model(config: TrainConfig) -> keras.Sequential:

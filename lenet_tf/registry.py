@@ -25,6 +25,9 @@ from lenet_tf.errors import UsageError
 # Every dataset here is 28x28 grey images in ten classes: the model's input and
 # output sizes are these, whatever the dataset.
 IMAGE_SIZE = 28
+# Raw uint8 pixels become [0, 1] by this factor: inside the model (its Rescaling
+# layer) and in the whitening statistics of its first layer.
+PIXEL_SCALE = 1.0 / 255.0
 NUM_CLASSES = 10
 
 # The four standard IDX file stems; each may be stored as .gz or uncompressed.

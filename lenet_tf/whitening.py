@@ -12,6 +12,8 @@ import weakref
 
 import numpy as np
 
+from lenet_tf.registry import PIXEL_SCALE
+
 # Images whose patches estimate the whitening: 1,000 give 576,000 5x5 patches,
 # plenty for a 25x25 covariance (2,000 gave the same kernels to 2 decimals).
 # The first computation in a process takes 0.2-0.3 s on 2 CPU cores, mostly
@@ -21,7 +23,6 @@ WHITENING_SAMPLE = 1000
 # to [0, 1]: it keeps the faint components (Fashion-MNIST's 16th of 25 has
 # variance 0.01) from being amplified into noise.
 WHITENING_EPSILON = 1e-2
-PIXEL_SCALE = 1.0 / 255.0  # As the model's Rescaling layer.
 
 
 def whitening_weights(images: np.ndarray, kernel_size: int, filters: int, use_bias: bool) -> list[np.ndarray]:
