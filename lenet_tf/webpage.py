@@ -22,6 +22,7 @@ import functools
 import http.server
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -117,6 +118,15 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass  # One line per request would drown the URL the user needs.
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # A browser that leaves mid-response (a closed tab, a cancelled
+        # fetch) breaks the connection: nothing went wrong here, so no
+        # traceback in the terminal. Anything else is printed as before.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def web_dir_of(model_dir: str | Path, verify: bool = True) -> Path:
     """The web/ folder of an export version (or of a model folder's newest version), verified against its card."""
     from lenet_tf.inference import latest_version_dir
@@ -136,7 +146,7 @@ def make_server(web_dir: Path, host: str = "127.0.0.1", port: int = 8000) -> htt
     """An HTTP server for the page (port 0 picks a free one)."""
     handler = functools.partial(_Handler, directory=str(web_dir))
     try:
-        return http.server.ThreadingHTTPServer((host, port), handler)
+        return _Server((host, port), handler)
     except OSError as error:
         raise UsageError(f"cannot serve on {host}:{port}: {error.strerror}; pass --port 0 to pick a free port, "
                          "or choose another --port") from None

@@ -5,6 +5,8 @@ bad files; and the export and server around it."""
 import json
 import os
 import shutil
+import socket
+import struct
 import threading
 import urllib.request
 from pathlib import Path
@@ -240,3 +242,26 @@ def test_export_without_the_runtime_files_is_one_line(web_export, tmp_path):
     assert line.startswith("lenet-tf export: error: --format web needs onnxruntime-web's files")
     assert "npm ci --prefix web" in line
     assert not list(tmp_path.glob("lenet_*"))  # Nothing written.
+
+
+def test_the_server_says_nothing_when_a_browser_leaves_mid_response(tmp_path, capfd):
+    # A closed tab or a cancelled fetch breaks the connection while a file is
+    # being sent; `lenet-tf serve-web` printed a traceback for each.
+    from lenet_tf.webpage import make_server
+
+    (tmp_path / "large.bin").write_bytes(os.urandom(16 << 20))  # More than the sockets buffer.
+    httpd = make_server(tmp_path, port=0)
+    httpd.daemon_threads = False  # So that server_close waits for every request's thread.
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", httpd.server_port)) as client:
+                client.sendall(b"GET /large.bin HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                client.recv(1024)  # The response has begun.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # Close with a reset.
+        with urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_port}/large.bin", timeout=30) as response:
+            assert len(response.read()) == 16 << 20  # It still serves.
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "Traceback" not in capfd.readouterr().err
