@@ -321,10 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.background_load = _start_reading_data(args)
-    import_tensorflow_quietly()
     stop_signals: list[int] = []
     try:
         with _stop_signals_as_interrupts(stop_signals):
+            # Inside: Ctrl-C in the seconds TensorFlow takes to import is a
+            # stop like any other, not a traceback from its import machinery.
+            import_tensorflow_quietly()
             return HANDLERS[args.command](args)
     except (UsageError, ParityError, StoppedError) as error:
         print(f"lenet-tf {args.command}: error: {error}", file=sys.stderr)

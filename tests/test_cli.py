@@ -170,3 +170,23 @@ def test_a_stop_signal_is_one_line_even_when_tensorflow_turns_the_interrupt_into
     assert main(["summary"]) == code
     assert capsys.readouterr().err.strip().splitlines() == [line]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers_before
+
+
+@pytest.mark.parametrize("stop, line, code", [
+    (signal.SIGTERM, "lenet-tf train: terminated (SIGTERM); run the same command again to resume", 143),
+    (signal.SIGINT, "lenet-tf train: interrupted; run the same command again to resume", 130),
+])
+def test_a_stop_signal_while_tensorflow_imports_is_one_line(monkeypatch, capsys, stop, line, code):
+    """Ctrl-C in the first seconds of a run, while TensorFlow imports: before,
+    a KeyboardInterrupt traceback from deep in the import machinery."""
+    import lenet_tf.cli as cli
+
+    def stopped_while_importing():
+        os.kill(os.getpid(), stop)
+        time.sleep(30)  # The handler raises here.
+
+    handlers_before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "import_tensorflow_quietly", stopped_while_importing)
+    assert main(["train", "--epochs", "1"]) == code
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers_before
