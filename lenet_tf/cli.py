@@ -390,9 +390,10 @@ def _out_of_memory(error: Exception) -> str | None:
     this machine, usually absurd widths); None for any other error."""
     import re
 
-    import tensorflow as tf
-
-    if not isinstance(error, (MemoryError, tf.errors.ResourceExhaustedError)):
+    # Not imported here: the error may be TensorFlow's own import failing.
+    tf = sys.modules.get("tensorflow")
+    exhausted = (MemoryError,) + ((tf.errors.ResourceExhaustedError,) if tf is not None else ())
+    if not isinstance(error, exhausted):
         return None
     # TensorFlow's message is several lines of graph context around this part.
     detail = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", str(error))
