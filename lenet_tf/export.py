@@ -38,9 +38,9 @@ from lenet_tf.io_utils import (
     child_environment, current_umask, is_full_disk_error, run_module_in_child, start_module_in_child,
     write_json_atomic,
 )
-from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, PIXEL_SCALE, predict_probabilities
+from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, predict_probabilities
 from lenet_tf.quiet import native_stderr_silenced
-from lenet_tf.registry import dataset_info
+from lenet_tf.registry import PIXEL_SCALE, dataset_info
 from lenet_tf.run_dir import RunDir, holding, process_alive
 
 # Export format -> TFLite variant name used in the file name.

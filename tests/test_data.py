@@ -1,7 +1,5 @@
-import functools
 import gzip
 import hashlib
-import http.server
 import socket
 import threading
 from pathlib import Path
@@ -183,11 +181,13 @@ def test_tensorflow_datasets_downloads_and_prepares_real_mnist(tmp_path, monkeyp
     # four files over HTTP and prepares the dataset as it would online.
     import tensorflow_datasets as tfds
 
+    from lenet_tf.webpage import make_server
+
     idx_folder = Path(mnist_datasets.source)
     if not all((idx_folder / f"{stem}.gz").is_file() for stem in IDX_STEMS.values()):
         pytest.skip(f"real MNIST was not read from the four .gz files ({mnist_datasets.source})")
-    handler = functools.partial(_QuietFileHandler, directory=str(idx_folder))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+    # The package's own quiet file server (the one `lenet-tf serve-web` runs).
+    with make_server(idx_folder, port=0) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         monkeypatch.setattr(tfds.image_classification.MNIST, "URL", f"http://127.0.0.1:{server.server_port}/")
         monkeypatch.delenv("LENET_TF_DATA_DIR", raising=False)
@@ -203,11 +203,6 @@ def test_tensorflow_datasets_downloads_and_prepares_real_mnist(tmp_path, monkeyp
     for split in ("train", "test"):
         assert _pairs(getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")) == _pairs(
             getattr(mnist_datasets, f"{split}_images"), getattr(mnist_datasets, f"{split}_labels"))
-
-
-class _QuietFileHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 def test_host_check_fails_fast_for_a_closed_port_and_passes_for_a_listening_one():
