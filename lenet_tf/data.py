@@ -286,15 +286,18 @@ class BackgroundLoad:
     patch statistics of its kernels too.
     """
 
-    def __init__(self, dataset: str, data_dir: str | None, whitening_kernel_size: int | None = None):
+    def __init__(self, dataset: str, data_dir: str | None, whitening_kernel_size: int | None = None,
+                 crop: int = 0):
         """`whitening_kernel_size`: also compute the training images' patch
-        statistics for a whitened first conv layer of that kernel size."""
+        statistics for a whitened first conv layer of that kernel size, over
+        the images less `crop` pixels from each side."""
         self._key = (dataset, data_dir)
         self._loaded: concurrent.futures.Future = concurrent.futures.Future()
-        self.thread = threading.Thread(target=self._load, args=(whitening_kernel_size,), name="load-data", daemon=True)
+        self.thread = threading.Thread(target=self._load, args=(whitening_kernel_size, crop), name="load-data",
+                                       daemon=True)
         self.thread.start()
 
-    def _load(self, whitening_kernel_size: int | None) -> None:
+    def _load(self, whitening_kernel_size: int | None, crop: int) -> None:
         try:
             datasets = load_datasets(*self._key, allow_download=False)
         except BaseException as error:  # Handed to whoever asks for the result.
@@ -305,7 +308,7 @@ class BackgroundLoad:
             # Remembered by patch_statistics for the model's build, which, if
             # it asks meanwhile, waits for this rather than computing it twice.
             with contextlib.suppress(Exception):  # The build computes it again and reports any error.
-                patch_statistics(datasets.train_images, whitening_kernel_size)
+                patch_statistics(datasets.train_images, whitening_kernel_size, crop)
 
     def result(self, dataset: str, data_dir: str | None) -> Datasets | None:
         """The splits, if they were read for this dataset and data_dir; None

@@ -34,6 +34,8 @@ def build_model(config: TrainConfig) -> keras.Sequential:
     ]
     if config.test_time_flip:
         model_layers.append(FlipViews(name="flip_views"))
+    if config.crop:
+        model_layers.append(layers.Cropping2D(config.crop, name="crop"))
     for index, (filters, kernel_size) in enumerate(zip(config.conv_filters, config.conv_kernel_sizes()), start=1):
         conv_batch_norm = config.batch_norm and (index > 1 or config.first_conv_batch_norm)
         model_layers.append(
@@ -104,9 +106,11 @@ class MeanOfViews(layers.Layer):
 
 def whiten_first_conv(model: keras.Model, images) -> None:
     """Sets the first conv layer's weights to whitening_weights of `images`
-    (the training images); build_model has already frozen that layer."""
+    (the training images), from the part of them the model's crop keeps;
+    build_model has already frozen that layer."""
     conv = next(layer for layer in model.layers if isinstance(layer, layers.Conv2D))
-    conv.set_weights(whitening_weights(images, conv.kernel_size[0], conv.filters, conv.use_bias))
+    crop = next((layer.cropping[0][0] for layer in model.layers if isinstance(layer, layers.Cropping2D)), 0)
+    conv.set_weights(whitening_weights(images, conv.kernel_size[0], conv.filters, conv.use_bias, crop))
 
 
 def _activation_arguments(batch_norm: bool, activation: str) -> dict:

@@ -25,7 +25,8 @@ WHITENING_SAMPLE = 1000
 WHITENING_EPSILON = 1e-2
 
 
-def whitening_weights(images: np.ndarray, kernel_size: int, filters: int, use_bias: bool) -> list[np.ndarray]:
+def whitening_weights(images: np.ndarray, kernel_size: int, filters: int, use_bias: bool,
+                      crop: int = 0) -> list[np.ndarray]:
     """Kernels (and biases) for a first conv layer that whitens its input patches.
 
     Each filter projects a kernel_size x kernel_size patch, centred on the
@@ -36,9 +37,10 @@ def whitening_weights(images: np.ndarray, kernel_size: int, filters: int, use_bi
     the CIFAR-10 speedruns). Filters beyond the kernel_size**2 components
     repeat the leading ones negated, so that a ReLU after them passes both
     signs. Without a bias (batch norm follows the layer) the centring is
-    left to the batch norm.
+    left to the batch norm. The patches are those of the images less `crop`
+    pixels from each side: what the model's first conv sees.
     """
-    mean, covariance = patch_statistics(images, kernel_size)
+    mean, covariance = patch_statistics(images, kernel_size, crop)
     variances, components = np.linalg.eigh(covariance)
     order = np.argsort(variances)[::-1]  # eigh returns them in ascending order.
     whitening = components[:, order] / np.sqrt(np.maximum(variances[order], 0.0) + WHITENING_EPSILON)
@@ -51,26 +53,28 @@ def whitening_weights(images: np.ndarray, kernel_size: int, filters: int, use_bi
     return weights
 
 
-def patch_statistics(images: np.ndarray, kernel_size: int) -> tuple[np.ndarray, np.ndarray]:
+def patch_statistics(images: np.ndarray, kernel_size: int, crop: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The mean (float64, kernel_size**2) and covariance (float64, square) of
     the kernel_size x kernel_size patches of WHITENING_SAMPLE of `images`
-    (uint8, N x 28 x 28 x 1), pixels scaled to [0, 1].
+    (uint8, N x 28 x 28 x 1) less `crop` pixels from each side, pixels
+    scaled to [0, 1].
 
-    Remembers its last answer: asked again for the same array object and
-    kernel size (the background load computed it first), it returns it; a
+    Remembers its last answer: asked again for the same array object, kernel
+    size and crop (the background load computed it first), it returns it; a
     caller that asks while another thread computes it waits for that result.
     """
     with _last_statistics_lock:
-        if _last_statistics and _last_statistics[0]() is images and _last_statistics[1] == kernel_size:
+        if _last_statistics and _last_statistics[0]() is images and _last_statistics[1] == (kernel_size, crop):
             return _last_statistics[2]
         every = max(1, len(images) // WHITENING_SAMPLE)
         pixels = np.asarray(images[::every][:WHITENING_SAMPLE], dtype=np.float32)[..., 0] * PIXEL_SCALE
+        pixels = pixels[:, crop:pixels.shape[1] - crop, crop:pixels.shape[2] - crop]
         patches = np.lib.stride_tricks.sliding_window_view(pixels, (kernel_size, kernel_size), axis=(1, 2))
         patches = patches.reshape(-1, kernel_size * kernel_size)
         mean = patches.mean(axis=0, dtype=np.float64)
         centred = patches - mean.astype(np.float32)
         covariance = (centred.T @ centred).astype(np.float64) / max(len(centred) - 1, 1)
-        _last_statistics[:] = [weakref.ref(images), kernel_size, (mean, covariance)]
+        _last_statistics[:] = [weakref.ref(images), (kernel_size, crop), (mean, covariance)]
         return mean, covariance
 
 

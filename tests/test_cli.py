@@ -63,6 +63,10 @@ def test_train_py_summary_prints_the_books_shapes():
         (["--kernel-size", "29"], "conv layer 2 (kernel 29) leaves nothing of the 28x28 image"),
         (["--conv-filters", "6,16,32"], "conv layer 3 (kernel 5) leaves nothing"),
         (["--conv-filters", "6,,16"], "expected comma-separated integers"),
+        (["--crop", "-1"], "--crop must be a whole number of pixels, 0 or more"),
+        (["--crop", "14"], "--crop 14 leaves nothing of the 28x28 image; crop at most 13 pixels"),
+        (["--crop", "9"], "conv layer 2 (kernel 5) leaves nothing of the 28x28 image after its 2x2 pooling; use "
+                          "smaller --kernel-size, fewer --conv-filters layers or a smaller --crop"),
         (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
         (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
         (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number"),

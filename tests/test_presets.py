@@ -123,14 +123,17 @@ def test_modern_preset_trains_and_exports_with_parity(tmp_path, small_real_datas
 
 
 def test_fast_preset_stays_lenet_shaped_under_100k_parameters_and_never_flips_digits():
-    for dataset in ("fashion_mnist", "mnist"):
+    # MNIST's model sees the central 24x24 of each image: a smaller map after every conv.
+    for dataset, parameters, conv1_side in (("fashion_mnist", 83_018, 24), ("mnist", 55_370, 20)):
         model = build_model(preset("fast", dataset))
         kinds = [type(layer).__name__ for layer in model.layers]
         assert kinds.count("Conv2D") == 2 and kinds.count("Dense") == 2
         # After the convolutions only, and not after the whitened first one.
         assert kinds.count("FusedBatchNormalization") == 1
-        assert model.count_params() == 83_018  # The whitening kernels counted too.
-        assert model.get_layer("conv1").output.shape == (None, 24, 24, 16)  # Unpadded 5x5.
+        assert model.count_params() == parameters  # The whitening kernels counted too.
+        assert model.get_layer("conv1").output.shape == (None, conv1_side, conv1_side, 16)  # Unpadded 5x5.
+        assert model.inputs[0].shape == (None, 28, 28, 1)  # Every export still takes whole images.
+    assert (preset("fast", "fashion_mnist").crop, preset("fast", "mnist").crop) == (0, 2)
     assert preset("fast", "fashion_mnist").augment == "flip"
     assert preset("fast", "mnist").augment == "none"
     assert preset("fast", "fashion_mnist").test_time_flip and not preset("fast", "mnist").test_time_flip
@@ -192,6 +195,10 @@ def test_whitening_kernels_make_the_first_layer_outputs_uncorrelated_with_unit_v
     wide, = whitening_weights(images, 3, 12, use_bias=False)
     assert wide.shape == (3, 3, 1, 12)
     np.testing.assert_allclose(wide[..., 9:], -wide[..., :3])
+    # With a crop, the patches come from the part of the images the model keeps.
+    for cropped, whole in zip(whitening_weights(images, 5, 16, use_bias=True, crop=2),
+                              whitening_weights(np.ascontiguousarray(images[:, 2:-2, 2:-2]), 5, 16, use_bias=True)):
+        np.testing.assert_allclose(cropped, whole, rtol=1e-5, atol=1e-6)
     # Blank images have no principal components to speak of: finite weights, no error.
     blank = whitening_weights(np.zeros((8, 28, 28, 1), np.uint8), 5, 6, use_bias=True)
     assert all(np.isfinite(weights).all() for weights in blank)
@@ -203,6 +210,8 @@ def test_whitened_first_layer_keeps_its_kernels_through_training_and_export(tmp_
     config = preset("fast", "fashion_mnist")
     config.epochs, config.run_dir, config.export_dir = 2, str(tmp_path / "run"), str(tmp_path / "exports")
     config.validation_split = 0.25
+    config.crop = 2  # Whitened from what the model sees, and the crop exported with the model.
+    config.export_formats = ("saved_model", "tflite", "tflite-int8")
     metrics = train_and_evaluate(config, datasets=small_real_datasets)
     assert metrics["test_accuracy"] > 0.4  # Four times chance; 2 epochs on 1,500 images.
     import keras
@@ -211,10 +220,10 @@ def test_whitened_first_layer_keeps_its_kernels_through_training_and_export(tmp_
     assert not trained.get_layer("conv1").trainable
     # Whitened from the 1,500 training images, not the held-out 500.
     order = np.random.default_rng(config.seed).permutation(2000)[500:]
-    expected = whitening_weights(small_real_datasets.train_images[order], 5, 16, use_bias=True)
+    expected = whitening_weights(small_real_datasets.train_images[order], 5, 16, use_bias=True, crop=2)
     for weights, wanted in zip(trained.get_layer("conv1").get_weights(), expected):
         np.testing.assert_allclose(weights, wanted, rtol=1e-5, atol=1e-6)
-    assert "float32" in metrics["exports"]  # Exported, and the parity check passed.
+    assert {"float32", "int8"} <= set(metrics["exports"])  # Exported, and the parity check passed.
 
 
 def test_augmented_pipeline_is_the_same_for_the_same_seed_and_new_every_epoch():

@@ -49,8 +49,9 @@ pytestmark = pytest.mark.skipif(_missing_browser() is not None, reason=str(_miss
 def web_export(tmp_path_factory, fashion_mnist_dir):
     """A classic LeNet trained briefly on real Fashion-MNIST, exported with its web page.
 
-    With flip test-time augmentation, as the fast preset's model has it: the
-    page must then give the mirror-averaged answers and one image's maps."""
+    With flip test-time augmentation, as the fast Fashion-MNIST model has
+    it: the page must then give the mirror-averaged answers and one image's
+    maps; and with a crop inside the model, as the fast MNIST model has it."""
     from lenet_tf.config import TrainConfig
     from lenet_tf.data import load_datasets
     from lenet_tf.train import train_and_evaluate
@@ -59,7 +60,7 @@ def web_export(tmp_path_factory, fashion_mnist_dir):
     datasets = load_datasets("fashion_mnist").limited(10_000, 1000)
     config = TrainConfig(epochs=2, batch_size=64, activation="relu", learning_rate=0.1, image_every_epochs=0,
                          run_dir=str(root / "run"), export_dir=str(root / "exports"),
-                         export_formats=("saved_model", "web"), test_time_flip=True)
+                         export_formats=("saved_model", "web"), test_time_flip=True, crop=1)
     metrics = train_and_evaluate(config, datasets=datasets)
     return Path(metrics["export_version_dir"]), datasets
 
@@ -188,7 +189,8 @@ def test_drawing_shows_a_prediction_and_the_activation_maps(page, tmp_path):
         const result = await window.lenet.classify(new Array(784).fill(0));
         return ["conv1", "conv2"].map((name) => [result[name].data.length, result[name].dims]);
     }""")
-    assert sizes == [[28 * 28 * 6, [28, 28, 6]], [10 * 10 * 16, [10, 10, 16]]]
+    # The model crops a pixel from each side of the 28x28 image it is given.
+    assert sizes == [[26 * 26 * 6, [26, 26, 6]], [9 * 9 * 16, [9, 9, 16]]]
     # No class name appears on the page before the predictions.
     before_predictions = page.evaluate(
         "document.body.innerText.slice(0, document.body.innerText.indexOf(document.querySelector('#predictions').innerText))")
