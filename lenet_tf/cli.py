@@ -186,15 +186,16 @@ def _train(args) -> int:
     return 0
 
 
-def _start_reading_data(args) -> BackgroundLoad | None:
-    """For `train`: starts reading its data, which the import of TensorFlow
-    does not need; None for other commands, or flags the run will refuse."""
-    if args.command != "train" or args.summary:
+def _check_flags_and_start_reading_data(args) -> BackgroundLoad | None:
+    """For `train` and `summary`: checks the flags, so that a mistake is
+    reported at once rather than after TensorFlow's seconds of import
+    (UsageError); for a training run, also starts reading its data, which
+    the import does not need. None when nothing is read."""
+    if args.command not in ("train", "summary"):
         return None
-    try:
-        config = config_from_args(args)
-    except UsageError:
-        return None  # _train reports it.
+    config = config_from_args(args)
+    if args.command == "summary" or args.summary:
+        return None
     return BackgroundLoad(config.dataset, config.data_dir,
                           config.conv_kernel_sizes()[0] if config.whiten_first_conv else None, config.crop)
 
@@ -321,7 +322,10 @@ HANDLERS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.background_load = _start_reading_data(args)
+    try:
+        args.background_load = _check_flags_and_start_reading_data(args)
+    except UsageError as error:
+        return _report_error(args.command, error)
     stop_signals: list[int] = []
     try:
         with _stop_signals_as_interrupts(stop_signals):
@@ -330,8 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import_tensorflow_quietly()
             return HANDLERS[args.command](args)
     except (UsageError, ParityError, StoppedError) as error:
-        print(f"lenet-tf {args.command}: error: {error}", file=sys.stderr)
-        return error.exit_code
+        return _report_error(args.command, error)
     except KeyboardInterrupt:
         return _report_stop(args.command, stop_signals)
     except Exception as error:
@@ -346,6 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lenet-tf {args.command}: error: ran out of memory ({reason}); lower --batch-size or the layer "
               "widths (--conv-filters, --dense-units)", file=sys.stderr)
         return 2
+
+
+def _report_error(command: str, error: UsageError | ParityError | StoppedError) -> int:
+    print(f"lenet-tf {command}: error: {error}", file=sys.stderr)
+    return error.exit_code
 
 
 @contextlib.contextmanager

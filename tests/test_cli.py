@@ -89,6 +89,19 @@ def test_invalid_flags_give_one_line_and_exit_2(argv, message, capsys):
     assert error.count("\n") == 1, error
 
 
+@pytest.mark.parametrize("command", ["train", "summary"])
+def test_a_bad_flag_is_reported_before_tensorflow_imports(command):
+    """A mistake in the flags is one line at once, not after the seconds
+    that TensorFlow's import takes."""
+    script = ("import sys; from lenet_tf.cli import main; "
+              f"code = main([{command!r}, '--crop', '14']); print('tensorflow' in sys.modules, code)")
+    completed = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.stdout.split() == ["False", "2"], completed.stderr[-3000:]
+    assert completed.stderr == (f"lenet-tf {command}: error: --crop 14 leaves nothing of the 28x28 image; "
+                                "crop at most 13 pixels from each side\n")
+
+
 def _assert_one_line_error(completed, *fragments):
     assert completed.returncode == 2, completed.stderr[-3000:]
     error_lines = [line for line in completed.stderr.splitlines() if "error:" in line]
