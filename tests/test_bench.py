@@ -120,3 +120,20 @@ def test_int8_latency_compares_both_int8_conversions_with_float32(tmp_path, fash
     for row in rows:
         assert 0.0 <= float(row[2]) <= 1.0 and float(row[3].split()[0]) > 0
     assert rows[0][4].startswith("1.00x")
+
+
+def test_results_tables_name_the_machine_they_were_measured_on():
+    """Speeds differ several times between machines of the same size: every
+    generated table says which CPU, and which TensorFlow, it ran on."""
+    from benchmarks.results import ablation_markdown, table_markdown
+
+    machine = {"cpu": "AMD EPYC", "cores": 2, "tensorflow": "2.21.0", "keras": "3.15.1", "gpus": []}
+    spread = {"mean": 0.93, "std": 0.001, "min": 0.929, "max": 0.931}
+    table = {"commit": "abc1234", "date": "2026-11-23", "cores": 2, "machine": machine, "rows": [
+        {"dataset": "fashion_mnist", "preset": "modern", "epochs": 30, "seeds": [0, 1, 2], "test_accuracy": spread,
+         "wall_seconds": {**spread, "mean": 243.0}, "published": "0.922-0.925"}]}
+    ablation = {"commit": "abc1234", "date": "2026-11-23", "cores": 2, "machine": machine, "dataset": "fashion_mnist",
+                "seed": 0, "rows": [{"change": "modern (all changes)", "flags": "", "validation_accuracy": 0.93}]}
+    for markdown in (table_markdown(table), ablation_markdown(ablation)):
+        assert "on 2026-11-23, 2 cores of AMD EPYC, TensorFlow 2.21.0, Keras 3.15.1" in markdown.splitlines()[0]
+    assert "| fashion_mnist | modern | 30 | 3 | **0.9300** ± 0.0010 | 0.9290..0.9310 | 243 s |" in table_markdown(table)
