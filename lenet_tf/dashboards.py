@@ -25,8 +25,12 @@ from lenet_tf.evaluate import confusion_matrix
 from lenet_tf.model import conv_block_outputs, predict_probabilities
 
 IMAGES_RUN = "images"
+# Every setting by which the presets differ, so that the HParams dashboard can
+# tell their runs apart and sort them by any of them.
 HPARAM_KEYS = ("preset", "activation", "pooling", "learning_rate", "batch_size", "epochs", "dataset", "seed",
-               "batch_norm", "dropout", "conv_filters", "dense_units", "strategy")
+               "batch_norm", "dropout", "conv_filters", "dense_units", "strategy", "kernel_size", "crop",
+               "whiten_first_conv", "optimizer", "momentum", "weight_decay", "label_smoothing", "lr_schedule",
+               "warmup_epochs", "augment", "test_time_flip", "validation_split")
 FINAL_METRIC_TAGS = ("final/test_accuracy", "final/test_loss", "final/train_accuracy", "final/train_loss")
 
 

@@ -113,6 +113,9 @@ def test_hparams_session_and_final_metrics(dashboard_run):
     assert hparams["batch_size"] == 64 and hparams["epochs"] == 3
     assert hparams["activation"] == "relu" and hparams["dataset"] == "fashion_mnist"
     assert hparams["conv_filters"] == "6,16"
+    # The settings by which the presets differ are there too.
+    assert hparams["optimizer"] == "sgd" and hparams["kernel_size"] == "5" and hparams["crop"] == 0
+    assert hparams["whiten_first_conv"] is False and hparams["lr_schedule"] == "constant"
     scalars = read_scalars(Path(config.run_dir) / "logs")
     assert scalars["final/test_accuracy"] == [(2, pytest.approx(metrics["test_accuracy"], rel=1e-6))]
     assert "lenet_forward" in accumulator.Tags()["tensors"]  # The traced op graph.
