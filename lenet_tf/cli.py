@@ -176,38 +176,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    config = config_from_args(args)
     if args.summary:
-        return _summary_for(config)
+        return _summary(args)
     from lenet_tf.train import train_and_evaluate
 
     # The wait a user sees starts with the process: TensorFlow's import counts.
-    train_and_evaluate(config, started=process_start_time(), background_load=args.background_load)
+    train_and_evaluate(args.config, started=process_start_time(), background_load=args.background_load)
     return 0
 
 
-def _check_flags_and_start_reading_data(args) -> BackgroundLoad | None:
-    """For `train` and `summary`: checks the flags, so that a mistake is
-    reported at once rather than after TensorFlow's seconds of import
-    (UsageError); for a training run, also starts reading its data, which
-    the import does not need. None when nothing is read."""
-    if args.command not in ("train", "summary"):
-        return None
-    config = config_from_args(args)
-    if args.command == "summary" or args.summary:
-        return None
-    return BackgroundLoad(config.dataset, config.data_dir,
-                          config.conv_kernel_sizes()[0] if config.whiten_first_conv else None, config.crop)
+def _check_flags_and_start_reading_data(args) -> None:
+    """Before TensorFlow's import, for `train` and `summary`: turns the flags
+    into `args.config`, so that a mistake is reported at once rather than
+    after the import's seconds (UsageError); for a training run, also starts
+    reading its data into `args.background_load`, which the import does not
+    need (None when nothing is read)."""
+    args.config = config_from_args(args) if args.command in ("train", "summary") else None
+    args.background_load = None
+    if args.command == "train" and not args.summary:
+        config = args.config
+        args.background_load = BackgroundLoad(config.dataset, config.data_dir,
+                                              config.conv_kernel_sizes()[0] if config.whiten_first_conv else None,
+                                              config.crop)
 
 
 def _summary(args) -> int:
-    return _summary_for(config_from_args(args))
-
-
-def _summary_for(config: TrainConfig) -> int:
     from lenet_tf.model import build_model, layer_summary
 
-    layer_summary(build_model(config), sys.stdout)
+    layer_summary(build_model(args.config), sys.stdout)
     return 0
 
 
@@ -323,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.background_load = _check_flags_and_start_reading_data(args)
+        _check_flags_and_start_reading_data(args)
     except UsageError as error:
         return _report_error(args.command, error)
     stop_signals: list[int] = []
