@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from lenet_tf.data import Datasets, load_datasets
 from lenet_tf.errors import ParityError, StoppedError, UsageError
 from lenet_tf.inference import INPUT_KEY, METADATA_FILE, SIGNATURE_KEY, sha256_of
 from lenet_tf.io_utils import (
-    child_environment, current_umask, is_full_disk_error, run_module_in_child, start_module_in_child,
+    child_environment, is_full_disk_error, run_module_in_child, start_module_in_child,
     write_json_atomic,
 )
 from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, predict_probabilities
@@ -270,11 +271,13 @@ def export_model(
     model_dir = Path(config.export_dir) / model_name(config)
     model_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(model_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=model_dir))
-    # mkdtemp makes the folder private (0700); a model server running as
-    # another user must be able to read the published version.
-    os.chmod(staging, 0o777 & ~current_umask())
+    # Named before it exists and made inside the `try`, so that a stop (SIGTERM,
+    # Ctrl-C) landing right after it is made removes it like any other. The
+    # mode the umask allows: a model server running as another user must be
+    # able to read the published version.
+    staging = model_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     try:
+        staging.mkdir()
         with contextlib.nullcontext(parity_worker) if parity_worker else ParityWorker() as worker:
             artifacts = _write_artifacts(model, config, datasets, staging)
             images, labels = datasets.test_images, datasets.test_labels

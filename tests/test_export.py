@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lenet_tf.config import TrainConfig
-from lenet_tf.export import ParityWorker, check_parity, export_model, parity_report
+from lenet_tf.export import STAGING_PREFIX, ParityWorker, check_parity, export_model, parity_report
 from lenet_tf.inference import METADATA_FILE, sha256_of
 from lenet_tf.registry import dataset_info
 from lenet_tf.run_dir import RunDir
@@ -170,6 +170,50 @@ def test_broken_parity_bound_fails_loudly():
     worse[:5] = np.roll(worse[:5], 1, axis=1)
     failures = check_parity(parity_report(keras_probabilities, {"int8": worse}, labels))
     assert failures and "more than 1.0 points below" in failures[0]
+
+
+def _stop_at_a_call_after_the_staging_folder_appears(model_dir: Path, calls: int):
+    """A profile hook that raises KeyboardInterrupt, as the CLI's handler of
+    SIGTERM and Ctrl-C does, when the `calls`-th built-in function returns
+    after the export's staging folder first exists: a stop that lands at that
+    exact point of the export, every time."""
+    seen = 0
+
+    def hook(frame, event, argument):
+        nonlocal seen
+        if event != "c_return":
+            return
+        if seen == 0 and not (model_dir.is_dir() and any(path.name.startswith(STAGING_PREFIX)
+                                                         for path in model_dir.iterdir())):
+            return
+        seen += 1
+        if seen == calls:
+            sys.setprofile(None)
+            raise KeyboardInterrupt()
+
+    return hook
+
+
+@pytest.mark.parametrize("calls", range(1, 9))
+def test_a_stop_landing_right_after_the_staging_folder_is_made_leaves_nothing(tmp_path, calls):
+    """A stop at each of the first built-in calls after the folder is made,
+    one per case: where a SIGTERM sent on seeing the folder lands."""
+    from lenet_tf.data import Datasets
+    from lenet_tf.model import build_model
+
+    config = TrainConfig(dataset="fashion_mnist", export_dir=str(tmp_path), export_formats=("saved_model",))
+    images = np.zeros((8, 28, 28, 1), np.uint8)
+    datasets = Datasets(images, np.zeros(8, np.int32), images, np.zeros(8, np.int32))
+    model_dir = tmp_path / "lenet_fashion_mnist"
+    # The stop lands long before the parity check: a worker that is never used.
+    unused_worker = object()
+    sys.setprofile(_stop_at_a_call_after_the_staging_folder_appears(model_dir, calls))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_model(build_model(config), config, datasets, parity_worker=unused_worker)
+    finally:
+        sys.setprofile(None)
+    assert list(model_dir.iterdir()) == []
 
 
 def test_export_killed_midway_leaves_previous_versions_and_no_partial_version(trained, tmp_path):
