@@ -6,10 +6,14 @@ without the export's average-pool rewrite, measured in one process.
 Converts a run's checkpoint four ways, calibrated as the export calibrates:
 float32, dynamic-range, int8 with its average pools kept as TFLite
 AVERAGE_POOL_2D ops, and int8 as the export writes it (from the twin whose
-pools are depthwise convolutions). It times the models in interleaved rounds.
-This class of machine switches speed within seconds, so each round measures
-every model back to back. The table reports the fastest round's p50, the
-median of the per-round ratios to float32, and each model's test accuracy.
+pools are depthwise convolutions). It times the models in interleaved rounds,
+each through the interpreter as `Interpreter(model_path)` builds it (XNNPACK,
+one thread) and, for float32 and the exported int8 file, also without the
+default delegate (TFLite's own kernels) and with XNNPACK on two threads: which
+is fastest differs between CPU kinds. Machines switch speed within seconds,
+so each round measures every row back to back. The table reports the
+fastest round's p50, the median of the per-round ratios to float32, and each
+file's test accuracy.
 """
 
 from __future__ import annotations
@@ -78,18 +82,43 @@ def accuracy_of(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(probabilities, axis=-1) == labels))
 
 
+# Extra rows: (file, interpreter setting) beside the default setting of every file.
+SETTINGS = {
+    "without the default delegate": {"experimental_op_resolver_type": "BUILTIN_WITHOUT_DEFAULT_DELEGATES"},
+    "XNNPACK, 2 threads": {"num_threads": 2},
+}
+SETTING_FILES = ("float32", "int8, as exported")
+
+
+def rows_of(files: dict[str, Path]) -> dict[str, tuple[str, dict]]:
+    """Each table row: its file's name and the interpreter's keyword arguments."""
+    rows = {name: (name, {}) for name in files}
+    for file_name in SETTING_FILES:
+        for setting, arguments in SETTINGS.items():
+            rows[f"{file_name}, {setting}"] = (file_name, arguments)
+    return rows
+
+
 def measure(files: dict[str, Path], rounds: int, calls: int) -> dict[str, list[float]]:
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from lenet_tf.quiet import native_stderr_silenced
 
+    def interpreter_for(path: Path, arguments: dict):
+        arguments = dict(arguments)
+        if "experimental_op_resolver_type" in arguments:
+            arguments["experimental_op_resolver_type"] = OpResolverType[arguments["experimental_op_resolver_type"]]
+        return Interpreter(model_path=str(path), **arguments)
+
+    rows = rows_of(files)
     with native_stderr_silenced():
-        interpreters = {name: Interpreter(model_path=str(path)) for name, path in files.items()}
+        interpreters = {name: interpreter_for(files[file_name], arguments)
+                        for name, (file_name, arguments) in rows.items()}
     for interpreter in interpreters.values():
         interpreter.allocate_tensors()
     image = np.zeros((1, 28, 28, 1), np.uint8)
     calls_of = {name: interpreter_call(interpreter, image) for name, interpreter in interpreters.items()}
-    p50s: dict[str, list[float]] = {name: [] for name in files}
+    p50s: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(rounds):
         for name, call in calls_of.items():
             p50s[name].append(latency(call, calls)["p50_us"])
@@ -102,15 +131,18 @@ def markdown(p50s: dict[str, list[float]], accuracies: dict[str, float], files: 
     lines = [
         f"Measured {machine['date']} on {machine['cores']} cores of {machine['cpu']}; TensorFlow "
         f"{machine['tensorflow']}. {rounds} interleaved rounds of {calls:,} batch-1 calls per model "
-        "through the interpreter API (set_tensor, invoke, get_tensor).",
+        "through the interpreter API (set_tensor, invoke, get_tensor); XNNPACK on one thread unless the row "
+        "says otherwise.",
         "",
         "| model | size | test accuracy | fastest round's p50 | median ratio to float32 (range) |",
         "| --- | --- | --- | --- | --- |",
     ]
+    rows = rows_of(files)
     for name, samples in p50s.items():
+        file_name = rows[name][0]
         ratios = [sample / baseline for sample, baseline in zip(samples, p50s["float32"])]
         ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
-        lines.append(f"| {name} | {files[name].stat().st_size / 1024:.0f} KiB | {accuracies[name]:.4f} | "
+        lines.append(f"| {name} | {files[file_name].stat().st_size / 1024:.0f} KiB | {accuracies[file_name]:.4f} | "
                      f"{min(samples):.1f} µs | {ratio} |")
     return "\n".join(lines)
 

@@ -116,7 +116,10 @@ def test_int8_latency_compares_both_int8_conversions_with_float32(tmp_path, fash
     train_and_evaluate(config)
     assert int8_latency.main([str(tmp_path / "run"), "--rounds", "2", "--calls", "20"]) == 0
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
-    assert [row[0] for row in rows] == ["| float32", "| dynamic", "| int8, average pools kept", "| int8, as exported"]
+    assert [row[0] for row in rows] == [
+        "| float32", "| dynamic", "| int8, average pools kept", "| int8, as exported",
+        "| float32, without the default delegate", "| float32, XNNPACK, 2 threads",
+        "| int8, as exported, without the default delegate", "| int8, as exported, XNNPACK, 2 threads"]
     for row in rows:
         assert 0.0 <= float(row[2]) <= 1.0 and float(row[3].split()[0]) > 0
     assert rows[0][4].startswith("1.00x")
