@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from lenet_tf import slurm
 from lenet_tf.config import TrainConfig
 from lenet_tf.errors import UsageError
 
@@ -89,6 +90,8 @@ def make_placement(config: TrainConfig) -> Placement:
     multi-worker, since collective ops have to be configured first.
     """
     name = config.strategy
+    if name in ("auto", "multi_worker") and not config.worker_hosts and not os.environ.get("TF_CONFIG"):
+        name = _join_slurm_step(name)
     if config.logical_cpus > 1:
         split_cpu(config.logical_cpus)
     if name == "multi_worker" or config.worker_hosts:
@@ -121,3 +124,37 @@ def make_placement(config: TrainConfig) -> Placement:
         strategy = tf.distribute.MirroredStrategy(targets)
         devices = tuple(targets)
     return Placement(strategy, name, devices)
+
+
+def _join_slurm_step(name: str) -> str:
+    """Under a SLURM step of several tasks (`srun -n N`), "auto" becomes
+    multi_worker over the step's tasks, with the TF_CONFIG they stand for;
+    one task trains as on a workstation. Returns the strategy's name."""
+    if name == "auto" and os.environ.get("SLURM_STEP_NUM_TASKS", "1").strip() == "1":
+        return name
+    step = slurm.step_from_environment()
+    if step is None:
+        return name
+    if step.gpus is not None:
+        _use_only_gpus(step.gpus)
+    os.environ["TF_CONFIG"] = json.dumps(step.tf_config())
+    return "multi_worker"
+
+
+def _use_only_gpus(gpu_ids: tuple[str, ...]) -> None:
+    """Restricts this process to the GPUs `gpu_ids` name (CUDA_VISIBLE_DEVICES entries).
+
+    TensorFlow has already listed the GPUs it was started with, so the
+    choice goes through tf.config; the variable is set too, for the
+    processes this one starts.
+    """
+    physical = tf.config.list_physical_devices("GPU")
+    started_with = os.environ.get("CUDA_VISIBLE_DEVICES")
+    order = [part.strip() for part in started_with.split(",")] if started_with is not None else \
+        [str(index) for index in range(len(physical))]
+    chosen = [physical[order.index(gpu)] for gpu in gpu_ids if gpu in order and order.index(gpu) < len(physical)]
+    try:
+        tf.config.set_visible_devices(chosen, "GPU")
+    except RuntimeError as error:
+        raise UsageError(f"cannot restrict this task to GPUs {','.join(gpu_ids)}: {error}") from None
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)

@@ -1,0 +1,148 @@
+"""Training under SLURM: the cluster read from SLURM's environment, and real runs on a one-node SLURM cluster."""
+
+import json
+
+import pytest
+
+from lenet_tf import slurm
+from lenet_tf.errors import UsageError
+
+from conftest import run_cli
+
+
+def _step_environment(rank: int, nodes: str, tasks_per_node: str, tasks: int, job_id: str = "4242",
+                      step_id: str = "0", **extra: str) -> dict:
+    """What srun gives task `rank` of a step (the variables this package reads)."""
+    return {"SLURM_JOB_ID": job_id, "SLURM_STEP_ID": step_id, "SLURM_PROCID": str(rank),
+            "SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_STEP_NODELIST": nodes,
+            "SLURM_STEP_TASKS_PER_NODE": tasks_per_node, **extra}
+
+
+@pytest.mark.parametrize("node_list, names", [
+    ("node07", ["node07"]),
+    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+    ("a[1-2],b3", ["a1", "a2", "b3"]),
+    ("gpu[8-11]", ["gpu8", "gpu9", "gpu10", "gpu11"]),
+    ("node[098-101]", ["node098", "node099", "node100", "node101"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ("cpu[1,3],login.example.org", ["cpu1", "cpu3", "login.example.org"]),
+])
+def test_compressed_node_lists_expand_as_slurm_writes_them(node_list, names):
+    assert slurm.expand_hostlist(node_list) == names
+
+
+@pytest.mark.parametrize("node_list", ["node[01-", "node[3-1]", "node[a-b]", "node]1[", ""])
+def test_a_node_list_that_is_not_slurms_is_one_clear_error(node_list):
+    with pytest.raises(UsageError, match="node list"):
+        slurm.expand_hostlist(node_list)
+
+
+def test_tasks_per_node_expand_repeats():
+    assert slurm.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert slurm.expand_tasks_per_node("4(x2)") == [4, 4]
+    assert slurm.expand_tasks_per_node("1") == [1]
+    for text in ("2(x3", "0", "two", ""):
+        with pytest.raises(UsageError, match="tasks per node"):
+            slurm.expand_tasks_per_node(text)
+
+
+def test_two_nodes_of_four_tasks_each():
+    """srun -N 2 --ntasks-per-node 4: ranks 0-3 on the first node, 4-7 on the second, one port each on a node."""
+    steps = [slurm.step_from_environment(_step_environment(rank, "node[01-02]", "4(x2)", 8,
+                                                           SLURMD_NODENAME=f"node0{1 + rank // 4}",
+                                                           SLURM_LOCALID=str(rank % 4)))
+             for rank in range(8)]
+    port = slurm.derived_first_port("4242", "0")
+    expected = [f"node01:{port + index}" for index in range(4)] + [f"node02:{port + index}" for index in range(4)]
+    assert all(step.workers == tuple(expected) for step in steps)
+    assert [step.rank for step in steps] == list(range(8))
+    assert steps[5].tf_config() == {"cluster": {"worker": expected}, "task": {"type": "worker", "index": 5}}
+    assert all(step.gpus is None for step in steps)  # CPU nodes: nothing to choose.
+
+
+def test_uneven_tasks_per_node_in_block_and_cyclic_layouts():
+    environment = _step_environment(6, "c[1-4]", "2(x3),1", 7)
+    block = slurm.step_from_environment(environment)
+    port = slurm.derived_first_port("4242", "0")
+    assert [worker.split(":")[0] for worker in block.workers] == ["c1", "c1", "c2", "c2", "c3", "c3", "c4"]
+    assert block.workers[6] == f"c4:{port}" and block.workers[5] == f"c3:{port + 1}"
+    cyclic = slurm.step_from_environment(dict(environment, SLURM_DISTRIBUTION="cyclic"))
+    assert [worker.split(":")[0] for worker in cyclic.workers] == ["c1", "c2", "c3", "c4", "c1", "c2", "c3"]
+    assert cyclic.workers[4] == f"c1:{port + 1}"
+    assert slurm.place_tasks([2, 2, 2, 1], "plane=2") == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]
+    assert slurm.place_tasks([3, 3], "plane=2")[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_a_task_placed_elsewhere_than_its_layout_says_is_one_clear_error():
+    """Task 1 of a cyclic step read as block would wait for peers at wrong addresses forever."""
+    environment = _step_environment(1, "n[1-2]", "2(x2)", 4, SLURMD_NODENAME="n2", SLURM_LOCALID="0")
+    with pytest.raises(UsageError, match="SLURM put task 1 on n2 as its task 0"):
+        slurm.step_from_environment(environment)
+    assert slurm.step_from_environment(dict(environment, SLURM_DISTRIBUTION="cyclic")).rank == 1
+    with pytest.raises(UsageError, match="SLURM_DISTRIBUTION 'arbitrary'"):
+        slurm.step_from_environment(dict(environment, SLURM_DISTRIBUTION="arbitrary"))
+
+
+def test_gpu_nodes_share_the_steps_gpus_between_their_tasks():
+    # Two tasks on each of two nodes of 4 GPUs, every task seeing the step's 4 GPUs: 2 each.
+    environment = _step_environment(3, "gpu[1-2]", "2(x2)", 4, SLURM_STEP_GPUS="0,1,2,3",
+                                    CUDA_VISIBLE_DEVICES="0,1,2,3")
+    assert slurm.step_from_environment(environment).gpus == ("2", "3")
+    assert slurm.step_from_environment(dict(environment, SLURM_PROCID="2")).gpus == ("0", "1")
+    # Without CUDA_VISIBLE_DEVICES, the step's GPUs by SLURM's ids.
+    del environment["CUDA_VISIBLE_DEVICES"]
+    environment["SLURM_STEP_GPUS"] = "4,5,6,7"
+    assert slurm.step_from_environment(environment).gpus == ("6", "7")
+    # --gpus-per-task: SLURM bound one GPU to each task already; it stands.
+    bound = dict(environment, CUDA_VISIBLE_DEVICES="5")
+    assert slurm.step_from_environment(bound).gpus is None
+    # One task per node keeps all of the node's GPUs (Mirrored over them within the task).
+    one_per_node = _step_environment(1, "gpu[1-2]", "1(x2)", 2, SLURM_STEP_GPUS="0,1,2,3",
+                                     CUDA_VISIBLE_DEVICES="0,1,2,3")
+    assert slurm.step_from_environment(one_per_node).gpus is None
+    # Fewer GPUs than tasks on a node: left shared rather than some tasks getting none.
+    assert slurm.task_gpus({"CUDA_VISIBLE_DEVICES": "0"}, tasks_on_node=2, local_index=1) is None
+
+
+def test_two_jobs_on_one_node_take_different_ports_and_the_port_can_be_chosen():
+    ports = {slurm.derived_first_port(str(job), str(step)) for job in range(1000, 1040) for step in range(3)}
+    assert len(ports) == 40 * 3  # No two of these steps collide.
+    assert all(slurm.FIRST_PORT <= port and port + slurm.PORTS_PER_SLOT <= 32768 for port in ports)
+    assert slurm.derived_first_port("77_3", "0") == slurm.derived_first_port("773", "0")  # Array jobs.
+    environment = _step_environment(0, "n1", "2", 2, **{slurm.PORT_VARIABLE: "23456"})
+    assert slurm.step_from_environment(environment).workers == ("n1:23456", "n1:23457")
+    for bad in ("80", "65535", "port"):
+        with pytest.raises(UsageError, match=slurm.PORT_VARIABLE):
+            slurm.step_from_environment(dict(environment, **{slurm.PORT_VARIABLE: bad}))
+
+
+def test_a_batch_script_and_a_workstation_are_not_steps():
+    """sbatch's shell has SLURM_NTASKS (the job's) but only one process: not a step of several tasks."""
+    batch_shell = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "n1",
+                   "SLURM_TASKS_PER_NODE": "2"}
+    assert slurm.step_from_environment(batch_shell) is None
+    assert slurm.step_from_environment({}) is None
+
+
+def test_an_inconsistent_step_is_one_clear_error():
+    with pytest.raises(UsageError, match="does not add up"):
+        slurm.step_from_environment(_step_environment(0, "n[1-2]", "2", 2))
+    with pytest.raises(UsageError, match="SLURM_PROCID 5 is outside"):
+        slurm.step_from_environment(_step_environment(5, "n1", "2", 2))
+    with pytest.raises(UsageError, match="SLURM_JOB_ID is not set"):
+        slurm.step_from_environment(_step_environment(0, "n1", "2", 2, job_id=""))
+
+
+def test_under_a_slurm_step_tf_config_still_wins_and_a_bad_layout_is_one_line(tmp_path):
+    """The environment of task 0 of a 2-task step, without srun: TF_CONFIG, when
+    given, is read instead of SLURM's layout; a layout that cannot be read is one line."""
+    step = _step_environment(0, "n[1-2]", "1(x2)", 2)
+    small = ["train", "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "exports"),
+             "--limit-train", "64", "--limit-test", "64", "--epochs", "1", "--format", ""]
+    completed = run_cli(*small, "--strategy", "multi_worker", env={**step, "TF_CONFIG": "{not json"})
+    assert completed.returncode == 2 and "TF_CONFIG is malformed" in completed.stderr, completed.stderr[-2000:]
+    completed = run_cli(*small, env={**step, "SLURM_STEP_NODELIST": "n[1-", "TF_CONFIG": ""})
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert completed.stderr.strip().splitlines() == [
+        "lenet-tf train: error: SLURM's node list 'n[1-' is not a list like node[01-03,07],gpu5; set TF_CONFIG instead"]
+    assert not (tmp_path / "run").exists()
