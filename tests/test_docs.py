@@ -92,14 +92,19 @@ def test_the_page_marks_every_snippet_this_file_checks():
 
 
 @pytest.mark.parametrize("snippet, model_file, reference", [
-    # The SavedModel and ONNX answer as Keras does; the int8 file as the package's own int8 loader does.
+    # The float formats answer as Keras does; the int8 file as the package's own int8 loader does.
     ("saved_model", ".", "run/checkpoints/last.keras"),
     ("onnx", "lenet.onnx", "run/checkpoints/last.keras"),
     ("tflite", "lenet.int8.tflite", "exports/lenet_fashion_mnist/1/lenet.int8.tflite"),
+    # The page says the same lines serve the float files, whose scale is 0.
+    ("tflite", "lenet.float32.tflite", "run/checkpoints/last.keras"),
 ])
 def test_snippet_prints_the_packages_answers(exported, snippet, model_file, reference):
     folder, images = exported
     _, code = snippets()[snippet]
+    if model_file.endswith(".tflite"):
+        assert "lenet.int8.tflite" in code
+        code = code.replace("lenet.int8.tflite", model_file)
     assert model_file == "." or model_file in code
     printed = printed_answers(run_snippet(code, folder))
     expected = expected_answers(folder / reference, images)
