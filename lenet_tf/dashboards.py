@@ -3,7 +3,9 @@
 Written under <run_dir>/logs/, beside Keras's `train` and `validation` runs:
 
   logs/images/      confusion matrix, prediction grid, conv activation maps,
-                    out-of-distribution predictions (every N epochs and at the end)
+                    out-of-distribution predictions, per-class PR curves
+                    (every N epochs and at the end)
+  logs/plugins/     the Embedding Projector's files, at the end (lenet_tf.projector)
   logs/             HParams session (hyperparameters + final test metrics), op graph
   curves.png        train loss, train accuracy, test accuracy per epoch (the book's plot)
 
@@ -23,6 +25,7 @@ import tensorflow as tf
 
 from lenet_tf.evaluate import confusion_matrix
 from lenet_tf.model import conv_block_outputs, predict_probabilities
+from lenet_tf.projector import write_pr_curves, write_projector
 
 IMAGES_RUN = "images"
 # Every setting by which the presets differ, so that the HParams dashboard can
@@ -188,6 +191,7 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
                  class_names: Sequence[str], every_epochs: int, activation_indices: Sequence[int] | None,
                  seed: int = 0, grid_size: int = 24):
         super().__init__()
+        self.log_dir = Path(log_dir)
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / IMAGES_RUN))
         self.test_images, self.test_labels = test_images, test_labels
         self.class_names = list(class_names)
@@ -212,6 +216,9 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
         for figures to be drawn."""
         if self._last_epoch is not None and self._last_written_epoch != self._last_epoch:
             self.write(self._last_epoch)
+        # Every run ends with the final model's Projector view, a run resumed
+        # with no epoch left to train included.
+        write_projector(self.log_dir, self.model, self.test_images, self.test_labels, self.class_names)
 
     def write(self, epoch: int) -> None:
         """Step = epoch index, matching Keras's epoch scalars."""
@@ -233,6 +240,7 @@ class ImageDashboardsCallback(keras.callbacks.Callback):
                 self.ood_images, None, ood_predicted, ood_probabilities.max(axis=1), self.class_names,
                 columns=len(self.ood_images), captions=self.ood_names)))
             tf.summary.scalar("out_of_distribution/mean_max_probability", float(ood_probabilities.max(axis=1).mean()))
+            write_pr_curves(self.test_labels, probabilities, self.class_names, step=epoch)
         self.writer.flush()
 
     def _write_activations(self) -> None:
