@@ -330,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             import_tensorflow_quietly()
             return HANDLERS[args.command](args)
     except (UsageError, ParityError, StoppedError) as error:
+        if stop_signals and isinstance(error, StoppedError):
+            # Stopped together (scancel signals every task): a peer that stopped
+            # first looks lost to this one, but the stop is what happened.
+            return _report_stop(args.command, stop_signals)
         return _report_error(args.command, error)
     except KeyboardInterrupt:
         return _report_stop(args.command, stop_signals)

@@ -105,6 +105,7 @@ def make_placement(config: TrainConfig) -> Placement:
         # Each worker reads the whole dataset and keeps a shard of every batch
         # (DATA sharding), so no worker needs a file split of its own.
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        _take_back_sigterm()
         devices = tuple(strategy.extended.worker_devices)
         return Placement(strategy, "multi_worker", devices, is_chief(tf_config), int(tf_config["task"]["index"]))
     gpus = tf.config.list_logical_devices("GPU")
@@ -124,6 +125,23 @@ def make_placement(config: TrainConfig) -> Placement:
         strategy = tf.distribute.MirroredStrategy(targets)
         devices = tuple(targets)
     return Placement(strategy, name, devices)
+
+
+def _take_back_sigterm() -> None:
+    """Puts the process's own SIGTERM handler back in place.
+
+    Creating a MultiWorkerMirroredStrategy starts TensorFlow's coordination
+    service, whose preemption notifier replaces the SIGTERM handler in C++
+    (Python still reports its own): SIGTERM from `kill`, `scancel` or a
+    scheduler's time limit was then ignored until SIGKILL came. The CLI's
+    handler stops the run at its next safe point instead.
+    """
+    import signal
+    import threading
+
+    handler = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _join_slurm_step(name: str) -> str:
