@@ -90,7 +90,10 @@ def holding(run_dir: RunDir, purpose: str, exclusive: bool = True) -> Iterator[N
     that process ends: a run killed with SIGKILL never blocks its rerun.
     The exclusive holder records who it is, for the message another process
     gets; a holder on another host sharing the folder is reported the same
-    way, never broken. Where the file system cannot lock, nothing is enforced.
+    way, never broken, with one exception: a SLURM job requeued onto another
+    node takes over the lock of its own earlier start, which SLURM ended
+    before starting it again (a shared file system can keep the lock of a
+    node that went down). Where the file system cannot lock, nothing is enforced.
     """
     import fcntl
 
@@ -104,8 +107,9 @@ def holding(run_dir: RunDir, purpose: str, exclusive: bool = True) -> Iterator[N
         try:
             fcntl.flock(descriptor, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"the run directory {run_dir} is in use by {_holder(descriptor)}; wait for it to "
-                             "finish, or pass another --run-dir") from None
+            if not (exclusive and _held_by_an_earlier_start_of_this_slurm_job(descriptor)):
+                raise UsageError(f"the run directory {run_dir} is in use by {_holder(descriptor)}; wait for it to "
+                                 "finish, or pass another --run-dir") from None
         except OSError:
             pass  # A file system without locks (some network mounts): run unguarded.
         if exclusive:
@@ -130,12 +134,37 @@ def _remove_if_only_the_lock(run_dir: RunDir) -> None:
 
 def _record_holder(descriptor: int, purpose: str) -> None:
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
-              "since": datetime.datetime.now().isoformat(timespec="seconds")}
+              "since": datetime.datetime.now().isoformat(timespec="seconds"), **_slurm_job()}
     try:
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
     except OSError:
         pass  # Only the message to a second process needs it.
+
+
+def _slurm_job() -> dict:
+    """The SLURM job this process runs in, and how many times SLURM has started it before (requeues)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return {}
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return {"slurm_job_id": job_id, "slurm_restart_count": int(restarts) if restarts.isdigit() else 0}
+
+
+def _held_by_an_earlier_start_of_this_slurm_job(descriptor: int) -> bool:
+    """Whether the lock's holder is this very SLURM job before a requeue.
+
+    SLURM runs a job once at a time: when it starts a job again (requeued
+    after preemption, a node failure or `scontrol requeue`), the earlier
+    start has ended, whatever lock the file system still keeps for it.
+    """
+    ours = _slurm_job()
+    try:
+        holder = json.loads(os.pread(descriptor, 4096, 0).decode())
+        return bool(ours) and str(holder["slurm_job_id"]) == ours["slurm_job_id"] and \
+            int(holder["slurm_restart_count"]) < ours["slurm_restart_count"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _holder(descriptor: int) -> str:

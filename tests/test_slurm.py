@@ -146,3 +146,49 @@ def test_under_a_slurm_step_tf_config_still_wins_and_a_bad_layout_is_one_line(tm
     assert completed.stderr.strip().splitlines() == [
         "lenet-tf train: error: SLURM's node list 'n[1-' is not a list like node[01-03,07],gpu5; set TF_CONFIG instead"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_requeued_job_takes_over_the_lock_of_its_earlier_start_and_nothing_else(tmp_path, monkeypatch):
+    """Another process holds the run folder's lock, recorded as SLURM job 42's
+    first start (as a shared file system can keep the lock of a node that went
+    down): the same job started again takes the folder over; a second
+    process of that same start, another job and a workstation are refused."""
+    import subprocess
+    import sys
+
+    from lenet_tf.run_dir import RunDir, holding
+
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.root.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, json, os, sys, time
+descriptor = os.open({str(run_dir.lock)!r}, os.O_RDWR | os.O_CREAT)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+os.write(descriptor, json.dumps({{"pid": os.getpid(), "host": "node07", "purpose": "training",
+                                  "since": "2026-01-01T00:00:00", "slurm_job_id": "42",
+                                  "slurm_restart_count": 0}}).encode())
+print("held", flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for environment in ({"SLURM_JOB_ID": "42"}, {"SLURM_JOB_ID": "43", "SLURM_RESTART_COUNT": "1"}, {}):
+            for name in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+                monkeypatch.delenv(name, raising=False)
+            for name, value in environment.items():
+                monkeypatch.setenv(name, value)
+            with pytest.raises(UsageError, match="is in use by training process .* on host node07"):
+                with holding(run_dir, "training"):
+                    pass
+        monkeypatch.setenv("SLURM_JOB_ID", "42")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        with holding(run_dir, "training"):
+            record = json.loads(run_dir.lock.read_text())
+        assert (record["slurm_job_id"], record["slurm_restart_count"]) == ("42", 1)
+        # An export beside a training takes a shared lock: never a takeover.
+        with pytest.raises(UsageError, match="is in use by"):
+            with holding(run_dir, "export", exclusive=False):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
