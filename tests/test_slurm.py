@@ -1,13 +1,30 @@
 """Training under SLURM: the cluster read from SLURM's environment, and real runs on a one-node SLURM cluster."""
 
 import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from lenet_tf import slurm
 from lenet_tf.errors import UsageError
+from lenet_tf.run_dir import RunDir
 
-from conftest import run_cli
+from conftest import REPO_ROOT, backed_up_epochs, free_ports, run_cli
+
+SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol", "scancel", "sinfo", "squeue")
+SBATCH_SCRIPT = REPO_ROOT / "slurm" / "train.sbatch"
+# A small run: a few seconds an epoch for two workers sharing two cores.
+SMALL_RUN = ["--dataset", "fashion_mnist", "--limit-train", "8192", "--limit-test", "256", "--batch-size", "64",
+             "--activation", "relu", "--learning-rate", "0.1", "--image-every-epochs", "0", "--format", ""]
 
 
 def _step_environment(rank: int, nodes: str, tasks_per_node: str, tasks: int, job_id: str = "4242",
@@ -192,3 +209,252 @@ time.sleep(600)
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- a real one-node SLURM cluster -----------------------------------------------------------------------------
+
+
+@dataclass
+class SlurmCluster:
+    directory: Path
+    environment: dict  # For SLURM's commands and the jobs they start (sbatch and srun pass it on).
+
+    def run(self, *command: str, timeout: float = 60) -> str:
+        completed = subprocess.run(command, env=self.environment, capture_output=True, text=True, timeout=timeout)
+        assert completed.returncode == 0, f"{' '.join(command)}: {completed.stderr}"
+        return completed.stdout
+
+    def job_state(self, job_id: str) -> str:
+        """PENDING, RUNNING, COMPLETING, COMPLETED, CANCELLED, FAILED, ... ("" once SLURM forgot the job)."""
+        completed = subprocess.run(["scontrol", "show", "job", job_id], env=self.environment, capture_output=True,
+                                   text=True, timeout=60)
+        match = re.search(r"JobState=(\w+)", completed.stdout)
+        return match.group(1) if match else ""
+
+
+def _wait(state, what: str, timeout: float = 300):
+    """Polls until `state()` is true (returns it); fails naming `what` after
+    `timeout` seconds (generous: it bounds a hang on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while not (value := state()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout:.0f} s")
+        time.sleep(0.2)
+    return value
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory, fashion_mnist_dir):
+    """slurmctld and slurmd on this machine, one node of 2 CPUs that takes several
+    jobs at once, and a munged of its own with a fresh key; stopped afterwards by
+    the process ids this fixture started."""
+    if os.geteuid() != 0:
+        pytest.skip("a SLURM cluster of one node is started as root (slurmd runs jobs as their users)")
+    missing = [program for program in SLURM_PROGRAMS if shutil.which(program) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+    directory = tmp_path_factory.mktemp("slurm")
+    for name in ("munge", "state", "spool", "log"):
+        (directory / name).mkdir(mode=0o700)
+    key = directory / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    socket_path = directory / "munge" / "munge.socket"
+    controller_port, node_port = free_ports(2)
+    host = socket.gethostname()
+    config = directory / "slurm.conf"
+    config.write_text(f"""ClusterName=lenettest
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={socket_path}
+SlurmctldPort={controller_port}
+SlurmdPort={node_port}
+StateSaveLocation={directory / "state"}
+SlurmdSpoolDir={directory / "spool"}
+SlurmctldPidFile={directory / "slurmctld.pid"}
+SlurmdPidFile={directory / "slurmd.pid"}
+SlurmctldLogFile={directory / "log" / "slurmctld.log"}
+SlurmdLogFile={directory / "log" / "slurmd.log"}
+# No systemd or cgroups needed: processes are tracked by their parents.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobRequeue=1
+# The grace between SIGTERM and SIGKILL, as on most clusters.
+KillWait=30
+NodeName={host} CPUs=2 RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES OverSubscribe=FORCE:4 MaxTime=INFINITE State=UP
+""")
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    environment.update(SLURM_CONF=str(config), PYTHONPATH=str(REPO_ROOT),
+                       # The sbatch script runs `python`: this interpreter.
+                       PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    log = open(directory / "log" / "daemons.out", "w")
+    started = []
+    try:
+        started.append(subprocess.Popen(
+            ["munged", "--foreground", "--force", f"--socket={socket_path}", f"--key-file={key}",
+             f"--pid-file={directory / 'munge' / 'munged.pid'}", f"--seed-file={directory / 'munge' / 'munged.seed'}",
+             f"--log-file={directory / 'log' / 'munged.log'}"], stdout=log, stderr=subprocess.STDOUT))
+        _wait(socket_path.exists, "munged socket", timeout=60)
+        for daemon in ("slurmctld", "slurmd"):
+            started.append(subprocess.Popen([daemon, "-D", "-f", str(config)], env=environment, stdout=log,
+                                            stderr=subprocess.STDOUT))
+        cluster = SlurmCluster(directory, environment)
+
+        def node_idle() -> bool:
+            completed = subprocess.run(["sinfo", "--noheader", "--format=%t"], env=environment,
+                                       capture_output=True, text=True, timeout=60)
+            return completed.stdout.strip() == "idle"
+
+        _wait(node_idle, "idle SLURM node (see the logs in " + str(directory / "log") + ")", timeout=120)
+        yield cluster
+        subprocess.run(["scancel", "--full", "--quiet", f"--user={os.getuid()}"], env=environment, timeout=60)
+    finally:
+        for process in reversed(started):
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()
+
+
+def _task_pid(job_id: str, rank: int) -> int | None:
+    """The process id of task `rank` of job `job_id` on this machine (train.py, found by its environment)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
+            command = (entry / "cmdline").read_text()
+        except OSError:
+            continue
+        if environ.get("SLURM_JOB_ID") == job_id and environ.get("SLURM_PROCID") == str(rank) \
+                and "train.py" in command and "srun" not in command:
+            return int(entry.name)
+    return None
+
+
+def _epochs_started(output: str) -> list[int]:
+    return [int(epoch) for epoch in re.findall(r"^Epoch (\d+)/", output, re.MULTILINE)]
+
+
+@pytest.mark.slow
+def test_srun_two_tasks_train_one_multi_worker_run(slurm_cluster, tmp_path):
+    """`srun -n 2 python train.py`: no strategy flag, no TF_CONFIG, one run."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    completed = subprocess.run(
+        ["srun", "--ntasks=2", "--label", "python", str(REPO_ROOT / "train.py"), *SMALL_RUN, "--epochs", "2",
+         "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "exports"), "--format", "saved_model"],
+        cwd=tmp_path, env=dict(slurm_cluster.environment, TMPDIR=str(scratch)), capture_output=True, text=True,
+        timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2
+    assert len(metrics["history"]["loss"]) == 2
+    # Both tasks trained together (the same global loss), and only the chief wrote.
+    final_lines = {line[:2]: line[2:].split(", tested")[0] for line in completed.stdout.splitlines()
+                   if re.match(r"[01]: loss ", line)}
+    assert set(final_lines) == {"0:", "1:"} and final_lines["0:"] == final_lines["1:"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["exports", "run", "tmp"]
+    assert sorted(path.name for path in (tmp_path / "exports" / "lenet_fashion_mnist").iterdir()) == ["1"]
+    assert not list(scratch.iterdir())  # The other task's scratch folder is gone.
+
+
+def _submit(cluster: SlurmCluster, tmp_path: Path, run_dir: Path, epochs: int) -> str:
+    """Submits the repository's sbatch script on one node of two tasks, for a small run."""
+    return cluster.run(
+        "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={tmp_path / 'job-%j.out'}",
+        f"--chdir={REPO_ROOT}", str(SBATCH_SCRIPT), *SMALL_RUN, "--epochs", str(epochs), "--run-dir", str(run_dir),
+        "--export-dir", str(tmp_path / "exports")).strip()
+
+
+@pytest.mark.slow
+def test_the_sbatch_script_requeued_mid_run_resumes_and_runs_every_epoch_once(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
+    _wait(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
+          or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"), "backed-up epoch")
+    assert slurm_cluster.job_state(job_id) == "RUNNING"
+    slurm_cluster.run("scontrol", "requeue", job_id)
+    # SLURM ends every task (SIGTERM, then SIGKILL after KillWait), then holds
+    # the job back for a while before it may start again: start it now.
+    _wait(lambda: slurm_cluster.job_state(job_id) == "PENDING", "requeued job")
+    stopped_at = backed_up_epochs(RunDir(run_dir).backup_metadata)
+    output = (tmp_path / f"job-{job_id}.out").read_text()
+    assert output.count("lenet-tf train: terminated (SIGTERM); run the same command again to resume") == 2, output
+    assert "Traceback" not in output
+    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    _wait(lambda: slurm_cluster.job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), "finished job",
+          timeout=900)
+    output = (tmp_path / f"job-{job_id}.out").read_text()
+    assert slurm_cluster.job_state(job_id) == "COMPLETED", output[-3000:]
+    first_start, second_start = output.split(f"lenet-tf: job {job_id}, start 1")
+    assert f"lenet-tf: job {job_id}, start 0" in first_start
+    # The requeued job resumed after the backed-up epochs, both tasks together, and ran to the end.
+    assert 1 <= stopped_at < 4 and _epochs_started(second_start) == [
+        epoch for epoch in range(stopped_at + 1, 5) for _ in range(2)]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2
+    assert len(metrics["history"]["loss"]) == 4  # Every epoch once, across both starts.
+
+
+@pytest.mark.slow
+def test_a_cancelled_job_leaves_a_backup_from_which_the_job_submitted_again_resumes(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
+    _wait(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
+          or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"), "backed-up epoch")
+    slurm_cluster.run("scancel", job_id)
+    _wait(lambda: slurm_cluster.job_state(job_id) in ("CANCELLED", ""), "cancelled job")
+    stopped_at = backed_up_epochs(RunDir(run_dir).backup_metadata)
+    assert 1 <= stopped_at < 4
+    resubmitted = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
+    _wait(lambda: slurm_cluster.job_state(resubmitted) in ("COMPLETED", "FAILED", "CANCELLED"), "finished job",
+          timeout=900)
+    output = (tmp_path / f"job-{resubmitted}.out").read_text()
+    assert slurm_cluster.job_state(resubmitted) == "COMPLETED", output[-3000:]
+    assert _epochs_started(output) == [epoch for epoch in range(stopped_at + 1, 5) for _ in range(2)]
+    assert len(json.loads((run_dir / "metrics.json").read_text())["history"]["loss"]) == 4
+
+
+@pytest.mark.slow
+def test_a_task_killed_mid_run_ends_the_step_with_one_line(slurm_cluster, tmp_path):
+    """SIGKILL to task 1 (out of memory, a node gone): the chief stops within 60 s
+    with the package's one line, its backup intact."""
+    run_dir = tmp_path / "run"
+    step = subprocess.Popen(
+        ["srun", "--ntasks=2", "--label", "python", str(REPO_ROOT / "train.py"), *SMALL_RUN, "--epochs", "20",
+         "--run-dir", str(run_dir)],
+        cwd=tmp_path, env=dict(slurm_cluster.environment, TMPDIR=str(tmp_path)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1 or step.poll() is not None,
+              "backed-up epoch")
+        assert step.poll() is None
+        job_id = re.search(r"\d+", slurm_cluster.run("squeue", "--noheader", "--format=%i")).group(0)
+        os.kill(_wait(lambda: _task_pid(job_id, 1), "task 1's process"), signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = step.communicate(timeout=300)
+        step_seconds = time.monotonic() - killed_at
+    finally:
+        if step.poll() is None:
+            step.kill()
+            step.communicate()
+    assert step.returncode != 0
+    assert step_seconds <= 60, f"the step took {step_seconds:.0f} s to end"
+    chief_lines = [line[3:] for line in stderr.splitlines() if line.startswith("0: ")]
+    assert chief_lines[-1].startswith("lenet-tf train: error: worker 1 of this multi-worker run was lost"), stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
