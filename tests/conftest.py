@@ -140,21 +140,36 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def wait_for_backed_up_epoch(metadata: Path, processes, timeout: float = 240) -> int:
-    """Polls a run's backup record until an epoch is backed up; returns
-    how many are (0 on timeout). Every process must still be running meanwhile,
-    since the caller means to kill it mid-run."""
-    import json
+def wait_for(state, processes, what: str, timeout: float = 300) -> None:
+    """Polls until `state()` is true, for a test that means to stop the
+    `processes` at that point of their run. Fails, naming `what`, when one of
+    them ends first or when the state does not come within `timeout` seconds
+    (generous: it bounds a hang on a busy machine, and a state that comes
+    sooner ends the wait sooner)."""
     import time
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert all(process.poll() is None for process in processes), "the run finished before it could be killed"
-        try:
-            backed_up_epochs = json.loads(metadata.read_text())["epoch"]
-        except (OSError, ValueError, KeyError):
-            backed_up_epochs = 0
-        if backed_up_epochs >= 1:
-            return backed_up_epochs
+    while not state():
+        ended = [process.args for process in processes if process.poll() is not None]
+        if ended:
+            pytest.fail(f"the run ended before {what}: {ended[0]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout:.0f} s")
         time.sleep(0.05)
-    return 0
+
+
+def backed_up_epochs(metadata: Path) -> int:
+    """How many epochs a run's backup record says are backed up (0 before the first)."""
+    import json
+
+    try:
+        return json.loads(metadata.read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for_backed_up_epoch(metadata: Path, processes, timeout: float = 300) -> int:
+    """Waits until a run's backup record names an epoch, every process still
+    running (the caller means to stop them mid-run); returns how many are backed up."""
+    wait_for(lambda: backed_up_epochs(metadata) >= 1, processes, "a backed-up epoch", timeout)
+    return backed_up_epochs(metadata)

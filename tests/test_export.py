@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from lenet_tf.registry import dataset_info
 from lenet_tf.run_dir import RunDir
 from lenet_tf.train import train_and_evaluate
 
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, run_cli, wait_for
 
 ALL_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx")
 
@@ -250,25 +249,29 @@ def test_export_killed_midway_leaves_previous_versions_and_no_partial_version(tr
          "--format", ",".join(ALL_FORMATS)],
         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while not list(model_dir.glob(".staging-*/saved_model.pb")) and time.monotonic() < deadline:
-        assert process.poll() is None, "export ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    # Nothing the export started (converter, parity worker) outlives it.
-    time.sleep(0.5)
-    leftovers = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().decode(errors="replace")
-            # A helper names its parent's pid (lenet_tf.child PID ...), a waiting
-            # parity worker names nothing else.
-            if str(model_dir) in text or f"lenet_tf.child\0{process.pid}\0" in text:
-                leftovers.append(cmdline.parent.name)
-        except OSError:
-            continue  # The process ended while we looked.
-    assert not leftovers, f"processes still working on {model_dir}: {leftovers}"
+    try:
+        wait_for(lambda: any(model_dir.glob(".staging-*/saved_model.pb")), [process],
+                 "a SavedModel in the export's staging folder")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def helpers_left() -> list[str]:
+        leftovers = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().decode(errors="replace")
+                # A helper names its parent's pid (lenet_tf.child PID ...), a waiting
+                # parity worker names nothing else.
+                if str(model_dir) in text or f"lenet_tf.child\0{process.pid}\0" in text:
+                    leftovers.append(cmdline.parent.name)
+            except OSError:
+                continue  # The process ended while we looked.
+        return leftovers
+
+    # Nothing the export started (converter, parity worker) outlives it: the
+    # kernel kills each helper as its parent dies, which takes a moment to land.
+    wait_for(lambda: not helpers_left(), [], f"end of the helper processes working on {model_dir}", timeout=120)
     after = {p.name: sha256_of(p / "saved_model.pb") for p in model_dir.iterdir() if p.name.isdigit()}
     assert after == before
     # The next export sweeps away the dead export's hidden staging folder.
