@@ -54,14 +54,6 @@ def test_image_dashboards_every_n_epochs_and_at_the_end(dashboard_run):
         assert decoded[..., :3].std() > 10, f"{tag} is a blank picture"
 
 
-def test_final_dashboards_are_drawn_while_the_export_runs_and_finished_before_the_run_ends(dashboard_run):
-    _, metrics, _ = dashboard_run
-    stages = [stage for stage, _ in metrics["stage_seconds"]]
-    assert stages[-2:] == ["export and its parity check (final dashboards drawn meanwhile)",
-                           "final dashboards and curves (after the export)"]
-    assert Path(metrics["export_version_dir"], "saved_model.pb").is_file()
-
-
 def test_confusion_matrix_picture_changes_with_training(dashboard_run):
     config, _, _ = dashboard_run
     events = _images(Path(config.run_dir) / "logs" / "images")["confusion_matrix"]
