@@ -52,9 +52,15 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data-dir",
         default=None,
-        help="folder with the four IDX files (.gz or not). Default: $LENET_TF_DATA_DIR, then "
-        "/usr/share/datasets/fashion-mnist, then ~/.keras/datasets/<name>, then tensorflow_datasets",
+        help="folder with the four IDX files (.gz or not), or your own pictures: one subfolder per class, or "
+        "train/ and test/ each with the same class subfolders (docs/folders.md). Default: $LENET_TF_DATA_DIR, "
+        "then /usr/share/datasets/fashion-mnist, then ~/.keras/datasets/<name>, then tensorflow_datasets",
     )
+    data.add_argument("--test-split", type=float, default=None,
+                      help="a folder of pictures without test/: hold out this fraction of each class for testing, "
+                      "chosen by --seed (default: 0.1)")
+    data.add_argument("--flip-keeps-class", action="store_true",
+                      help="a folder of pictures: a mirror image keeps its class, so the presets may flip (default: off)")
     data.add_argument("--limit-train", type=int, default=None, help="train on the first N examples only (default: all)")
     data.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N examples only (default: all)")
 
@@ -113,9 +119,10 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Starts from the preset and overrides every field the user gave."""
-    config = preset(args.preset, args.dataset)
+    folder = _folder_dataset(args)
+    config = preset(args.preset, folder or args.dataset)
     for name in TrainConfig.__dataclass_fields__:
-        if name == "preset":
+        if name == "preset" or (folder and name == "dataset"):  # A folder of pictures is its own dataset.
             continue
         value = getattr(args, name, None)
         if value is not None:
@@ -123,6 +130,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.run_dir is None:
         config.run_dir = f"runs/{config.dataset}"
     return config.validate()
+
+
+def _folder_dataset(args: argparse.Namespace) -> str | None:
+    """When --data-dir holds class folders of pictures, registers them as a
+    dataset (checking the folder, reading no picture) and returns its name."""
+    from lenet_tf.folders import DEFAULT_TEST_SPLIT, FOLDER_DATASET, detect_layout, register_folder_dataset
+
+    if not args.data_dir or detect_layout(args.data_dir) == "idx":
+        if args.test_split is not None or args.flip_keeps_class:
+            raise UsageError("--test-split and --flip-keeps-class are for a --data-dir of class folders of pictures")
+        return None
+    register_folder_dataset(args.data_dir, DEFAULT_TEST_SPLIT if args.test_split is None else args.test_split,
+                            TrainConfig().seed if args.seed is None else args.seed, args.flip_keeps_class)
+    return FOLDER_DATASET
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,8 @@ class Datasets:
     test_images: np.ndarray
     test_labels: np.ndarray
     source: str = "memory"
+    # What kind of data `source` holds, for the run's first line ("IDX files", "one subfolder per class: ...").
+    layout: str = ""
 
     def limited(self, limit_train: int | None, limit_test: int | None) -> "Datasets":
         if limit_train is None and limit_test is None:
@@ -57,6 +59,7 @@ class Datasets:
             self.test_images[:limit_test],
             self.test_labels[:limit_test],
             self.source,
+            self.layout,
         )
 
 
@@ -164,8 +167,10 @@ def load_idx_dir(directory: str | os.PathLike) -> Datasets:
                 f"({', '.join(IDX_STEMS.values())})"
             )
         arrays[key] = read_idx(path)
-    return _checked_datasets(arrays["train_images"], arrays["train_labels"], arrays["test_images"],
-                             arrays["test_labels"], str(directory))
+    datasets = _checked_datasets(arrays["train_images"], arrays["train_labels"], arrays["test_images"],
+                                 arrays["test_labels"], str(directory))
+    datasets.layout = "IDX files"
+    return datasets
 
 
 def _checked_datasets(train_images, train_labels, test_images, test_labels, source: str) -> Datasets:
@@ -247,6 +252,8 @@ def load_keras_npz(path: Path) -> Datasets:
 def load_datasets(dataset: str, data_dir: str | None = None, allow_download: bool = True) -> Datasets:
     """Loads both splits of `dataset` from the first place that has them."""
     info = dataset_info(dataset)
+    if info.loader is not None:
+        return info.loader(data_dir)  # A folder of pictures (lenet_tf.folders).
     if data_dir:
         # A folder the user named must work: falling through to another source
         # would silently train on data they did not ask for.

@@ -9,13 +9,14 @@ import numpy as np
 
 from lenet_tf.config import TrainConfig
 from lenet_tf.errors import UsageError
+from lenet_tf.folders import FOLDER_DATASET, register_from_record, register_recorded_run
 from lenet_tf.images import load_image
 from lenet_tf.inference import Predictor, find_model_card
-from lenet_tf.registry import NUM_CLASSES, dataset_info
+from lenet_tf.registry import dataset_info
 from lenet_tf.run_dir import RunDir
 
 
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts: rows are true classes, columns predicted classes."""
     confusion = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(confusion, (labels, predicted), 1)
@@ -29,9 +30,9 @@ def evaluate_predictor(predictor: Predictor, images: np.ndarray, labels: np.ndar
     # Loss from probabilities works for every format, quantised ones included;
     # the clip keeps a confident mistake from becoming infinite.
     chosen = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
-    confusion = confusion_matrix(labels, predicted)
-    per_class = {}
     class_names = dataset_info(dataset).class_names
+    confusion = confusion_matrix(labels, predicted, len(class_names))
+    per_class = {}
     for class_id, name in enumerate(class_names):
         total = confusion[class_id].sum()
         per_class[name] = float(confusion[class_id, class_id] / total) if total else None
@@ -68,9 +69,9 @@ def predict_files(
     predictor: Predictor, paths: list[str], dataset: str, invert: str = "auto", top: int = 3
 ) -> list[dict[str, Any]]:
     """One result per file: a prediction, or {"file", "error"} for a file that failed."""
-    if not 1 <= top <= NUM_CLASSES:
-        raise UsageError(f"--top must be between 1 and {NUM_CLASSES} (got {top})")
     names = dataset_info(dataset).class_names
+    if not 1 <= top <= len(names):
+        raise UsageError(f"--top must be between 1 and {len(names)}, the model's classes (got {top})")
     results: list[dict[str, Any]] = []
     loaded: list[tuple[int, np.ndarray]] = []
     for path in paths:
@@ -96,9 +97,15 @@ def dataset_of_model(path: str | Path) -> str | None:
     """The dataset a model was trained on, from its model card or run config, if known."""
     found = find_model_card(path)
     if found is not None:
-        return found[0].get("dataset")
+        card = found[0]
+        if card.get("dataset") == FOLDER_DATASET and isinstance(card.get("folder"), dict):
+            register_from_record(card["folder"])  # Its class names and recipe come with the model.
+        return card.get("dataset")
     run_dir = RunDir(Path(path).parent.parent)  # A checkpoint inside a run: <run>/checkpoints/last.keras.
     try:
-        return TrainConfig.read(run_dir.config).dataset
+        dataset = TrainConfig.read(run_dir.config).dataset
     except UsageError:
         return None
+    if dataset == FOLDER_DATASET:
+        register_recorded_run(run_dir.root)
+    return dataset

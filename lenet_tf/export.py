@@ -41,6 +41,7 @@ from lenet_tf.io_utils import (
 )
 from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, predict_probabilities
 from lenet_tf.quiet import native_stderr_silenced
+from lenet_tf.folders import FOLDER_DATASET, register_recorded_run, registered_folder
 from lenet_tf.registry import PIXEL_SCALE, dataset_info
 from lenet_tf.run_dir import RunDir, holding, process_alive
 
@@ -408,10 +409,14 @@ def _model_card(config, metrics, artifacts, report, staging) -> dict[str, Any]:
         if path.is_file() and path.name != METADATA_FILE:
             files[str(path.relative_to(staging))] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
     final_metrics = {key: value for key, value in metrics.items() if key not in ("history", "exports")}
+    class_names = list(dataset_info(config.dataset).class_names)
+    folder = registered_folder() if config.dataset == FOLDER_DATASET else None
     return {
         "model_name": model_name(config),
         "dataset": config.dataset,
-        "class_names": list(dataset_info(config.dataset).class_names),
+        "class_names": class_names,
+        # A folder of pictures: where, its test split, and the recipe that turned its pictures into inputs.
+        **({"folder": folder.card()} if folder else {}),
         "input": {
             "name": INPUT_KEY,
             "dtype": INPUT_DTYPE,
@@ -421,9 +426,9 @@ def _model_card(config, metrics, artifacts, report, staging) -> dict[str, Any]:
             f"the model multiplies by {PIXEL_SCALE:.10f} (1/255) itself",
         },
         "outputs": {
-            "probabilities": "float32 [batch, 10], softmax over class_names",
+            "probabilities": f"float32 [batch, {len(class_names)}], softmax over class_names",
             "class_id": "int64 [batch], index into class_names",
-            "logits": "float32 [batch, 10]",
+            "logits": f"float32 [batch, {len(class_names)}]",
         },
         "signatures": [SIGNATURE_KEY, "serving_hw"],
         "artifacts": {name: str(path.relative_to(staging)) or "." for name, path in artifacts.items()},
@@ -464,6 +469,8 @@ def export_from_run_dir(run_dir: str | Path, export_formats: tuple[str, ...] | N
         )
     with holding(run_dir, "export", exclusive=False):
         config = TrainConfig.read(run_dir.config)
+        if config.dataset == FOLDER_DATASET:
+            register_recorded_run(run_dir.root)
         if export_formats:
             config.export_formats = tuple(export_formats)
         if export_dir:

@@ -10,7 +10,7 @@ from keras import layers
 
 from lenet_tf.config import TrainConfig
 from lenet_tf.keras_compat import FusedBatchNormalization
-from lenet_tf.registry import IMAGE_SIZE, NUM_CLASSES, PIXEL_SCALE
+from lenet_tf.registry import IMAGE_SIZE, PIXEL_SCALE, dataset_info
 from lenet_tf.whitening import whitening_weights
 
 # One definition of the model's input and its preprocessing, read by training,
@@ -61,7 +61,8 @@ def build_model(config: TrainConfig) -> keras.Sequential:
         _append_batch_norm(model_layers, config, dense_batch_norm, f"dense{index}")
         if config.dropout:
             model_layers.append(layers.Dropout(config.dropout, name=f"dense{index}_dropout"))
-    model_layers.append(layers.Dense(NUM_CLASSES, kernel_initializer=initializer, name="logits"))
+    num_classes = len(dataset_info(config.dataset).class_names)
+    model_layers.append(layers.Dense(num_classes, kernel_initializer=initializer, name="logits"))
     if config.test_time_flip:
         model_layers.append(MeanOfViews(name="mean_of_views"))
     return keras.Sequential(model_layers, name="lenet")

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from lenet_tf.errors import UsageError
 
-# Every dataset here is 28x28 grey images in ten classes: the model's input and
-# output sizes are these, whatever the dataset.
+# Every dataset here is 28x28 grey images: the model's input size is this,
+# whatever the dataset. The built-in ones have ten classes; a folder of
+# pictures has as many as it has class folders (lenet_tf.folders).
 IMAGE_SIZE = 28
 # Raw uint8 pixels become [0, 1] by this factor: inside the model (its Rescaling
 # layer) and in the whitening statistics of its first layer.
@@ -51,6 +53,10 @@ class Framing:
 
     longest_side: int
     centre: str = "box"
+    # A picture that is already 28x28 is used as it is, whatever its framing:
+    # for a folder of the user's pictures, where such a picture was framed by
+    # its maker (and a dataset image saved as a file keeps every pixel).
+    keep_model_size: bool = False
 
     def __post_init__(self):
         if self.centre not in ("box", "mass"):
@@ -78,10 +84,13 @@ class DatasetInfo:
     install_hint: str = ""
     # Keras's own download of this dataset: a single .npz in the Keras cache, if it has one.
     keras_npz_name: str | None = None
+    # A dataset read by a function instead of from IDX files (a folder of
+    # pictures): given --data-dir (or None), returns lenet_tf.data.Datasets.
+    loader: Callable[[str | None], Any] | None = None
 
     def __post_init__(self):
-        if len(self.class_names) != NUM_CLASSES:
-            raise ValueError(f"{self.name}: the model has {NUM_CLASSES} outputs, got {len(self.class_names)} class names")
+        if len(self.class_names) < 2:
+            raise ValueError(f"{self.name}: a classifier needs at least 2 classes, got {len(self.class_names)}")
 
 
 _REGISTRY: dict[str, DatasetInfo] = {}

@@ -44,6 +44,7 @@ from lenet_tf.io_utils import (
 from lenet_tf.keras_compat import adapt_model_for_multi_worker, build_before_fit
 from lenet_tf.model import build_model, whiten_first_conv
 from lenet_tf.optimization import build_compiled_model
+from lenet_tf.folders import check_and_record
 from lenet_tf.registry import dataset_info
 from lenet_tf.run_dir import RunDir, holding
 
@@ -161,10 +162,13 @@ def _run(config: TrainConfig, datasets: Datasets | BackgroundLoad | None, placem
     datasets = _load_data(config, datasets)
     clock.mark("data")
     pipelines = _make_pipelines(config, datasets, placement.replicas)
-    print(f"training on {pipelines.train_count} {config.dataset} images from {datasets.source}; "
+    layout = f" ({datasets.layout})" if datasets.layout else ""
+    print(f"training on {pipelines.train_count} {config.dataset} images from {datasets.source}{layout}; "
           f"strategy {placement.name} over {placement.replicas} replica(s) {', '.join(placement.devices)}; "
           f"global batch {pipelines.global_batch_size}", file=out, flush=True)
     model, epochs_done = _build_model(config, placement, pipelines, run_dir)
+    # A folder of pictures: a resume refuses a folder that changed; the run records it.
+    check_and_record(config.dataset, run_dir.root, write_to.root, resuming=bool(epochs_done))
     # After the resume: a resume that fails keeps the interrupted run's config.
     config.write(write_to.config)
     clock.mark("pipelines and model")
@@ -448,6 +452,7 @@ def _metrics(config: TrainConfig, placement: Placement, datasets: Datasets, pipe
              throughput: ThroughputCallback) -> dict[str, Any]:
     return {
         "dataset": config.dataset,
+        "class_names": list(dataset_info(config.dataset).class_names),
         "train_loss": history["loss"][-1] if history else float("nan"),
         "train_accuracy": history["accuracy"][-1] if history else float("nan"),
         **evaluation,

@@ -80,9 +80,9 @@ def test_unknown_dataset_names_the_known_ones():
         TrainConfig(dataset="cifar10").validate()
 
 
-def test_an_entry_must_have_ten_class_names_and_a_sane_framing():
-    with pytest.raises(ValueError, match="10 outputs"):
-        DatasetInfo(name="x", class_names=("a", "b"), folder_name="x", tfds_name="x",
+def test_an_entry_must_have_two_class_names_or_more_and_a_sane_framing():
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        DatasetInfo(name="x", class_names=("a",), folder_name="x", tfds_name="x",
                     framing=Framing(28), flip_keeps_class=True)
     with pytest.raises(ValueError, match="centre"):
         Framing(20, centre="corner")

@@ -1,0 +1,517 @@
+"""A folder of the user's own pictures as a dataset: one subfolder per class.
+
+Two layouts, as `keras.utils.image_dataset_from_directory` reads them:
+
+    PHOTOS/cat/*.jpg, PHOTOS/dog/*.png, ...          a test split is held out
+    PHOTOS/train/<class>/..., PHOTOS/test/<class>/... the same classes in both
+
+Class names are the subfolder names, sorted (Keras's order); a class folder's
+pictures may sit in subfolders of it. Hidden files and folders (a leading
+dot) and files whose names are not pictures' (README.txt, Thumbs.db) are
+ignored; a file with a picture's name that cannot be decoded stops the run,
+naming it and counting such files.
+
+Every picture becomes the model's 28x28 input by the recipe `predict` and
+the web page use (lenet_tf.images): grey, inverted when its border is light
+(dark on light becomes light on dark, as in the built-in datasets), the
+border's level taken as black, then cropped to the object and scaled so its
+longer side is 28 pixels, centred. A picture that is already 28x28 is used
+as it is. The decoded arrays are cached per folder under
+$XDG_CACHE_HOME/lenet_tf/folders/ (default ~/.cache), keyed by each file's
+path, size and modification time, so a second run decodes nothing and an
+edited file is decoded again.
+
+NumPy and Pillow only: the folder is read while TensorFlow imports.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from lenet_tf.errors import UsageError
+from lenet_tf.registry import IMAGE_SIZE, DatasetInfo, Framing, dataset_info, register_dataset
+
+# The name a folder of pictures has as a dataset (in config.json and model cards).
+FOLDER_DATASET = "folder"
+# Keras's image_dataset_from_directory reads these; Pillow reads them all.
+PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+# Like Fashion-MNIST: the object's longer side fills the canvas, centred by its box.
+FOLDER_FRAMING = Framing(longest_side=IMAGE_SIZE, centre="box", keep_model_size=True)
+DEFAULT_TEST_SPLIT = 0.1
+# What the run folder records about its folder of pictures (run_dir/<this>).
+RUN_RECORD_FILE = "dataset.json"
+# Changes whenever the recipe does, so that no cache made by another recipe is used.
+RECIPE_VERSION = "1"
+# Below this many pictures, starting worker processes costs more than it saves.
+_POOL_MIN_FILES = 400
+_CHUNK_FILES = 500
+# A read taking longer than this shows its progress on stderr.
+_PROGRESS_AFTER_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class PictureFile:
+    relative: str  # Path below the folder, '/'-separated: train/cat/1.png or cat/1.png.
+    size: int
+    mtime_ns: int
+    label: int
+    in_test_folder: bool = False
+
+
+@dataclass
+class FolderListing:
+    """What a folder holds, from its directory entries alone (nothing decoded)."""
+
+    root: Path
+    layout: str  # "classes" or "train_test"
+    class_names: tuple[str, ...]
+    files: list[PictureFile]
+
+    def fingerprint(self) -> dict[str, list[int]]:
+        return {file.relative: [file.size, file.mtime_ns] for file in self.files}
+
+    def describe(self) -> str:
+        kind = "train/ and test/ with one subfolder per class" if self.layout == "train_test" \
+            else "one subfolder per class"
+        return f"{kind}: {len(self.class_names)} classes, {len(self.files)} pictures"
+
+
+@dataclass
+class FolderDataset:
+    """A registered folder of pictures: where it is and how its test split is chosen."""
+
+    root: Path
+    class_names: tuple[str, ...]
+    test_split: float = DEFAULT_TEST_SPLIT
+    seed: int = 0
+    flip_keeps_class: bool = False
+    # The listing, once scanned (a dataset registered from a model card is
+    # scanned only if its pictures are read).
+    listing: FolderListing | None = field(default=None, repr=False)
+    # The files a run recorded: reading a folder that differs from them is refused.
+    recorded_files: dict[str, list[int]] | None = field(default=None, repr=False)
+    # Pictures decoded (not taken from the cache) by the last load: a test counts them.
+    decoded: int = 0
+    held_out: list[str] = field(default_factory=list, repr=False)
+
+    def load(self, data_dir: str | None = None):
+        """The Datasets of this folder, or of `data_dir`, which must hold the same classes."""
+        root = self.root if data_dir is None else Path(data_dir).expanduser().resolve()
+        if self.listing is None or root != self.listing.root:
+            self.listing = scan_folder(root)
+        listing = self.listing
+        if listing.class_names != self.class_names:
+            raise UsageError(f"{listing.root} holds the classes {', '.join(listing.class_names)}, but the model "
+                             f"knows {', '.join(self.class_names)}; pass a folder with the model's classes")
+        if self.recorded_files is not None:
+            changes = describe_changes(self.recorded_files, listing.fingerprint())
+            if changes:
+                raise UsageError(f"{listing.root} changed since the run read it ({changes}); restore it, or "
+                                 "train a new run (another --run-dir)")
+        images, self.decoded = read_pictures(listing)
+        return self._datasets(listing, images)
+
+    def _datasets(self, listing: FolderListing, images: np.ndarray):
+        from lenet_tf.data import Datasets
+
+        labels = np.array([file.label for file in listing.files], np.int32)
+        if listing.layout == "train_test":
+            is_test = np.array([file.in_test_folder for file in listing.files], bool)
+            split = "test/ holds the test split"
+        else:
+            is_test = held_out_split(labels, self.test_split, self.seed)
+            split = f"{self.test_split:.0%} of each class held out for testing (seed {self.seed})"
+        self.held_out = [file.relative for file, test in zip(listing.files, is_test) if test]
+        return Datasets(images[~is_test][..., np.newaxis], labels[~is_test], images[is_test][..., np.newaxis],
+                        labels[is_test], source=str(listing.root),
+                        layout=f"{listing.describe()} ({', '.join(listing.class_names)}); {split}")
+
+    def card(self) -> dict[str, Any]:
+        """What a model card keeps: enough to name the classes, frame new pictures and find the test split."""
+        return {
+            "path": str(self.root),
+            "class_names": list(self.class_names),
+            "flip_keeps_class": self.flip_keeps_class,
+            "test_split": self.test_split,
+            "seed": self.seed,
+            "recipe": picture_recipe(),
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What the run folder keeps: the card, the held-out pictures and every file's size and time."""
+        return {**self.card(), "layout": self.listing.layout if self.listing else None,
+                "held_out": self.held_out, "files": self.listing.fingerprint() if self.listing else {}}
+
+
+def picture_recipe() -> dict[str, Any]:
+    """The recipe from any picture to the model's input, as the model card and run folder record it."""
+    from lenet_tf import images
+
+    return {
+        "version": RECIPE_VERSION,
+        "steps": [
+            "decode with Pillow and apply the EXIF rotation",
+            "flatten transparency onto black; convert to 8-bit grey (16-bit grey divided by 257)",
+            f"invert when the median of the outermost pixels is above {images.LIGHT_BORDER} (dark on light)",
+            "a 28x28 picture is used as it is",
+            "any other: subtract the border's median level, crop to the pixels above "
+            f"{images.OBJECT_THRESHOLD:.0%} of the brightest, scale the longer side to "
+            f"{FOLDER_FRAMING.longest_side} pixels (Lanczos, aspect kept), centre its box on a black 28x28 canvas",
+        ],
+    }
+
+
+def is_picture_name(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in PICTURE_SUFFIXES
+
+
+def detect_layout(path: str | os.PathLike) -> str:
+    """'idx' (the four IDX files), 'train_test' or 'classes'; UsageError when it is none of them."""
+    from lenet_tf.data import _checked_folder, _has_idx_files
+
+    root = _checked_folder(Path(path).expanduser())
+    if _has_idx_files(root):
+        return "idx"
+    subfolders = _subfolders(root)
+    if "train" in subfolders and "test" in subfolders:
+        return "train_test"
+    if not subfolders:
+        from lenet_tf.registry import IDX_STEMS
+
+        loose = sum(1 for entry in os.scandir(root) if entry.is_file() and is_picture_name(entry.name))
+        raise UsageError(
+            f"{root} holds neither the four IDX files ({', '.join(IDX_STEMS.values())}, .gz or not) nor class "
+            "subfolders of pictures" + (f" ({loose} pictures lie in it directly)" if loose else "")
+            + "; put each class's pictures in a subfolder named after it (PHOTOS/cat/1.jpg, PHOTOS/dog/2.png)")
+    return "classes"
+
+
+def _subfolders(folder: Path) -> list[str]:
+    """Names of the visible subfolders (symbolic links to folders included), sorted."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as error:
+        raise UsageError(f"cannot read folder {folder}: {error.strerror}; fix its permissions") from None
+    names = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_dir():
+                names.append(entry.name)
+        except OSError as error:
+            raise UsageError(f"cannot read {entry.path}: {error.strerror}") from None
+    return sorted(names)
+
+
+def scan_folder(path: str | os.PathLike) -> FolderListing:
+    """Lists a folder of class folders (either layout) and checks it; UsageError on bad input."""
+    root = Path(path).expanduser().resolve()
+    layout = detect_layout(root)
+    if layout == "idx":
+        raise UsageError(f"{root} holds IDX files, not class folders of pictures")
+    if layout == "classes":
+        class_names = tuple(_subfolders(root))
+        _check_classes(class_names, root)
+        files = [file for label, name in enumerate(class_names) for file in _pictures(root, name, label, False)]
+        return FolderListing(root, layout, class_names, files)
+    train_classes, test_classes = _subfolders(root / "train"), _subfolders(root / "test")
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        differences = ([f"only in train/: {', '.join(only_train)}"] if only_train else []) + \
+                      ([f"only in test/: {', '.join(only_test)}"] if only_test else [])
+        raise UsageError(f"{root}/train and {root}/test hold different classes ({'; '.join(differences)}); "
+                         "give both the same class subfolders")
+    class_names = tuple(train_classes)
+    _check_classes(class_names, root / "train")
+    files = []
+    for split in ("train", "test"):
+        for label, name in enumerate(class_names):
+            files += _pictures(root, f"{split}/{name}", label, split == "test")
+    return FolderListing(root, layout, class_names, files)
+
+
+def _check_classes(class_names: tuple[str, ...], folder: Path) -> None:
+    if len(class_names) < 2:
+        raise UsageError(f"{folder} holds one class folder ({class_names[0]}); a classifier needs at least 2, "
+                         "one subfolder per class")
+
+
+def _pictures(root: Path, class_folder: str, label: int, in_test: bool) -> list[PictureFile]:
+    """The pictures below root/class_folder, sorted by path; follows symbolic links, refusing loops."""
+    found: list[PictureFile] = []
+    seen_folders: set[tuple[int, int]] = set()
+
+    def walk(folder: Path, relative: str) -> None:
+        try:
+            identity = folder.stat()
+        except OSError as error:
+            raise UsageError(f"cannot read {folder}: {error.strerror}") from None
+        key = (identity.st_dev, identity.st_ino)
+        if key in seen_folders:
+            raise UsageError(f"{folder} leads back to a folder above it (a symbolic link loop); remove that link")
+        seen_folders.add(key)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            raise UsageError(f"cannot read folder {folder}: {error.strerror}; fix its permissions") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                details = entry.stat()  # Follows symbolic links.
+            except OSError as error:
+                if entry.is_symlink():
+                    raise UsageError(f"{entry.path} is a symbolic link that leads nowhere or in a loop "
+                                     f"({error.strerror}); remove it") from None
+                raise UsageError(f"cannot read {entry.path}: {error.strerror}") from None
+            if stat.S_ISDIR(details.st_mode):
+                walk(Path(entry.path), f"{relative}/{entry.name}")
+            elif stat.S_ISREG(details.st_mode) and is_picture_name(entry.name):
+                if details.st_size == 0:
+                    raise UsageError(f"{entry.path} is empty (0 bytes); remove it or copy it again")
+                found.append(PictureFile(f"{relative}/{entry.name}", details.st_size, details.st_mtime_ns, label,
+                                         in_test))
+        seen_folders.discard(key)  # Only a folder inside itself is a loop; two links to one folder are not.
+
+    walk(root / class_folder, class_folder)
+    if not found:
+        raise UsageError(f"class folder {root / class_folder} holds no pictures "
+                         f"({', '.join(sorted(PICTURE_SUFFIXES))}); add some or remove the folder")
+    return found
+
+
+def held_out_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded, stratified test split: `fraction` of each class (rounded, at
+    least one picture of a class that has two), as a boolean mask."""
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = int(round(len(members) * fraction))
+        if len(members) >= 2:
+            count = min(max(count, 1), len(members) - 1)
+        else:
+            count = 0
+        is_test[rng.permutation(members)[:count]] = True
+    return is_test
+
+
+# --- decoding, in worker processes, and the cache ---------------------------
+
+def cache_path(root: Path) -> Path:
+    """Where the decoded arrays of the folder `root` are kept: one file per folder, named by its absolute path."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]
+    return base / "lenet_tf" / "folders" / f"{digest}.npz"
+
+
+def _read_cache(path: Path) -> dict[tuple[str, int, int], np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            if str(cached["recipe"]) != RECIPE_VERSION:
+                return {}
+            keys = zip(cached["paths"].tolist(), cached["sizes"].tolist(), cached["mtimes"].tolist())
+            images = cached["images"]
+            return {key: images[index] for index, key in enumerate(keys)}
+    except (OSError, ValueError, KeyError, EOFError):
+        return {}  # No cache yet, or a damaged one: decode again.
+
+
+def _write_cache(path: Path, files: list[PictureFile], images: np.ndarray) -> None:
+    """Atomically, so a reader sees the old cache or the new one; a cache that cannot be written is skipped."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as handle:
+            np.savez(handle, recipe=np.array(RECIPE_VERSION), paths=np.array([file.relative for file in files]),
+                     sizes=np.array([file.size for file in files], np.int64),
+                     mtimes=np.array([file.mtime_ns for file in files], np.int64), images=images)
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+
+
+def _decode_chunk(root: str, relatives: list[str]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Decodes pictures (in a worker process): their arrays and, for each that failed, (path, reason)."""
+    from lenet_tf.images import read_picture
+
+    images = np.zeros((len(relatives), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    failures = []
+    for index, relative in enumerate(relatives):
+        try:
+            images[index] = read_picture(Path(root) / relative, FOLDER_FRAMING)[..., 0]
+        except UsageError as error:
+            failures.append((relative, str(error)))
+    return images, failures
+
+
+def read_pictures(listing: FolderListing, progress: TextIO | None = None,
+                  workers: int | None = None) -> tuple[np.ndarray, int]:
+    """Every picture of `listing` as uint8 (N, 28, 28), from the cache where it
+    has them, decoding the rest on every core; returns them with the count decoded.
+
+    A picture that cannot be decoded raises UsageError naming it and how many
+    failed; the pictures that did decode are cached all the same.
+    """
+    progress = sys.stderr if progress is None else progress
+    started = time.monotonic()
+    cache_file = cache_path(listing.root)
+    cached = _read_cache(cache_file)
+    images = np.zeros((len(listing.files), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    missing = []
+    for index, file in enumerate(listing.files):
+        image = cached.get((file.relative, file.size, file.mtime_ns))
+        if image is None:
+            missing.append(index)
+        else:
+            images[index] = image
+    if not missing:
+        return images, 0
+    failures: list[tuple[str, str]] = []
+    chunks = [missing[start:start + _CHUNK_FILES] for start in range(0, len(missing), _CHUNK_FILES)]
+    workers = workers or len(os.sched_getaffinity(0))
+    root = str(listing.root)
+    done, shown = 0, False
+
+    def collect(chunk: list[int], result) -> None:
+        nonlocal done, shown
+        decoded, chunk_failures = result
+        images[chunk] = decoded
+        failures.extend(chunk_failures)
+        done += len(chunk)
+        if time.monotonic() - started > _PROGRESS_AFTER_SECONDS:
+            shown = True
+            print(f"\rreading {listing.root}: {done}/{len(missing)} pictures decoded", end="", file=progress,
+                  flush=True)
+
+    if len(missing) < _POOL_MIN_FILES or workers < 2:
+        for chunk in chunks:
+            collect(chunk, _decode_chunk(root, [listing.files[index].relative for index in chunk]))
+    else:
+        # Spawned, not forked: the parent may be importing TensorFlow in another thread meanwhile.
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_decode_chunk, root, [listing.files[index].relative for index in chunk]):
+                       chunk for chunk in chunks}
+            for future in concurrent.futures.as_completed(futures):
+                collect(futures[future], future.result())
+    if shown:
+        print(f" in {time.monotonic() - started:.1f} s", file=progress, flush=True)
+    failed = {relative for relative, _ in failures}
+    good = [index for index, file in enumerate(listing.files) if file.relative not in failed]
+    _write_cache(cache_file, [listing.files[index] for index in good], images[good])
+    if failures:
+        first = sorted(failures)[0][1]
+        raise UsageError(f"{len(failures)} file(s) with a picture's name cannot be read as pictures, the first: "
+                         f"{first}; fix or remove them")
+    return images, len(missing)
+
+
+# --- the folder as a registered dataset, and the run folder's record --------
+
+def register_folder_dataset(path: str | os.PathLike, test_split: float = DEFAULT_TEST_SPLIT, seed: int = 0,
+                            flip_keeps_class: bool = False) -> DatasetInfo:
+    """Scans `path` (checking it, decoding nothing) and registers it as the dataset FOLDER_DATASET."""
+    if not 0.0 < test_split < 1.0:
+        raise UsageError(f"--test-split must be between 0 and 1 (got {test_split})")
+    listing = scan_folder(path)
+    return _register(FolderDataset(listing.root, listing.class_names, test_split, seed, flip_keeps_class, listing))
+
+
+def _register(folder: FolderDataset) -> DatasetInfo:
+    return register_dataset(DatasetInfo(
+        name=FOLDER_DATASET,
+        class_names=tuple(folder.class_names),
+        folder_name=folder.root.name,
+        tfds_name="",
+        framing=FOLDER_FRAMING,
+        flip_keeps_class=folder.flip_keeps_class,
+        loader=folder.load,
+    ))
+
+
+def registered_folder() -> FolderDataset | None:
+    """The folder registered in this process, if any."""
+    try:
+        loader = dataset_info(FOLDER_DATASET).loader
+    except UsageError:
+        return None
+    return getattr(loader, "__self__", None)
+
+
+def register_from_record(record: dict[str, Any]) -> DatasetInfo:
+    """Registers the folder a run folder or a model card recorded, without
+    reading it; reading it later refuses files that differ from a run's record."""
+    try:
+        folder = FolderDataset(Path(record["path"]), tuple(record["class_names"]), float(record["test_split"]),
+                               int(record["seed"]), bool(record["flip_keeps_class"]),
+                               recorded_files=record.get("files"))
+    except (KeyError, TypeError, ValueError) as error:
+        raise UsageError(f"the record of the folder of pictures is damaged ({error!r})") from None
+    return _register(folder)
+
+
+def describe_changes(before: dict[str, list[int]], now: dict[str, list[int]]) -> str:
+    """'2 added (a/x.png, ...), 1 removed (...), 1 edited (...)', or '' when equal."""
+    added = sorted(set(now) - set(before))
+    removed = sorted(set(before) - set(now))
+    edited = sorted(name for name in set(now) & set(before) if list(now[name]) != list(before[name]))
+    parts = []
+    for count_word, names in (("added", added), ("removed", removed), ("edited", edited)):
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            parts.append(f"{len(names)} {count_word}: {shown}")
+    return "; ".join(parts)
+
+
+def record_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / RUN_RECORD_FILE
+
+
+def check_and_record(dataset: str, run_dir: str | os.PathLike, write_to: str | os.PathLike, resuming: bool) -> None:
+    """For a folder dataset: a resumed run refuses a folder that changed since the
+    run started (naming what changed); a run writes the folder's record. No-op otherwise."""
+    from lenet_tf.io_utils import write_json_atomic
+
+    folder = registered_folder() if dataset == FOLDER_DATASET else None
+    if folder is None:
+        return
+    record = folder.record()
+    if resuming:
+        try:
+            before = json.loads(record_path(run_dir).read_text())
+        except (OSError, ValueError):
+            before = None
+        if before is not None:
+            changes = describe_changes(before.get("files", {}), record["files"])
+            if before.get("path") != record["path"]:
+                changes = f"it was {before.get('path')}" + (f"; {changes}" if changes else "")
+            elif before.get("test_split") != record["test_split"] or before.get("seed") != record["seed"]:
+                changes = changes or (f"the test split was {before.get('test_split')} with seed {before.get('seed')}")
+            if changes:
+                raise UsageError(f"the folder {record['path']} is not the one this run started with ({changes}); "
+                                 "resume with the folder as it was, or start a new run (another --run-dir)")
+    write_json_atomic(record_path(write_to), record)
+
+
+def register_recorded_run(run_dir: str | os.PathLike) -> None:
+    """Registers the folder of the run in `run_dir`, from its record (export --run-dir, a checkpoint)."""
+    path = record_path(run_dir)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read {path}, the record of the run's folder of pictures: {error}") from None
+    register_from_record(record)

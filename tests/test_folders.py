@@ -1,0 +1,478 @@
+"""A folder of the user's own pictures as a dataset (lenet_tf.folders): layouts,
+the recipe, the held-out split, the cache, bad input, and whole runs from folders."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lenet_tf import folders
+from lenet_tf.errors import UsageError
+from lenet_tf.registry import unregister_dataset
+
+from conftest import run_cli
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Each test gets its own cache folder, and leaves no folder dataset registered behind it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield
+    unregister_dataset(folders.FOLDER_DATASET)
+
+
+def _shape(light_on_dark: bool = True, size=(40, 30), offset=(6, 9)) -> np.ndarray:
+    """A grey picture of a filled rectangle with a notch: light on black, or its negative."""
+    height, width = size
+    grey = np.zeros(size, np.uint8)
+    grey[offset[0]:offset[0] + 20, offset[1]:offset[1] + 12] = 230
+    grey[offset[0] + 5:offset[0] + 9, offset[1] + 3:offset[1] + 6] = 90
+    return grey if light_on_dark else 255 - grey
+
+
+def _write_classes(root: Path, pictures_per_class: dict[str, int], size=(28, 28)) -> Path:
+    rng = np.random.default_rng(0)
+    for name, count in pictures_per_class.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / name / f"{index:03d}.png")
+    return root
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# --- layouts and listing -----------------------------------------------------
+
+def test_layouts_are_told_apart(tmp_path, fashion_mnist_dir):
+    assert folders.detect_layout(fashion_mnist_dir) == "idx"
+    assert folders.detect_layout(_write_classes(tmp_path / "flat", {"a": 1, "b": 1})) == "classes"
+    _write_classes(tmp_path / "split" / "train", {"a": 1, "b": 1})
+    _write_classes(tmp_path / "split" / "test", {"a": 1, "b": 1})
+    assert folders.detect_layout(tmp_path / "split") == "train_test"
+    listing = folders.scan_folder(tmp_path / "split")
+    assert [file.in_test_folder for file in listing.files] == [False, False, True, True]
+
+
+def test_class_names_in_keras_order_and_non_pictures_ignored(tmp_path):
+    import keras
+
+    root = _write_classes(tmp_path / "photos", {"dog": 2, "Cat": 2, "ant": 2, "bee_2": 2})
+    for name in ("README.txt", ".DS_Store", "Thumbs.db"):
+        (root / "dog" / name).write_bytes(b"not a picture")
+    (root / "notes.txt").write_text("a file beside the class folders")
+    listing = folders.scan_folder(root)
+    keras_names = keras.utils.image_dataset_from_directory(root, image_size=(28, 28), color_mode="grayscale",
+                                                           verbose=False).class_names
+    assert listing.class_names == tuple(keras_names) == ("Cat", "ant", "bee_2", "dog")
+    assert len(listing.files) == 8 and all(file.relative.endswith(".png") for file in listing.files)
+
+
+def test_pictures_in_subfolders_of_a_class_count(tmp_path):
+    root = _write_classes(tmp_path / "photos", {"a": 1, "b": 1})
+    (root / "a" / "2024").mkdir()
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "a" / "2024" / "x.jpg")
+    listing = folders.scan_folder(root)
+    assert [file.relative for file in listing.files] == ["a/000.png", "a/2024/x.jpg", "b/000.png"]
+
+
+# --- the recipe --------------------------------------------------------------
+
+def test_light_on_dark_and_dark_on_light_give_the_same_light_on_dark_input(tmp_path):
+    light = _shape(light_on_dark=True)
+    Image.fromarray(light).save(tmp_path / "light.png")
+    Image.fromarray(_shape(light_on_dark=False)).convert("RGB").save(tmp_path / "dark.png")
+    from lenet_tf.images import read_picture
+
+    from_light = read_picture(tmp_path / "light.png", folders.FOLDER_FRAMING)[..., 0]
+    from_dark = read_picture(tmp_path / "dark.png", folders.FOLDER_FRAMING)[..., 0]
+    assert from_light.shape == (28, 28)
+    np.testing.assert_array_equal(from_light, from_dark)
+    # Black ground left and right, a light object in the middle whose longer side fills the canvas.
+    assert from_light[:, :4].max() == 0 and from_light[:, -4:].max() == 0 and from_light[14, 14] > 200
+    assert np.flatnonzero(from_light.max(axis=1) > 0).size == 28
+
+
+def test_every_mode_gives_the_same_input_where_the_conversion_is_exact(tmp_path):
+    from lenet_tf.images import read_picture
+
+    grey = _shape(size=(50, 44))
+    pictures = {
+        "L.png": Image.fromarray(grey),
+        "RGB.png": Image.fromarray(grey).convert("RGB"),
+        "P.gif": Image.fromarray(grey).convert("P"),
+        "RGBA.png": Image.fromarray(grey).convert("RGBA"),
+        "LA.png": Image.fromarray(grey).convert("LA"),
+        "I16.png": Image.fromarray(grey.astype(np.uint16) * 257),
+        "L.bmp": Image.fromarray(grey),
+        "L.tiff": Image.fromarray(grey),
+        "L.webp": Image.fromarray(grey),
+    }
+    for name, image in pictures.items():
+        image.save(tmp_path / name, **({"lossless": True} if name.endswith(".webp") else {}))
+    assert Image.open(tmp_path / "I16.png").mode.startswith("I")
+    expected = read_picture(tmp_path / "L.png", folders.FOLDER_FRAMING)
+    for name in pictures:
+        np.testing.assert_array_equal(read_picture(tmp_path / name, folders.FOLDER_FRAMING), expected, err_msg=name)
+    # Lossy or colour-managed ones: the same object, within a few levels.
+    Image.fromarray(grey).convert("CMYK").save(tmp_path / "CMYK.jpg", quality=95)
+    Image.fromarray(grey).convert("RGB").save(tmp_path / "RGB.jpg", quality=95)
+    for name in ("CMYK.jpg", "RGB.jpg"):
+        difference = np.abs(read_picture(tmp_path / name, folders.FOLDER_FRAMING).astype(int) - expected)
+        assert np.median(difference) <= 2, name
+
+
+def test_a_28x28_grey_png_is_read_as_its_pixels(tmp_path, fashion_mnist_dir):
+    from lenet_tf.data import load_idx_dir
+
+    images = load_idx_dir(fashion_mnist_dir).test_images[:300, ..., 0]
+    root = tmp_path / "photos"
+    for index, image in enumerate(images):
+        (root / f"class{index % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / f"class{index % 2}" / f"{index:04d}.png")
+    listing = folders.scan_folder(root)
+    read, decoded = folders.read_pictures(listing)
+    assert decoded == 300
+    order = [int(Path(file.relative).stem) for file in listing.files]
+    np.testing.assert_array_equal(read, images[order])
+
+
+# --- the held-out split ------------------------------------------------------
+
+def test_held_out_split_is_stratified_and_seeded():
+    labels = np.repeat(np.arange(3), [50, 20, 3])
+    split = folders.held_out_split(labels, 0.1, seed=0)
+    assert [int(split[labels == label].sum()) for label in range(3)] == [5, 2, 1]
+    np.testing.assert_array_equal(split, folders.held_out_split(labels, 0.1, seed=0))
+    assert (split != folders.held_out_split(labels, 0.1, seed=1)).any()
+    # A class of one picture stays in training.
+    assert not folders.held_out_split(np.array([0, 1, 1]), 0.5, seed=0)[0]
+
+
+def test_the_split_and_folder_are_recorded_in_the_run_folder(tmp_path):
+    root = _write_classes(tmp_path / "photos", {"a": 10, "b": 10})
+    info = folders.register_folder_dataset(root, test_split=0.2, seed=3)
+    datasets = info.loader(None)
+    assert (len(datasets.train_images), len(datasets.test_images)) == (16, 4)
+    folders.check_and_record(folders.FOLDER_DATASET, tmp_path / "run", tmp_path / "run", resuming=False)
+    record = json.loads((tmp_path / "run" / folders.RUN_RECORD_FILE).read_text())
+    assert record["class_names"] == ["a", "b"] and record["test_split"] == 0.2 and record["seed"] == 3
+    assert len(record["held_out"]) == 4 and len(record["files"]) == 20
+    # Registered again from the record (export --run-dir), it reads the same split.
+    folders.register_recorded_run(tmp_path / "run")
+    again = folders.registered_folder().load()
+    np.testing.assert_array_equal(again.test_images, datasets.test_images)
+    assert folders.registered_folder().held_out == record["held_out"]
+
+
+# --- the cache ---------------------------------------------------------------
+
+def test_a_second_read_decodes_nothing_and_an_edited_file_is_read_again(tmp_path):
+    root = _write_classes(tmp_path / "photos", {"a": 3, "b": 3})
+    listing = folders.scan_folder(root)
+    first, decoded = folders.read_pictures(listing)
+    assert decoded == 6
+    assert folders.cache_path(root).is_file()
+    assert str(folders.cache_path(root)).startswith(str(tmp_path / "cache" / "lenet_tf" / "folders"))
+    second, decoded = folders.read_pictures(folders.scan_folder(root))
+    assert decoded == 0
+    np.testing.assert_array_equal(first, second)
+    edited = root / "b" / "001.png"
+    Image.fromarray(np.full((28, 28), 7, np.uint8)).save(edited)
+    os.utime(edited, ns=(1, 1))  # Another modification time, whatever the clock's resolution.
+    third, decoded = folders.read_pictures(folders.scan_folder(root))
+    assert decoded == 1
+    assert (third[4] == 7).all() and (third[:4] == first[:4]).all()
+
+
+def test_the_cache_is_per_folder(tmp_path):
+    one = _write_classes(tmp_path / "one", {"a": 2, "b": 2})
+    two = _write_classes(tmp_path / "two", {"a": 2, "b": 2})
+    folders.read_pictures(folders.scan_folder(one))
+    assert folders.cache_path(one) != folders.cache_path(two)
+    assert folders.read_pictures(folders.scan_folder(two))[1] == 4
+
+
+def test_a_large_folder_is_decoded_by_worker_processes_as_inline(tmp_path):
+    root = _write_classes(tmp_path / "photos", {"a": 300, "b": 300})
+    listing = folders.scan_folder(root)
+    pooled, decoded = folders.read_pictures(listing)
+    assert decoded == 600
+    inline = folders._decode_chunk(str(root), [file.relative for file in listing.files])[0]
+    np.testing.assert_array_equal(pooled, inline)
+
+
+# --- bad input: one line, exit 2, nothing written ----------------------------
+
+def _train(capsys, tmp_path, data_dir: Path, *flags: str) -> str:
+    from lenet_tf.cli import main
+
+    code = main(["train", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+                 "--format", "", *flags])
+    line = _error_line(capsys)
+    assert code == 2 and line.startswith("lenet-tf train: error: "), line
+    assert not (tmp_path / "run").exists()
+    return line
+
+
+def test_a_folder_without_class_folders(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "photos" / "loose.png")
+    line = _train(capsys, tmp_path, tmp_path / "photos")
+    assert "nor class subfolders" in line and "1 pictures lie in it directly" in line
+
+
+def test_one_class_only(tmp_path, capsys):
+    line = _train(capsys, tmp_path, _write_classes(tmp_path / "photos", {"cat": 2}))
+    assert "one class folder (cat)" in line and "at least 2" in line
+
+
+def test_a_class_folder_without_pictures(tmp_path, capsys):
+    root = _write_classes(tmp_path / "photos", {"cat": 2})
+    (root / "dog").mkdir()
+    (root / "dog" / "README.txt").write_text("no pictures here")
+    assert f"class folder {root / 'dog'} holds no pictures" in _train(capsys, tmp_path, root)
+
+
+def test_train_and_test_with_different_classes(tmp_path, capsys):
+    _write_classes(tmp_path / "photos" / "train", {"cat": 1, "dog": 1, "eel": 1})
+    _write_classes(tmp_path / "photos" / "test", {"cat": 1, "dog": 1, "fox": 1})
+    line = _train(capsys, tmp_path, tmp_path / "photos")
+    assert "only in train/: eel" in line and "only in test/: fox" in line
+
+
+def test_an_empty_file(tmp_path, capsys):
+    root = _write_classes(tmp_path / "photos", {"cat": 2, "dog": 2})
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+    assert "empty.jpg is empty (0 bytes)" in _train(capsys, tmp_path, root)
+
+
+def test_a_symbolic_link_loop(tmp_path, capsys):
+    root = _write_classes(tmp_path / "photos", {"cat": 2, "dog": 2})
+    (root / "dog" / "again").symlink_to(root / "dog", target_is_directory=True)
+    assert "symbolic link loop" in _train(capsys, tmp_path, root)
+    (root / "dog" / "again").unlink()
+    (root / "dog" / "self.png").symlink_to(root / "dog" / "self.png")  # A link to itself: ELOOP.
+    assert "self.png is a symbolic link that leads nowhere or in a loop" in _train(capsys, tmp_path, root)
+
+
+def test_an_unreadable_folder(tmp_path):
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("runs the reader as the user nobody, which only root can")
+    shared = Path(os.environ.get("TMPDIR", "/tmp")) / f"lenet-folders-{os.getpid()}"
+    root = _write_classes(shared / "photos", {"cat": 2, "dog": 2})
+    try:
+        for folder in (shared, root, root / "cat"):
+            folder.chmod(0o755)
+        (root / "dog").chmod(0o700)  # Root's only: nobody may not list it.
+        code = ("import sys; from lenet_tf.cli import main; "
+                f"sys.exit(main(['train', '--data-dir', {str(root)!r}, '--run-dir', '/nonexistent/run']))")
+        try:
+            completed = subprocess.run([sys.executable, "-c", code], user=65534, capture_output=True, text=True,
+                                       cwd="/", env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+        except PermissionError:
+            pytest.skip(f"the user nobody may not run {sys.executable}")
+        if "No module named" in completed.stderr:
+            pytest.skip(f"the user nobody cannot import the package here: {completed.stderr.splitlines()[-1]}")
+        assert completed.returncode == 2, completed.stderr
+        assert f"cannot read folder {root / 'dog'}: Permission denied" in completed.stderr
+        assert "Traceback" not in completed.stderr
+    finally:
+        import shutil
+
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_undecodable_pictures_are_refused_with_their_count(tmp_path):
+    root = _write_classes(tmp_path / "photos", {"cat": 2, "dog": 2})
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing of a picture")
+    (root / "dog" / "notes.jpg").write_text("a text file with a picture's name")
+    info = folders.register_folder_dataset(root)
+    with pytest.raises(UsageError, match=r"^2 file\(s\) with a picture's name cannot be read as pictures, the "
+                                         r"first: .*cat/broken.png: .*; fix or remove them$"):
+        info.loader(None)
+    # The pictures that did decode are cached: after the fix, only the fixed ones are read.
+    (root / "cat" / "broken.png").unlink()
+    (root / "dog" / "notes.jpg").unlink()
+    folders.register_folder_dataset(root).loader(None)
+    assert folders.registered_folder().decoded == 0
+
+
+def test_a_decompression_bomb_is_refused(tmp_path):
+    from lenet_tf.images import read_picture
+
+    # 10,000 x 10,000 pixels in a few kilobytes: past Pillow's limit, under twice it (a warning, made an error).
+    Image.new("1", (10_000, 10_000)).save(tmp_path / "bomb.png")
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
+    with pytest.raises(UsageError, match="decompression bomb"):
+        read_picture(tmp_path / "bomb.png", folders.FOLDER_FRAMING)
+
+
+def test_resuming_with_a_changed_folder_is_refused(tmp_path):
+    root = _write_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
+    folders.register_folder_dataset(root).loader(None)
+    folders.check_and_record(folders.FOLDER_DATASET, tmp_path / "run", tmp_path / "run", resuming=False)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(root / "dog" / "new.png")
+    (root / "cat" / "000.png").unlink()
+    os.utime(root / "cat" / "001.png", ns=(1, 1))
+    folders.register_folder_dataset(root).loader(None)
+    with pytest.raises(UsageError) as raised:
+        folders.check_and_record(folders.FOLDER_DATASET, tmp_path / "run", tmp_path / "run", resuming=True)
+    assert "1 added: dog/new.png; 1 removed: cat/000.png; 1 edited: cat/001.png" in str(raised.value)
+    # A fresh run in that folder records the folder as it is now.
+    folders.check_and_record(folders.FOLDER_DATASET, tmp_path / "run", tmp_path / "run", resuming=False)
+    assert "dog/new.png" in json.loads((tmp_path / "run" / folders.RUN_RECORD_FILE).read_text())["files"]
+
+
+def test_flags_for_folders_are_refused_with_idx_files(tmp_path, capsys, fashion_mnist_dir):
+    from lenet_tf.cli import main
+
+    assert main(["summary", "--data-dir", str(fashion_mnist_dir), "--test-split", "0.2"]) == 2
+    assert "are for a --data-dir of class folders" in _error_line(capsys)
+
+
+# --- presets and the model ---------------------------------------------------
+
+def test_every_preset_builds_a_model_with_one_output_per_class(tmp_path, capsys):
+    from lenet_tf.cli import build_parser, config_from_args
+    from lenet_tf.model import build_model
+
+    root = _write_classes(tmp_path / "photos", {"a": 2, "b": 2, "c": 2})
+    for name in ("classic", "modern", "fast", "best"):
+        config = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--preset", name]))
+        assert config.dataset == folders.FOLDER_DATASET and config.crop == 0, name
+        assert "flip" not in config.augment and not config.test_time_flip, name
+        assert build_model(config).output_shape == (None, 3), name
+    flipping = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--preset", "fast",
+                                                           "--flip-keeps-class"]))
+    assert flipping.augment == "flip" and flipping.test_time_flip
+
+
+# --- whole runs --------------------------------------------------------------
+
+def _write_idx(directory: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> Path:
+    directory.mkdir(parents=True)
+    for prefix, split in (("train", "train"), ("t10k", "test")):
+        data = images[split]
+        (directory / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">4B3I", 0, 0, 8, 3, *data.shape) + data.tobytes()))
+        (directory / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">4BI", 0, 0, 8, 1, len(labels[split])) + labels[split].astype(np.uint8).tobytes()))
+    return directory
+
+
+@pytest.mark.slow
+def test_fashion_mnist_from_png_folders_trains_as_from_idx_files(tmp_path, fashion_mnist_dir):
+    """Real Fashion-MNIST written as PNG files into class folders named after
+    its classes: the folder reads to the very same arrays as the IDX files,
+    and the same run on both scores the same."""
+    from lenet_tf.data import load_idx_dir
+    from lenet_tf.registry import dataset_info
+
+    names = dataset_info("fashion_mnist").class_names
+    source = load_idx_dir(fashion_mnist_dir)
+    counts = {"train": 3000, "test": 1000}
+    root = tmp_path / "fashion"
+    for split, images, labels in (("train", source.train_images, source.train_labels),
+                                  ("test", source.test_images, source.test_labels)):
+        for index in range(counts[split]):
+            folder = root / split / names[labels[index]]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[index, ..., 0]).save(folder / f"{index:05d}.png")
+    info = folders.register_folder_dataset(root)
+    assert info.class_names == tuple(sorted(names))
+    from_folder = info.loader(None)
+    # The deterministic check: every picture reads back as its IDX array, with its class.
+    idx_images, idx_labels = {}, {}
+    for split, images, labels, read_images, read_labels in (
+            ("train", source.train_images, source.train_labels, from_folder.train_images, from_folder.train_labels),
+            ("test", source.test_images, source.test_labels, from_folder.test_images, from_folder.test_labels)):
+        order = [int(Path(file.relative).stem) for file in folders.registered_folder().listing.files
+                 if file.in_test_folder == (split == "test")]
+        np.testing.assert_array_equal(read_images, images[order])
+        assert [info.class_names[label] for label in read_labels] == [names[label] for label in labels[order]]
+        idx_images[split], idx_labels[split] = read_images[..., 0], read_labels
+    # The same pictures, classes and order as IDX files, trained with the same preset, epochs and seed.
+    idx_dir = _write_idx(tmp_path / "idx", idx_images, idx_labels)
+    common = ["--preset", "fast", "--epochs", "2", "--seed", "0", "--format", "", "--image-every-epochs", "0"]
+    env = {"XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
+    # Clothes keep their class in a mirror: said for the folder, known for fashion_mnist.
+    folder_run = run_cli("train", "--data-dir", str(root), "--run-dir", str(tmp_path / "run_folder"),
+                         "--flip-keeps-class", *common, env=env)
+    assert folder_run.returncode == 0, folder_run.stderr[-3000:]
+    assert "train/ and test/ with one subfolder per class" in folder_run.stdout.splitlines()[0]
+    idx_run = run_cli("train", "--data-dir", str(idx_dir), "--run-dir", str(tmp_path / "run_idx"), *common, env=env)
+    assert idx_run.returncode == 0, idx_run.stderr[-3000:]
+    assert "(IDX files)" in idx_run.stdout.splitlines()[0]
+    folder_metrics = json.loads((tmp_path / "run_folder" / "metrics.json").read_text())
+    idx_metrics = json.loads((tmp_path / "run_idx" / "metrics.json").read_text())
+    assert folder_metrics["class_names"] == list(info.class_names)
+    assert abs(folder_metrics["test_accuracy"] - idx_metrics["test_accuracy"]) <= 0.005
+
+
+@pytest.mark.slow
+def test_a_folder_of_mixed_pictures_trains_exports_and_predicts_as_it_evaluates(tmp_path):
+    """Three classes of dark-on-light JPEGs and PNGs of mixed sizes, colours
+    and modes: trains, exports with the parity proof, and `predict` on the
+    held-out files answers as `evaluate` scores them."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "parts"
+    shapes = {"bar": (6, 22), "block": (18, 18), "post": (24, 7)}
+    for name, (height, width) in shapes.items():
+        (root / name).mkdir(parents=True)
+        for index in range(40):
+            scale = rng.uniform(1.0, 3.0)
+            canvas = np.full((int(34 * scale), int(30 * scale)), 245, np.uint8)  # Light paper.
+            top, left = rng.integers(1, 8, 2)
+            canvas[int(top * scale):int((top + height) * scale), int(left * scale):int((left + width) * scale)] = \
+                rng.integers(10, 60)  # Dark ink.
+            picture = Image.fromarray(canvas)
+            kind = index % 4
+            if kind == 0:
+                picture.save(root / name / f"{index}.png")
+            elif kind == 1:
+                picture.convert("RGB").save(root / name / f"{index}.jpg", quality=90)
+            elif kind == 2:
+                picture.convert("P").save(root / name / f"{index}.png")
+            else:
+                Image.merge("RGB", [picture, picture.point(lambda value: value * 0.9), picture]).save(
+                    root / name / f"{index}.jpeg")
+    env = {"XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
+    run_dir, export_dir = tmp_path / "run", tmp_path / "exports"
+    trained = run_cli("train", "--data-dir", str(root), "--preset", "fast", "--epochs", "3", "--batch-size", "32",
+                      "--test-split", "0.25", "--run-dir", str(run_dir), "--export-dir", str(export_dir),
+                      "--format", "saved_model,tflite,web", "--image-every-epochs", "0", env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    version = Path(metrics["export_version_dir"])
+    card = json.loads((version / "metadata.json").read_text())
+    assert card["class_names"] == ["bar", "block", "post"] and card["folder"]["recipe"]["version"]
+    assert json.loads((version / "web" / "model.json").read_text())["class_names"] == card["class_names"]
+    held_out = json.loads((run_dir / folders.RUN_RECORD_FILE).read_text())["held_out"]
+    assert len(held_out) == 30
+    evaluated = run_cli("evaluate", "--model", str(version), "--json", env=env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    evaluation = json.loads(evaluated.stdout)
+    assert evaluation["examples"] == 30 and evaluation["class_names"] == card["class_names"]
+    predicted = run_cli("predict", "--model", str(version), "--json", "--top", "3",
+                        *[str(root / relative) for relative in held_out], env=env)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    answers = [json.loads(line) for line in predicted.stdout.splitlines()]
+    correct = sum(answer["class_name"] == Path(answer["file"]).parent.name for answer in answers)
+    assert correct == round(evaluation["accuracy"] * 30)
+    exported = run_cli("export", "--run-dir", str(run_dir), "--export-dir", str(tmp_path / "again"),
+                       "--format", "saved_model,tflite", env=env)
+    assert exported.returncode == 0, exported.stderr[-3000:]
