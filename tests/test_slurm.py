@@ -458,3 +458,8 @@ def test_a_task_killed_mid_run_ends_the_step_with_one_line(slurm_cluster, tmp_pa
     assert chief_lines[-1].startswith("lenet-tf train: error: worker 1 of this multi-worker run was lost"), stderr[-3000:]
     assert "Traceback" not in stderr
     assert backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
+
+
+def test_the_docs_show_the_sbatch_script_the_tests_submit():
+    page = (REPO_ROOT / "docs" / "distributed.md").read_text()
+    assert f"```bash\n{SBATCH_SCRIPT.read_text()}```" in page
