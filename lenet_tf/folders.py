@@ -32,6 +32,7 @@ import json
 import multiprocessing
 import os
 import stat
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -319,16 +320,16 @@ def cache_path(root: Path) -> Path:
     return base / "lenet_tf" / "folders" / f"{digest}.npz"
 
 
-def _read_cache(path: Path) -> dict[tuple[str, int, int], np.ndarray]:
+def _read_cache(path: Path) -> tuple[list[tuple[str, int, int]], np.ndarray | None]:
+    """The cached pictures' keys (path, size, mtime) and arrays; no keys when there is no usable cache."""
     try:
         with np.load(path, allow_pickle=False) as cached:
             if str(cached["recipe"]) != RECIPE_VERSION:
-                return {}
-            keys = zip(cached["paths"].tolist(), cached["sizes"].tolist(), cached["mtimes"].tolist())
-            images = cached["images"]
-            return {key: images[index] for index, key in enumerate(keys)}
+                return [], None
+            keys = list(zip(cached["paths"].tolist(), cached["sizes"].tolist(), cached["mtimes"].tolist()))
+            return keys, cached["images"]
     except (OSError, ValueError, KeyError, EOFError):
-        return {}  # No cache yet, or a damaged one: decode again.
+        return [], None  # No cache yet, or a damaged one: decode again.
 
 
 def _write_cache(path: Path, files: list[PictureFile], images: np.ndarray) -> None:
@@ -347,16 +348,65 @@ def _write_cache(path: Path, files: list[PictureFile], images: np.ndarray) -> No
 
 def _decode_chunk(root: str, relatives: list[str]) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Decodes pictures (in a worker process): their arrays and, for each that failed, (path, reason)."""
-    from lenet_tf.images import read_picture
+    from lenet_tf.images import prepare, read_picture, to_grey
 
     images = np.zeros((len(relatives), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     failures = []
     for index, relative in enumerate(relatives):
+        path = os.path.join(root, relative)
         try:
-            images[index] = read_picture(Path(root) / relative, FOLDER_FRAMING)[..., 0]
+            plain = _plain_grey_png(path)
+            if plain is None:
+                images[index] = read_picture(path, FOLDER_FRAMING)[..., 0]
+            else:
+                images[index] = prepare(to_grey(plain), FOLDER_FRAMING)
         except UsageError as error:
             failures.append((relative, str(error)))
     return images, failures
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _plain_grey_png(path: str):
+    """An 8-bit grey, non-interlaced PNG without transparency or EXIF (what a
+    dataset saved as files usually is), decoded by Pillow's own PNG decoder
+    without its Python-level parsing of the file, which costs as much as the
+    decoding for a small picture; None for any other file (read_picture reads those)."""
+    from PIL import Image
+
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    position, size, pieces = len(_PNG_SIGNATURE), None, []
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        body = data[position + 8:position + 8 + length]
+        if kind == b"IHDR":
+            if length != 13:
+                return None
+            width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            if depth != 8 or colour_type != 0 or interlace or not 0 < width * height <= _PLAIN_PNG_MAX_PIXELS:
+                return None
+            size = (width, height)
+        elif kind == b"IDAT":
+            pieces.append(body)
+        elif kind == b"IEND":
+            break
+        elif kind in (b"tRNS", b"eXIf") or size is None:
+            return None  # Transparency, an EXIF rotation, or chunks out of order: Pillow's whole reading.
+        position += 12 + length
+    if size is None or not pieces:
+        return None
+    try:
+        return Image.frombytes("L", size, b"".join(pieces), "zip", "L")
+    except (ValueError, OSError):
+        return None  # Damaged: read_picture says how.
+
+
+# Small pictures only: a large one is read by read_picture, with its limits.
+_PLAIN_PNG_MAX_PIXELS = 4096 * 4096
 
 
 def read_pictures(listing: FolderListing, progress: TextIO | None = None,
@@ -370,16 +420,21 @@ def read_pictures(listing: FolderListing, progress: TextIO | None = None,
     progress = sys.stderr if progress is None else progress
     started = time.monotonic()
     cache_file = cache_path(listing.root)
-    cached = _read_cache(cache_file)
+    cached_keys, cached_images = _read_cache(cache_file)
+    keys = [(file.relative, file.size, file.mtime_ns) for file in listing.files]
+    if cached_keys == keys:
+        return cached_images, 0  # Nothing changed: the cache as it is.
+    rows = {key: row for row, key in enumerate(cached_keys)}
     images = np.zeros((len(listing.files), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     missing = []
-    for index, file in enumerate(listing.files):
-        image = cached.get((file.relative, file.size, file.mtime_ns))
-        if image is None:
+    for index, key in enumerate(keys):
+        row = rows.get(key)
+        if row is None:
             missing.append(index)
         else:
-            images[index] = image
+            images[index] = cached_images[row]
     if not missing:
+        _write_cache(cache_file, listing.files, images)  # Pictures were removed: the cache follows.
         return images, 0
     failures: list[tuple[str, str]] = []
     chunks = [missing[start:start + _CHUNK_FILES] for start in range(0, len(missing), _CHUNK_FILES)]

@@ -147,6 +147,38 @@ def test_a_28x28_grey_png_is_read_as_its_pixels(tmp_path, fashion_mnist_dir):
     np.testing.assert_array_equal(read, images[order])
 
 
+def test_plain_grey_pngs_read_directly_give_what_pillow_gives(tmp_path):
+    """Folders read 8-bit grey PNGs through Pillow's decoder without its file
+    parsing; every picture must come out as read_picture makes it."""
+    from lenet_tf.images import read_picture
+
+    rng = np.random.default_rng(1)
+    pictures = {
+        "small.png": Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
+        "large.png": Image.fromarray(_shape(size=(61, 47))),
+        "dark_on_light.png": Image.fromarray(_shape(light_on_dark=False)),
+        "compressed.png": Image.fromarray(_shape(size=(90, 33))),
+        "palette.png": Image.fromarray(_shape()).convert("P"),
+        "colour.png": Image.fromarray(_shape()).convert("RGB"),
+        "transparent.png": Image.fromarray(_shape()),
+    }
+    for name, image in pictures.items():
+        options = {"compress_level": 9} if name == "compressed.png" else {}
+        if name == "transparent.png":
+            options["transparency"] = 0
+        image.save(tmp_path / name, **options)
+    direct = [name for name in pictures if folders._plain_grey_png(str(tmp_path / name)) is not None]
+    assert direct == ["small.png", "large.png", "dark_on_light.png", "compressed.png"]
+    decoded, failures = folders._decode_chunk(str(tmp_path), list(pictures))
+    assert failures == []
+    for index, name in enumerate(pictures):
+        np.testing.assert_array_equal(decoded[index], read_picture(tmp_path / name, folders.FOLDER_FRAMING)[..., 0],
+                                      err_msg=name)
+    damaged = (tmp_path / "small.png").read_bytes()
+    (tmp_path / "damaged.png").write_bytes(damaged[:60] + bytes(20) + damaged[80:])
+    assert folders._decode_chunk(str(tmp_path), ["damaged.png"])[1][0][0] == "damaged.png"
+
+
 # --- the held-out split ------------------------------------------------------
 
 def test_held_out_split_is_stratified_and_seeded():

@@ -1,0 +1,153 @@
+"""Reading a folder of pictures: the package's first read and cached start
+against one pass of Keras's image_dataset_from_directory, side by side.
+
+    LENET_TF_DATA_DIR=/work/shared/data python -m benchmarks.folders [--repeats 3] [--limit N]
+
+Writes the 70,000 MNIST digits as PNG files into train/<digit>/ and
+test/<digit>/ of a temporary folder (so the files are in the page cache, as
+a folder that was just copied or read is), then, in rounds that alternate
+the order, times: the package's first read (listing and decoding on every
+core, with an empty cache); one pass of
+`keras.utils.image_dataset_from_directory(color_mode="grayscale",
+image_size=(28, 28))` over train/ and over test/; the package's cached start
+(listing, then every array from the cache); and reading the same digits
+from the four IDX files, for scale. Prints medians with the range, the
+ratio of Keras's time to the first read, and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import statistics
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_png_folder(root: Path, limit: int | None = None) -> tuple[int, Path]:
+    """MNIST's digits as PNG files in train/ and test/ class folders; returns how
+    many, and a folder of the same digits as IDX files."""
+    from PIL import Image
+
+    from lenet_tf.data import find_local_data, load_local
+
+    found = find_local_data("mnist")
+    if found is None:
+        raise SystemExit("no local MNIST: set LENET_TF_DATA_DIR to a folder holding mnist/ with the four IDX files")
+    data = load_local(found)
+    count = 0
+    idx_dir = root / "idx"
+    idx_dir.mkdir(parents=True)
+    for split, images, labels, prefix in (("train", data.train_images, data.train_labels, "train"),
+                                          ("test", data.test_images, data.test_labels, "t10k")):
+        images, labels = images[:limit, ..., 0], labels[:limit]
+        for digit in range(10):
+            (root / "pictures" / split / str(digit)).mkdir(parents=True)
+        for index, (image, label) in enumerate(zip(images, labels)):
+            Image.fromarray(image).save(root / "pictures" / split / str(label) / f"{index:05d}.png")
+        count += len(images)
+        (idx_dir / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">4B3I", 0, 0, 8, 3, *images.shape) + images.tobytes()))
+        (idx_dir / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">4BI", 0, 0, 8, 1, len(labels)) + labels.astype(np.uint8).tobytes()))
+    return count, idx_dir
+
+
+def package_read(folder: Path) -> tuple[float, int]:
+    """Seconds to list and read the folder as training does; and how many pictures were decoded."""
+    from lenet_tf import folders
+
+    started = time.perf_counter()
+    listing = folders.scan_folder(folder)
+    images, decoded = folders.read_pictures(listing)
+    seconds = time.perf_counter() - started
+    assert len(images) == len(listing.files)
+    return seconds, decoded
+
+
+def keras_pass(folder: Path) -> float:
+    """Seconds for one pass of image_dataset_from_directory over train/ and test/."""
+    import keras
+
+    started = time.perf_counter()
+    count = 0
+    for split in ("train", "test"):
+        dataset = keras.utils.image_dataset_from_directory(folder / split, color_mode="grayscale",
+                                                           image_size=(28, 28), verbose=False)
+        for images, _ in dataset:
+            count += int(images.shape[0])
+    return time.perf_counter() - started
+
+
+def idx_read(idx_dir: Path) -> float:
+    from lenet_tf.data import load_idx_dir
+
+    started = time.perf_counter()
+    load_idx_dir(idx_dir)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="the first N digits of each split (default: all)")
+    args = parser.parse_args(argv)
+
+    from benchmarks.common import machine_description
+
+    scratch = Path(tempfile.mkdtemp(prefix="lenet-folders-bench-"))
+    os.environ["XDG_CACHE_HOME"] = str(scratch / "cache")
+    try:
+        started = time.perf_counter()
+        count, idx_dir = write_png_folder(scratch, args.limit)
+        folder = scratch / "pictures"
+        print(f"wrote {count} PNG files in {time.perf_counter() - started:.1f} s", flush=True)
+        keras_pass(folder)  # Once untimed: TensorFlow's own start-up is not the reading.
+        times: dict[str, list[float]] = {"first read": [], "keras": [], "cached start": [], "idx": []}
+        for round_index in range(args.repeats):
+            order = ["first read", "keras"] if round_index % 2 == 0 else ["keras", "first read"]
+            for name in order:
+                if name == "first read":
+                    shutil.rmtree(scratch / "cache", ignore_errors=True)
+                    seconds, decoded = package_read(folder)
+                    assert decoded == count, (decoded, count)
+                else:
+                    seconds = keras_pass(folder)
+                times[name].append(seconds)
+            seconds, decoded = package_read(folder)
+            assert decoded == 0, decoded
+            times["cached start"].append(seconds)
+            times["idx"].append(idx_read(idx_dir))
+            print(f"round {round_index + 1}: " + ", ".join(f"{name} {values[-1]:.2f} s"
+                                                          for name, values in times.items()), flush=True)
+        machine = machine_description()
+        print()
+        print(f"{count} MNIST digits as PNG files (train/ and test/ class folders, in the page cache); "
+              f"{machine['date']}, {machine['cores']} cores of {machine['cpu']}, TensorFlow {machine['tensorflow']}, "
+              f"Keras {machine['keras']}; {args.repeats} rounds, median (min-max):")
+        print()
+        print("| reading | seconds |")
+        print("|---|---|")
+        labels = {"first read": "lenet_tf, first read (list, decode on every core, cache)",
+                  "keras": "keras.utils.image_dataset_from_directory, one pass",
+                  "cached start": "lenet_tf, cached start (list, arrays from the cache)",
+                  "idx": "the same digits from the four IDX files (.gz)"}
+        for name, values in times.items():
+            print(f"| {labels[name]} | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) |")
+        ratios = [keras / ours for keras, ours in zip(times["keras"], times["first read"])]
+        print()
+        print(f"Keras's pass over lenet_tf's first read: {statistics.median(ratios):.1f}x "
+              f"({min(ratios):.1f}-{max(ratios):.1f}x)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
