@@ -60,11 +60,16 @@ def test_predict_json_lines_on_png_and_jpeg(fashion_model, tmp_path):
     for line in lines:
         assert set(line) == {"file", "class_id", "class_name", "probability", "top"}
         assert len(line["top"]) == 3 and line["top"][0]["class_id"] == line["class_id"]
-        assert 0 < line["probability"] <= 1
-    correct = sum(line["class_id"] == label for line, label in zip(lines, files.values()))
-    # The model is ~80% accurate on real test images; resized, recoloured
-    # copies of six of them should still mostly be recognised.
-    assert correct >= 4, lines
+        assert line["class_name"] == dataset_info("fashion_mnist").class_names[line["class_id"]]
+    # Each line is the model's answer for its own file: what the package's
+    # loader and predictor give for that file. (How well re-framed pictures are
+    # recognised: test_dataset_images_saved_as_files_get_the_arrays_answers.)
+    from lenet_tf.images import load_image
+    from lenet_tf.inference import load_predictor
+
+    expected = load_predictor(metrics["exports"]["float32"]).predict(np.stack([load_image(path) for path in files]))
+    assert [line["class_id"] for line in lines] == expected.argmax(axis=1).tolist()
+    assert [line["probability"] for line in lines] == pytest.approx(expected.max(axis=1).tolist(), abs=1e-6)
 
 
 def test_broken_files_get_one_line_each_and_the_others_still_run(fashion_model, tmp_path):
