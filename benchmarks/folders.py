@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import resource
 import shutil
 import statistics
 import struct
@@ -59,30 +60,36 @@ def write_png_folder(root: Path, limit: int | None = None) -> tuple[int, Path]:
     return count, idx_dir
 
 
-def package_read(folder: Path) -> tuple[float, int]:
-    """Seconds to list and read the folder as training does; and how many pictures were decoded."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished worker processes, all threads."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def package_read(folder: Path) -> tuple[float, float, int]:
+    """Seconds and CPU seconds to list and read the folder as training does; and how many pictures were decoded."""
     from lenet_tf import folders
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     listing = folders.scan_folder(folder)
     images, decoded = folders.read_pictures(listing)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     assert len(images) == len(listing.files)
-    return seconds, decoded
+    return seconds, cpu, decoded
 
 
-def keras_pass(folder: Path) -> float:
-    """Seconds for one pass of image_dataset_from_directory over train/ and test/."""
+def keras_pass(folder: Path) -> tuple[float, float]:
+    """Seconds and CPU seconds for one pass of image_dataset_from_directory over train/ and test/."""
     import keras
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     count = 0
     for split in ("train", "test"):
         dataset = keras.utils.image_dataset_from_directory(folder / split, color_mode="grayscale",
                                                            image_size=(28, 28), verbose=False)
         for images, _ in dataset:
             count += int(images.shape[0])
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_seconds() - cpu_started
 
 
 def idx_read(idx_dir: Path) -> float:
@@ -110,40 +117,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {count} PNG files in {time.perf_counter() - started:.1f} s", flush=True)
         keras_pass(folder)  # Once untimed: TensorFlow's own start-up is not the reading.
         times: dict[str, list[float]] = {"first read": [], "keras": [], "cached start": [], "idx": []}
+        # CPU time, all threads and worker processes: on a machine shared with other work the wall
+        # time depends on what else runs, the CPU time much less.
+        cpu: dict[str, list[float]] = {"first read": [], "keras": [], "cached start": []}
         for round_index in range(args.repeats):
             order = ["first read", "keras"] if round_index % 2 == 0 else ["keras", "first read"]
             for name in order:
                 if name == "first read":
                     shutil.rmtree(scratch / "cache", ignore_errors=True)
-                    seconds, decoded = package_read(folder)
+                    seconds, cpu_time, decoded = package_read(folder)
                     assert decoded == count, (decoded, count)
                 else:
-                    seconds = keras_pass(folder)
+                    seconds, cpu_time = keras_pass(folder)
                 times[name].append(seconds)
-            seconds, decoded = package_read(folder)
+                cpu[name].append(cpu_time)
+            seconds, cpu_time, decoded = package_read(folder)
             assert decoded == 0, decoded
             times["cached start"].append(seconds)
+            cpu["cached start"].append(cpu_time)
             times["idx"].append(idx_read(idx_dir))
             print(f"round {round_index + 1}: " + ", ".join(f"{name} {values[-1]:.2f} s"
-                                                          for name, values in times.items()), flush=True)
+                                                          for name, values in times.items())
+                  + "; CPU " + ", ".join(f"{name} {values[-1]:.2f} s" for name, values in cpu.items()), flush=True)
         machine = machine_description()
         print()
         print(f"{count} MNIST digits as PNG files (train/ and test/ class folders, in the page cache); "
               f"{machine['date']}, {machine['cores']} cores of {machine['cpu']}, TensorFlow {machine['tensorflow']}, "
               f"Keras {machine['keras']}; {args.repeats} rounds, median (min-max):")
         print()
-        print("| reading | seconds |")
-        print("|---|---|")
+        print("| reading | seconds | CPU seconds |")
+        print("|---|---|---|")
         labels = {"first read": "lenet_tf, first read (list, decode on every core, cache)",
                   "keras": "keras.utils.image_dataset_from_directory, one pass",
                   "cached start": "lenet_tf, cached start (list, arrays from the cache)",
                   "idx": "the same digits from the four IDX files (.gz)"}
         for name, values in times.items():
-            print(f"| {labels[name]} | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) |")
-        ratios = [keras / ours for keras, ours in zip(times["keras"], times["first read"])]
+            spent = cpu.get(name)
+            print(f"| {labels[name]} | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) | "
+                  + (f"{statistics.median(spent):.2f} ({min(spent):.2f}-{max(spent):.2f})" if spent else "") + " |")
         print()
-        print(f"Keras's pass over lenet_tf's first read: {statistics.median(ratios):.1f}x "
-              f"({min(ratios):.1f}-{max(ratios):.1f}x)")
+        for kind, table in (("wall", times), ("CPU", cpu)):
+            ratios = [keras / ours for keras, ours in zip(table["keras"], table["first read"])]
+            print(f"Keras's pass over lenet_tf's first read, {kind} time: {statistics.median(ratios):.1f}x "
+                  f"({min(ratios):.1f}-{max(ratios):.1f}x)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

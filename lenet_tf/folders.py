@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
@@ -62,8 +62,7 @@ _CHUNK_FILES = 500
 _PROGRESS_AFTER_SECONDS = 2.0
 
 
-@dataclass(frozen=True)
-class PictureFile:
+class PictureFile(NamedTuple):
     relative: str  # Path below the folder, '/'-separated: train/cat/1.png or cat/1.png.
     size: int
     mtime_ns: int
@@ -175,7 +174,7 @@ def picture_recipe() -> dict[str, Any]:
 
 
 def is_picture_name(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in PICTURE_SUFFIXES
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in PICTURE_SUFFIXES
 
 
 def detect_layout(path: str | os.PathLike) -> str:
@@ -270,8 +269,8 @@ def _pictures(root: Path, class_folder: str, label: int, in_test: bool) -> list[
         except OSError as error:
             raise UsageError(f"cannot read folder {folder}: {error.strerror}; fix its permissions") from None
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
+            if entry.name.startswith(".") or not (is_picture_name(entry.name) or entry.is_dir()):
+                continue  # Hidden, or a file that is not a picture by its name: no need to ask for more.
             try:
                 details = entry.stat()  # Follows symbolic links.
             except OSError as error:
@@ -348,7 +347,7 @@ def _write_cache(path: Path, files: list[PictureFile], images: np.ndarray) -> No
 
 def _decode_chunk(root: str, relatives: list[str]) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Decodes pictures (in a worker process): their arrays and, for each that failed, (path, reason)."""
-    from lenet_tf.images import prepare, read_picture, to_grey
+    from lenet_tf.images import LIGHT_BORDER, border_level, prepare, read_picture, to_grey
 
     images = np.zeros((len(relatives), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     failures = []
@@ -358,6 +357,11 @@ def _decode_chunk(root: str, relatives: list[str]) -> tuple[np.ndarray, list[tup
             plain = _plain_grey_png(path)
             if plain is None:
                 images[index] = read_picture(path, FOLDER_FRAMING)[..., 0]
+            elif plain.size == (IMAGE_SIZE, IMAGE_SIZE):
+                # to_grey and prepare of an 8-bit 28x28 picture, in uint8: its pixels, inverted
+                # when its border is light (tests/test_folders.py checks the two agree).
+                pixels = np.frombuffer(plain.tobytes(), np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
+                images[index] = 255 - pixels if border_level(pixels) > LIGHT_BORDER else pixels
             else:
                 images[index] = prepare(to_grey(plain), FOLDER_FRAMING)
         except UsageError as error:

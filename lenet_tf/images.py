@@ -122,7 +122,7 @@ def border_level(grey: np.ndarray) -> float:
     """The median grey level of the outermost pixels: the background's."""
     border = np.sort(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]))
     middle = len(border) // 2  # np.median's answer, without its overhead (a fifth of a small picture's read).
-    return float(border[middle]) if len(border) % 2 else float((border[middle - 1] + border[middle]) / 2)
+    return float(border[middle]) if len(border) % 2 else (float(border[middle - 1]) + float(border[middle])) / 2
 
 
 def prepare(grey: np.ndarray, framing: Framing) -> np.ndarray:

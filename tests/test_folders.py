@@ -145,6 +145,14 @@ def test_a_28x28_grey_png_is_read_as_its_pixels(tmp_path, fashion_mnist_dir):
     assert decoded == 300
     order = [int(Path(file.relative).stem) for file in listing.files]
     np.testing.assert_array_equal(read, images[order])
+    # However it is framed: a small object off centre stays where it is, its size.
+    from lenet_tf.images import read_picture
+
+    off_centre = np.zeros((28, 28), np.uint8)
+    off_centre[2:8, 3:7] = 200
+    Image.fromarray(off_centre).save(tmp_path / "off_centre.png")
+    np.testing.assert_array_equal(read_picture(tmp_path / "off_centre.png", folders.FOLDER_FRAMING)[..., 0],
+                                  off_centre)
 
 
 def test_plain_grey_pngs_read_directly_give_what_pillow_gives(tmp_path):
@@ -155,6 +163,8 @@ def test_plain_grey_pngs_read_directly_give_what_pillow_gives(tmp_path):
     rng = np.random.default_rng(1)
     pictures = {
         "small.png": Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
+        "small_light.png": Image.fromarray(rng.integers(100, 256, (28, 28), dtype=np.uint8)),
+        "small_dark_on_light.png": Image.fromarray(_shape(light_on_dark=False, size=(28, 28), offset=(4, 8))),
         "large.png": Image.fromarray(_shape(size=(61, 47))),
         "dark_on_light.png": Image.fromarray(_shape(light_on_dark=False)),
         "compressed.png": Image.fromarray(_shape(size=(90, 33))),
@@ -168,7 +178,8 @@ def test_plain_grey_pngs_read_directly_give_what_pillow_gives(tmp_path):
             options["transparency"] = 0
         image.save(tmp_path / name, **options)
     direct = [name for name in pictures if folders._plain_grey_png(str(tmp_path / name)) is not None]
-    assert direct == ["small.png", "large.png", "dark_on_light.png", "compressed.png"]
+    assert direct == ["small.png", "small_light.png", "small_dark_on_light.png", "large.png", "dark_on_light.png",
+                      "compressed.png"]
     decoded, failures = folders._decode_chunk(str(tmp_path), list(pictures))
     assert failures == []
     for index, name in enumerate(pictures):
