@@ -45,6 +45,33 @@ def _str_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _shown(value) -> str:
+    """A setting as a user types it on the command line."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _defaults(name: str) -> str:
+    """A flag's default and each preset's value for it, read from the presets
+    themselves, e.g. "default: 0; modern: 0.9; fast, best: 0.95"."""
+    default = getattr(TrainConfig(), name)
+    datasets = dataset_names()
+    by_value: dict[str, list[str]] = {}
+    for preset_name in PRESETS:
+        values = {dataset: getattr(preset(preset_name, dataset), name) for dataset in datasets}
+        first = values[datasets[0]]
+        if first != default:
+            by_value.setdefault(_shown(first), []).append(preset_name)
+        for dataset, value in values.items():
+            if value != first:  # A dataset that the preset treats differently.
+                by_value.setdefault(_shown(value), []).append(f"{preset_name} on {dataset}")
+    return "; ".join([f"default: {_shown(default)}", *(f"{', '.join(names)}: {value}"
+                                                       for value, names in by_value.items())])
+
+
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     data = parser.add_argument_group("data")
@@ -66,36 +93,36 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model")
     model.add_argument("--preset", choices=PRESETS, default="classic", help="named configuration: classic = the book's LeNet-5 and training; modern = ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation; fast = the shortest wait for a good model; best = the most accurate under 100,000 parameters, about 10 minutes (default: %(default)s)")
-    model.add_argument("--activation", choices=ACTIVATIONS, help=f"default: {defaults.activation}")
-    model.add_argument("--pooling", choices=POOLINGS, help=f"default: {defaults.pooling}")
-    model.add_argument("--conv-filters", type=_int_list, help="filters per conv layer, comma-separated (default: 6,16)")
-    model.add_argument("--kernel-size", type=_int_list, help="conv kernel size, or one per conv layer, e.g. 5,3 (default: 5)")
-    model.add_argument("--first-conv-padding", choices=("same", "valid"), help="padding of the first conv layer (default: same, as the book)")
-    model.add_argument("--crop", type=int, help="pixels cut from each side of the 28x28 image, inside the model, before the first conv (default: 0; fast on MNIST: 2)")
-    model.add_argument("--dense-units", type=_int_list, help="hidden dense widths, comma-separated (default: 120,84)")
-    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="batch normalisation after each conv/dense layer (default: off)")
-    model.add_argument("--first-conv-batch-norm", action=argparse.BooleanOptionalAction, default=None, help="with --batch-norm, also after the first conv layer (default: on)")
-    model.add_argument("--whiten-first-conv", action=argparse.BooleanOptionalAction, default=None, help="fix the first conv layer's kernels to the whitened principal components of the training images' patches, untrained (default: off; fast: on)")
-    model.add_argument("--dense-batch-norm", action=argparse.BooleanOptionalAction, default=None, help="with --batch-norm, also after the hidden dense layers (default: on)")
-    model.add_argument("--batch-norm-momentum", type=float, help=f"weight of the old value in batch norm's moving statistics per step (default: {defaults.batch_norm_momentum})")
-    model.add_argument("--dropout", type=float, help=f"dropout after hidden dense layers (default: {defaults.dropout})")
-    model.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction, default=None, help="in inference the model averages each image's logits with its left-right mirror's, inside every exported format; twice the inference cost; not for digits (default: off; fast on fashion_mnist: on)")
+    model.add_argument("--activation", choices=ACTIVATIONS, help=_defaults("activation"))
+    model.add_argument("--pooling", choices=POOLINGS, help=_defaults("pooling"))
+    model.add_argument("--conv-filters", type=_int_list, help=f"filters per conv layer, comma-separated ({_defaults('conv_filters')})")
+    model.add_argument("--kernel-size", type=_int_list, help=f"conv kernel size, or one per conv layer, e.g. 5,3 ({_defaults('kernel_size')})")
+    model.add_argument("--first-conv-padding", choices=("same", "valid"), help=f"padding of the first conv layer; the book's is same ({_defaults('first_conv_padding')})")
+    model.add_argument("--crop", type=int, help=f"pixels cut from each side of the 28x28 image, inside the model, before the first conv ({_defaults('crop')})")
+    model.add_argument("--dense-units", type=_int_list, help=f"hidden dense widths, comma-separated ({_defaults('dense_units')})")
+    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"batch normalisation after each conv/dense layer ({_defaults('batch_norm')})")
+    model.add_argument("--first-conv-batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"with --batch-norm, also after the first conv layer ({_defaults('first_conv_batch_norm')})")
+    model.add_argument("--whiten-first-conv", action=argparse.BooleanOptionalAction, default=None, help=f"fix the first conv layer's kernels to the whitened principal components of the training images' patches, untrained ({_defaults('whiten_first_conv')})")
+    model.add_argument("--dense-batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"with --batch-norm, also after the hidden dense layers ({_defaults('dense_batch_norm')})")
+    model.add_argument("--batch-norm-momentum", type=float, help=f"weight of the old value in batch norm's moving statistics per step ({_defaults('batch_norm_momentum')})")
+    model.add_argument("--dropout", type=float, help=f"dropout after hidden dense layers ({_defaults('dropout')})")
+    model.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction, default=None, help=f"in inference the model averages each image's logits with its left-right mirror's, inside every exported format; twice the inference cost; not for digits ({_defaults('test_time_flip')})")
 
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd, or muon (Keras's, extended to conv kernels: orthogonalised momentum for the kernels, AdamW for the rest) (default: sgd; fast: muon)")
-    optimisation.add_argument("--muon-ns-steps", type=int, help=f"with muon: Newton-Schulz iterations per update (default: {defaults.muon_ns_steps}; fast on MNIST: 3)")
-    optimisation.add_argument("--learning-rate", type=float, help=f"peak learning rate (default: {defaults.learning_rate})")
-    optimisation.add_argument("--batch-size", type=int, help=f"per-replica batch size (default: {defaults.batch_size})")
-    optimisation.add_argument("--epochs", type=int, help=f"default: {defaults.epochs}")
-    optimisation.add_argument("--seed", type=int, help=f"random seed (default: {defaults.seed})")
-    optimisation.add_argument("--momentum", type=float, help="momentum (default: 0; modern: 0.9; fast: 0.95)")
-    optimisation.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (default: off; modern: on)")
-    optimisation.add_argument("--weight-decay", type=float, help="decoupled weight decay (default: 0; modern: 5e-4)")
-    optimisation.add_argument("--label-smoothing", type=float, help="default: 0; modern: 0.1")
-    optimisation.add_argument("--lr-schedule", choices=SCHEDULES, help="after the warm-up: constant, cosine or linear decay to 0 (default: constant; modern: cosine; fast: linear)")
-    optimisation.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up (default: 0; modern: 1)")
-    optimisation.add_argument("--augment", choices=AUGMENTATIONS, help="training-time shifts and/or left-right flips in the pipeline; flips only where the class survives them (default: none; modern: shift_flip; fast: flip; on mnist without flips)")
-    optimisation.add_argument("--validation-split", type=float, help="hold out this fraction of the training split for validation; 0 = validate on the test split (default: 0)")
+    optimisation.add_argument("--optimizer", choices=OPTIMIZERS, help=f"sgd, or muon (Keras's, extended to conv kernels: orthogonalised momentum for the kernels, AdamW for the rest) ({_defaults('optimizer')})")
+    optimisation.add_argument("--muon-ns-steps", type=int, help=f"with muon: Newton-Schulz iterations per update ({_defaults('muon_ns_steps')})")
+    optimisation.add_argument("--learning-rate", type=float, help=f"peak learning rate ({_defaults('learning_rate')})")
+    optimisation.add_argument("--batch-size", type=int, help=f"per-replica batch size ({_defaults('batch_size')})")
+    optimisation.add_argument("--epochs", type=int, help=_defaults("epochs"))
+    optimisation.add_argument("--seed", type=int, help=f"random seed ({_defaults('seed')})")
+    optimisation.add_argument("--momentum", type=float, help=f"momentum ({_defaults('momentum')})")
+    optimisation.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help=f"Nesterov momentum ({_defaults('nesterov')})")
+    optimisation.add_argument("--weight-decay", type=float, help=f"decoupled weight decay ({_defaults('weight_decay')})")
+    optimisation.add_argument("--label-smoothing", type=float, help=_defaults("label_smoothing"))
+    optimisation.add_argument("--lr-schedule", choices=SCHEDULES, help=f"after the warm-up: constant, cosine or linear decay to 0 ({_defaults('lr_schedule')})")
+    optimisation.add_argument("--warmup-epochs", type=float, help=f"linear learning-rate warm-up, in epochs ({_defaults('warmup_epochs')})")
+    optimisation.add_argument("--augment", choices=AUGMENTATIONS, help=f"training-time shifts and/or left-right flips in the pipeline; flips only where the class survives them ({_defaults('augment')})")
+    optimisation.add_argument("--validation-split", type=float, help=f"hold out this fraction of the training split for validation; 0 = validate on the test split ({_defaults('validation_split')})")
 
     runtime = parser.add_argument_group("runtime and outputs")
     runtime.add_argument("--steps-per-execution", type=int, help=f"training steps per call into TensorFlow (default: {defaults.steps_per_execution})")
@@ -113,7 +140,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--tensorboard-update-freq", help="'epoch', 'batch' or N batches (default: epoch)")
     runtime.add_argument("--histogram-freq", type=int, help="weight histograms every N epochs, 0 = off (default: 0)")
     runtime.add_argument("--profile-batch", help="profile this batch range, e.g. 10,20 (default: off)")
-    runtime.add_argument("--image-every-epochs", type=int, help="TensorBoard image dashboards every N epochs and at the end; 0 = only at the end (default: 5)")
+    runtime.add_argument("--image-every-epochs", type=int, help=f"TensorBoard image dashboards every N epochs and at the end; 0 = only at the end ({_defaults('image_every_epochs')})")
     runtime.add_argument("--activation-indices", type=_int_list, help="test-set indices whose conv activations are shown (default: first of each class)")
 
 
@@ -141,8 +168,10 @@ def _folder_dataset(args: argparse.Namespace) -> str | None:
         if args.test_split is not None or args.flip_keeps_class:
             raise UsageError("--test-split and --flip-keeps-class are for a --data-dir of class folders of pictures")
         return None
-    register_folder_dataset(args.data_dir, DEFAULT_TEST_SPLIT if args.test_split is None else args.test_split,
-                            TrainConfig().seed if args.seed is None else args.seed, args.flip_keeps_class)
+    info = register_folder_dataset(args.data_dir, DEFAULT_TEST_SPLIT if args.test_split is None else args.test_split,
+                                   TrainConfig().seed if args.seed is None else args.seed, args.flip_keeps_class)
+    # Absolute in the run's config.json: export --run-dir and evaluate may run from another folder.
+    args.data_dir = str(info.loader.__self__.root)
     return FOLDER_DATASET
 
 
@@ -288,6 +317,13 @@ def _predict(args) -> int:
 def _tensorboard(args) -> int:
     from pathlib import Path
 
+    if "tensorflow" not in sys.modules:
+        # TensorBoard and its profile plugin import TensorFlow when they can,
+        # for features that local log folders do not need (remote storage,
+        # capturing a live profile); without it they read the logs with
+        # TensorBoard's own reader, as where TensorFlow is not installed. A
+        # None entry makes `import tensorflow` fail in this process.
+        sys.modules["tensorflow"] = None
     from tensorboard import program
 
     if not Path(args.run_dir).is_dir():
@@ -334,6 +370,8 @@ HANDLERS = {
     "train": _train, "summary": _summary, "export": _export, "evaluate": _evaluate,
     "predict": _predict, "tensorboard": _tensorboard, "serve-web": _serve_web,
 }
+# Servers of files already written: they start at once, without TensorFlow's import.
+WITHOUT_TENSORFLOW = ("serve-web", "tensorboard")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -346,9 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop_signals: list[int] = []
     try:
         with _stop_signals_as_interrupts(stop_signals):
-            # Inside: Ctrl-C in the seconds TensorFlow takes to import is a
-            # stop like any other, not a traceback from its import machinery.
-            import_tensorflow_quietly()
+            if args.command not in WITHOUT_TENSORFLOW:
+                # Inside: Ctrl-C in the seconds TensorFlow takes to import is a
+                # stop like any other, not a traceback from its import machinery.
+                import_tensorflow_quietly()
             return HANDLERS[args.command](args)
     except (UsageError, ParityError, StoppedError) as error:
         if stop_signals and isinstance(error, StoppedError):
@@ -359,10 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _report_stop(args.command, stop_signals)
     except Exception as error:
-        if stop_signals:
-            # The interrupt was raised inside TensorFlow's C++ bindings, which
-            # turn it into another exception (pybind11's "MISMATCH of original
-            # and normalized active exception types"): still the user's stop.
+        if stop_signals and _passed_on_stop(error):
             return _report_stop(args.command, stop_signals)
         reason = _out_of_memory(error)
         if reason is None:
@@ -413,6 +449,27 @@ def _report_stop(command: str, received: list[int]) -> int:
         return 128 + signal.SIGTERM
     print(f"lenet-tf {command}: interrupted; run the same command again to resume", file=sys.stderr)
     return 128 + signal.SIGINT
+
+
+# pybind11's RuntimeError for a Python exception that changed type on its way
+# through C++ (seen for a SIGTERM during the SavedModel export's tracing).
+_PYBIND11_INTERRUPT = "MISMATCH of original and normalized active exception types: ORIGINAL KeyboardInterrupt"
+
+
+def _passed_on_stop(error: Exception) -> bool:
+    """Whether `error` is a stop's KeyboardInterrupt that C++ code passed on as
+    another exception, rather than a bug that happened after a stop signal.
+
+    Two wrappings: pybind11's RuntimeError naming the original KeyboardInterrupt,
+    and the tf.errors.UnknownError of TensorFlow's runtime for a Python
+    function it called (tf.py_function, tf.data's from_generator and map),
+    whose first line names the exception that function raised.
+    """
+    if isinstance(error, RuntimeError) and _PYBIND11_INTERRUPT in str(error):
+        return True
+    tf = sys.modules.get("tensorflow")
+    return (tf is not None and isinstance(error, tf.errors.UnknownError)
+            and "KeyboardInterrupt:" in (str(error).splitlines() or [""])[0])
 
 
 def _out_of_memory(error: Exception) -> str | None:

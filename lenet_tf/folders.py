@@ -105,6 +105,9 @@ class FolderDataset:
     # Pictures decoded (not taken from the cache) by the last load: a test counts them.
     decoded: int = 0
     held_out: list[str] = field(default_factory=list, repr=False)
+    # The file of each training and test example, in the order of the last load's arrays.
+    train_files: list[str] = field(default_factory=list, repr=False)
+    test_files: list[str] = field(default_factory=list, repr=False)
 
     def load(self, data_dir: str | None = None):
         """The Datasets of this folder, or of `data_dir`, which must hold the same classes."""
@@ -134,8 +137,13 @@ class FolderDataset:
             is_test = held_out_split(labels, self.test_split, self.seed)
             split = f"{self.test_split:.0%} of each class held out for testing (seed {self.seed})"
         self.held_out = [file.relative for file, test in zip(listing.files, is_test) if test]
-        return Datasets(images[~is_test][..., np.newaxis], labels[~is_test], images[is_test][..., np.newaxis],
-                        labels[is_test], source=str(listing.root),
+        # In a seeded order rather than class by class, so that --limit-train and --limit-test take every class.
+        order = np.random.default_rng(self.seed)
+        train_rows, test_rows = order.permutation(np.flatnonzero(~is_test)), order.permutation(np.flatnonzero(is_test))
+        self.train_files = [listing.files[row].relative for row in train_rows]
+        self.test_files = [listing.files[row].relative for row in test_rows]
+        return Datasets(images[train_rows][..., np.newaxis], labels[train_rows], images[test_rows][..., np.newaxis],
+                        labels[test_rows], source=str(listing.root),
                         layout=f"{listing.describe()} ({', '.join(listing.class_names)}); {split}")
 
     def card(self) -> dict[str, Any]:

@@ -207,6 +207,9 @@ def test_the_split_and_folder_are_recorded_in_the_run_folder(tmp_path):
     info = folders.register_folder_dataset(root, test_split=0.2, seed=3)
     datasets = info.loader(None)
     assert (len(datasets.train_images), len(datasets.test_images)) == (16, 4)
+    # Classes mixed in a seeded order, so that --limit-train takes every class.
+    assert set(datasets.train_labels[:6].tolist()) == {0, 1}
+    assert sorted(folders.registered_folder().test_files) == folders.registered_folder().held_out
     folders.check_and_record(folders.FOLDER_DATASET, tmp_path / "run", tmp_path / "run", resuming=False)
     record = json.loads((tmp_path / "run" / folders.RUN_RECORD_FILE).read_text())
     assert record["class_names"] == ["a", "b"] and record["test_split"] == 0.2 and record["seed"] == 3
@@ -443,8 +446,8 @@ def test_fashion_mnist_from_png_folders_trains_as_from_idx_files(tmp_path, fashi
     for split, images, labels, read_images, read_labels in (
             ("train", source.train_images, source.train_labels, from_folder.train_images, from_folder.train_labels),
             ("test", source.test_images, source.test_labels, from_folder.test_images, from_folder.test_labels)):
-        order = [int(Path(file.relative).stem) for file in folders.registered_folder().listing.files
-                 if file.in_test_folder == (split == "test")]
+        files = folders.registered_folder().test_files if split == "test" else folders.registered_folder().train_files
+        order = [int(Path(relative).stem) for relative in files]
         np.testing.assert_array_equal(read_images, images[order])
         assert [info.class_names[label] for label in read_labels] == [names[label] for label in labels[order]]
         idx_images[split], idx_labels[split] = read_images[..., 0], read_labels
