@@ -31,15 +31,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from lenet_tf import webpage
 from lenet_tf.config import TrainConfig
 from lenet_tf.data import Datasets, load_datasets
 from lenet_tf.errors import ParityError, StoppedError, UsageError
-from lenet_tf.inference import INPUT_KEY, METADATA_FILE, SIGNATURE_KEY, sha256_of
+from lenet_tf.inference import INPUT_KEY, METADATA_FILE, SIGNATURE_KEY, latest_version_dir, sha256_of
 from lenet_tf.io_utils import (
-    child_environment, is_full_disk_error, run_module_in_child, start_module_in_child,
+    child_environment, ensure_writable_dir, is_full_disk_error, run_module_in_child, start_module_in_child,
     write_json_atomic,
 )
-from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, predict_probabilities
+from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, conv_block_outputs, predict_probabilities
 from lenet_tf.quiet import native_stderr_silenced
 from lenet_tf.folders import FOLDER_DATASET, register_recorded_run, registered_folder
 from lenet_tf.registry import PIXEL_SCALE, dataset_info
@@ -78,8 +79,9 @@ def tflite_file_name(variant: str) -> str:
 
 
 def next_version(model_dir: Path) -> int:
-    existing = [int(child.name) for child in model_dir.iterdir() if child.name.isdigit()] if model_dir.is_dir() else []
-    return max(existing, default=0) + 1
+    """The number after the newest version (lenet_tf.inference.version_dirs), 1 for the first."""
+    latest = latest_version_dir(model_dir)
+    return int(latest.name) + 1 if latest else 1
 
 
 def write_saved_model(model: keras.Model, directory: Path) -> None:
@@ -89,8 +91,6 @@ def write_saved_model(model: keras.Model, directory: Path) -> None:
     A second signature, `serving_hw`, takes [batch, 28, 28] for clients that
     send images without a channel axis.
     """
-    archive = keras.export.ExportArchive()
-    archive.track(model)
 
     def outputs(image):
         logits = model(image, training=False)
@@ -99,6 +99,18 @@ def write_saved_model(model: keras.Model, directory: Path) -> None:
             "class_id": tf.argmax(logits, axis=-1),
             "logits": logits,
         }
+
+    _write_uint8_saved_model(directory, [model], outputs, without_channel_axis=True)
+
+
+def _write_uint8_saved_model(directory: Path, tracked: list[keras.Model], outputs,
+                             without_channel_axis: bool = False) -> None:
+    """A SavedModel whose serving signature maps `image` uint8 [batch, 28, 28, 1]
+    to `outputs(image)` (a dict of tensors computed by the `tracked` models);
+    with `without_channel_axis`, also `serving_hw` over [batch, 28, 28]."""
+    archive = keras.export.ExportArchive()
+    for model in tracked:
+        archive.track(model)
 
     def serve(image):
         return outputs(image)
@@ -109,10 +121,35 @@ def write_saved_model(model: keras.Model, directory: Path) -> None:
     archive.add_endpoint(
         SIGNATURE_KEY, serve, input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.uint8, name=INPUT_KEY)]
     )
-    archive.add_endpoint(
-        "serving_hw", serve_hw, input_signature=[tf.TensorSpec([None, *INPUT_SHAPE[:2]], tf.uint8, name=INPUT_KEY)]
-    )
+    if without_channel_axis:
+        archive.add_endpoint(
+            "serving_hw", serve_hw,
+            input_signature=[tf.TensorSpec([None, *INPUT_SHAPE[:2]], tf.uint8, name=INPUT_KEY)],
+        )
     archive.write_out(str(directory), verbose=False)
+
+
+def write_web_export(model: keras.Model, dataset: str, version_dir: Path) -> Path:
+    """Writes `<version_dir>/web/` (lenet_tf.webpage) and returns the path of its model file: an ONNX
+    model whose outputs are the probabilities, computed as the serving signature computes them, and
+    the activation maps of the first two conv blocks, which the page shows."""
+    runtime = webpage.runtime_dir()
+    web_dir = version_dir / webpage.WEB_DIR
+    web_dir.mkdir()
+    activations = keras.Model(model.inputs, [layer.output for layer in conv_block_outputs(model)])
+
+    def outputs(image):
+        maps = activations(image, training=False)
+        probabilities = {"probabilities": tf.nn.softmax(model(image, training=False))}
+        # With flip test-time augmentation the mirrored images' maps follow; the page shows the images' own.
+        count = tf.shape(image)[0]
+        return {**probabilities, **{f"conv{index}": block_map[:count] for index, block_map in enumerate(maps, start=1)}}
+
+    with tempfile.TemporaryDirectory(prefix="lenet-web-") as scratch:
+        _write_uint8_saved_model(Path(scratch), [model, activations], outputs)
+        convert_onnx(Path(scratch), web_dir / webpage.WEB_MODEL_FILE)
+    webpage.write_page(web_dir, dataset, runtime)
+    return web_dir / webpage.WEB_MODEL_FILE
 
 
 def convert_tflite(saved_model_dir: Path, variant: str, calibration_images: np.ndarray) -> bytes:
@@ -145,18 +182,19 @@ def convert_tflite(saved_model_dir: Path, variant: str, calibration_images: np.n
         return converter.convert()
 
 
-def check_export_dependencies(export_formats: tuple[str, ...]) -> None:
-    """Fails before training, not after it, when a format's packages are missing."""
+def check_can_export(config: TrainConfig) -> None:
+    """Fails in the first second, before training or loading a checkpoint,
+    when the config's export could not be written: a format's packages are
+    missing or the export folder is not writable."""
     # onnxruntime is needed too: the parity check runs the converted model.
     for export_format in ("onnx", "web"):
-        if export_format in export_formats and not all(
+        if export_format in config.export_formats and not all(
             importlib.util.find_spec(name) for name in ("tf2onnx", "onnxruntime")
         ):
             raise UsageError(f"--format {export_format} needs tf2onnx and onnxruntime: pip install 'lenet-tf[onnx]'")
-    if "web" in export_formats:
-        from lenet_tf.webpage import runtime_dir
-
-        runtime_dir()
+    if "web" in config.export_formats:
+        webpage.runtime_dir()
+    ensure_writable_dir(Path(config.export_dir), "export directory")
 
 
 def convert_onnx(saved_model_dir: Path, output: Path) -> Path:
@@ -165,7 +203,6 @@ def convert_onnx(saved_model_dir: Path, output: Path) -> Path:
     tf2onnx's command line is its documented, stable entry point; it runs in a
     child process, which also keeps its graph rewrites out of this one.
     """
-    check_export_dependencies(("onnx",))
     completed = run_module_in_child(
         "tf2onnx.convert",
         ["--saved-model", str(saved_model_dir), "--signature_def", SIGNATURE_KEY, "--opset", str(ONNX_OPSET),
@@ -310,8 +347,6 @@ def _write_artifacts(model, config, datasets, staging) -> dict[str, Path]:
     if "onnx" in config.export_formats:
         artifacts["onnx"] = convert_onnx(staging, staging / ONNX_FILE)
     if "web" in config.export_formats:
-        from lenet_tf.webpage import write_web_export
-
         artifacts["web"] = write_web_export(model, config.dataset, staging)
     for export_format in config.export_formats:
         if export_format in TFLITE_VARIANTS:
@@ -459,8 +494,6 @@ def export_from_run_dir(run_dir: str | Path, export_formats: tuple[str, ...] | N
     and an export refuses while a training runs there.
     """
     run_dir = RunDir(run_dir)
-    if export_formats:
-        check_export_dependencies(tuple(export_formats))
     if not run_dir.has_checkpoint():
         raise UsageError(
             f"{run_dir} is not a run directory with a checkpoint (needs {run_dir.config.name} and "
@@ -476,6 +509,7 @@ def export_from_run_dir(run_dir: str | Path, export_formats: tuple[str, ...] | N
         if export_dir:
             config.export_dir = export_dir
         config.validate()
+        check_can_export(config)
         try:
             model = keras.models.load_model(run_dir.checkpoint, compile=False)
         except Exception as error:  # Keras raises many types for a damaged archive.

@@ -38,13 +38,19 @@ class Predictor:
     predict: Callable[[np.ndarray], np.ndarray]
 
 
+def version_dirs(model_dir: Path) -> list[Path]:
+    """A model folder's export versions, oldest first: its integer-named
+    subfolders, the rule TF Serving reads them by (and the export numbers them by)."""
+    if not model_dir.is_dir():
+        return []
+    versions = [child for child in model_dir.iterdir() if child.name.isdigit() and child.is_dir()]
+    return sorted(versions, key=lambda child: int(child.name))
+
+
 def latest_version_dir(model_dir: Path) -> Path | None:
-    """The highest integer-named subfolder holding a SavedModel, as TF Serving picks it."""
-    versions = [
-        child for child in model_dir.iterdir()
-        if child.is_dir() and child.name.isdigit() and (child / "saved_model.pb").is_file()
-    ] if model_dir.is_dir() else []
-    return max(versions, key=lambda child: int(child.name), default=None)
+    """The newest export version, as TF Serving picks it; None when there is none."""
+    versions = version_dirs(model_dir)
+    return versions[-1] if versions else None
 
 
 def sha256_of(path: Path) -> str:
@@ -119,7 +125,7 @@ def load_predictor(path: str | Path, batch_size: int = 1024, verify: bool = True
         return _keras_predictor(path, batch_size)
     if path.is_dir():
         saved_model_dir = path if (path / "saved_model.pb").is_file() else latest_version_dir(path)
-        if saved_model_dir is not None:
+        if saved_model_dir is not None and (saved_model_dir / "saved_model.pb").is_file():
             return _saved_model_predictor(saved_model_dir, batch_size)
     raise UsageError(
         f"{path} is not a model this package can load; pass a .keras checkpoint, "

@@ -221,10 +221,9 @@ def _prepare_outputs(config: TrainConfig, placement: Placement, write_to: RunDir
     """Fails in the first second, not after an hour, when outputs cannot be written."""
     ensure_writable_dir(write_to.root, "run directory")
     if placement.is_chief and config.export_formats:
-        from lenet_tf.export import check_export_dependencies
+        from lenet_tf.export import check_can_export
 
-        check_export_dependencies(config.export_formats)
-        ensure_writable_dir(Path(config.export_dir), "export directory")
+        check_can_export(config)
 
 
 def _load_data(config: TrainConfig, datasets: Datasets | BackgroundLoad | None) -> Datasets:

@@ -14,6 +14,10 @@ frames pictures exactly as `lenet-tf predict` does (lenet_tf.images), reading
 the constants from model.json. Its parity with Python is proven at export
 time for the model file (in the fresh-process parity check, like every
 format) and in the test suite for the page itself, in a real browser.
+
+This module is the page and its server, without TensorFlow, so that
+`lenet-tf serve-web` starts at once; lenet_tf.export writes the page's model
+and then calls `write_page`.
 """
 
 from __future__ import annotations
@@ -23,17 +27,12 @@ import http.server
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
-
-import keras
-import tensorflow as tf
 
 from lenet_tf.errors import UsageError
 from lenet_tf.images import MAX_FILE_BYTES, MAX_PIXELS, framing_constants
-from lenet_tf.inference import INPUT_KEY, SIGNATURE_KEY, verify_model_files
+from lenet_tf.inference import INPUT_KEY, latest_version_dir, verify_model_files
 from lenet_tf.io_utils import write_json_atomic
-from lenet_tf.model import INPUT_SHAPE, conv_block_outputs
 from lenet_tf.registry import dataset_info
 
 WEB_DIR = "web"
@@ -59,39 +58,8 @@ def runtime_dir() -> Path:
     )
 
 
-def write_web_model_saved_model(model: keras.Model, directory: Path) -> None:
-    """A SavedModel whose serving signature returns what the page shows: the
-    probabilities, computed as the serving signature computes them, and the
-    activation maps of the first two conv blocks."""
-    blocks = conv_block_outputs(model)
-    activations = keras.Model(model.inputs, [layer.output for layer in blocks])
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.track(activations)
-
-    def serve(image):
-        maps = activations(image, training=False)
-        outputs = {"probabilities": tf.nn.softmax(model(image, training=False))}
-        # With flip test-time augmentation the mirrored images' maps follow; the page shows the images' own.
-        count = tf.shape(image)[0]
-        outputs.update({f"conv{index}": block_map[:count] for index, block_map in enumerate(maps, start=1)})
-        return outputs
-
-    archive.add_endpoint(SIGNATURE_KEY, serve,
-                         input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.uint8, name=INPUT_KEY)])
-    archive.write_out(str(directory), verbose=False)
-
-
-def write_web_export(model: keras.Model, dataset: str, version_dir: Path) -> Path:
-    """Writes `<version_dir>/web/` and returns the path of its model file."""
-    from lenet_tf.export import convert_onnx
-
-    runtime = runtime_dir()
-    web_dir = version_dir / WEB_DIR
-    web_dir.mkdir()
-    with tempfile.TemporaryDirectory(prefix="lenet-web-") as scratch:
-        write_web_model_saved_model(model, Path(scratch))
-        convert_onnx(Path(scratch), web_dir / WEB_MODEL_FILE)
+def write_page(web_dir: Path, dataset: str, runtime: Path) -> None:
+    """Writes the page's files, the runtime's and model.json into `web_dir`, which holds the page's model."""
     pages = Path(__file__).resolve().parent / "web"
     for name in PAGE_FILES:
         shutil.copyfile(pages / name, web_dir / name)
@@ -105,7 +73,6 @@ def write_web_export(model: keras.Model, dataset: str, version_dir: Path) -> Pat
         "input_name": INPUT_KEY,
         "preprocessing": {**framing_constants(dataset), "max_file_bytes": MAX_FILE_BYTES, "max_pixels": MAX_PIXELS},
     })
-    return web_dir / WEB_MODEL_FILE
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -129,8 +96,6 @@ class _Server(http.server.ThreadingHTTPServer):
 
 def web_dir_of(model_dir: str | Path, verify: bool = True) -> Path:
     """The web/ folder of an export version (or of a model folder's newest version), verified against its card."""
-    from lenet_tf.inference import latest_version_dir
-
     model_dir = Path(model_dir)
     version = model_dir if (model_dir / WEB_DIR).is_dir() else latest_version_dir(model_dir)
     if version is None or not (version / WEB_DIR / "index.html").is_file():
