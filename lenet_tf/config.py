@@ -121,8 +121,7 @@ class TrainConfig:
     # --- runtime ----------------------------------------------------------
     # Training steps per call into TensorFlow: more means fewer Python round
     # trips per epoch (LeNet's steps are so short that they matter); callbacks
-    # still see every epoch. 64 measured fastest of 1, 4, 16, 64 (README,
-    # "Performance").
+    # still see every epoch. The fastest of the values tried (docs/performance.md).
     steps_per_execution: int = 64
     strategy: str = "auto"
     # Split the CPU into this many logical devices before TensorFlow starts,
@@ -289,119 +288,140 @@ class TrainConfig:
             raise UsageError(f"cannot read run config {path}: {error}") from None
 
 
-def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
-    """Returns the named preset; every field can still be overridden.
+@dataclass(frozen=True)
+class IfMirrorKeepsClass:
+    """A preset setting that depends on whether a left-right mirror image keeps
+    its class (clothes: yes; digits: no; a folder of pictures: as its user says)."""
 
-    classic: the book's LeNet-5 and training, unchanged (the dataclass defaults).
-    modern:  still LeNet-shaped (two conv blocks, three dense layers, under
-             100,000 parameters); each change was kept because an ablation on
-             a held-out validation split showed it helping (docs/results.md).
-             `python train.py --preset modern` takes about 4 minutes on 2 CPU
-             cores (245 s mean over 3 seeds, test accuracy 0.9314).
-    fast:    the shortest wait for a good model on a CPU (docs/speedrun.md):
-             `python train.py --preset fast` trains and tests in under a
-             minute on 2 CPU cores; `python -m benchmarks.speedrun` measures it.
-    best:    the most accurate model under 100,000 parameters in under 15
-             minutes on 2 CPU cores (docs/speedrun.md, "Beyond 0.93"): about
-             10 minutes for Fashion-MNIST (0.9407) and for MNIST (0.9967).
-    """
-    _choice("preset", name, PRESETS)
-    if name == "classic":
-        return TrainConfig(preset=name, dataset=dataset)
-    flips = dataset_info(dataset).flip_keeps_class  # Mirrored clothes are still clothes; digits are not.
-    # MNIST's settings below (one epoch, the crop) suit objects framed in a blank
-    # margin, as its digits in their 20x20 box; a folder of pictures is framed
-    # like Fashion-MNIST, filling the canvas, and gets its settings (mirrors only if they keep the class).
-    margin = dataset_info(dataset).framing.longest_side < IMAGE_SIZE
-    modern = TrainConfig(
-        preset=name,
-        dataset=dataset,
-        activation="relu",
-        pooling="max",
-        batch_norm=True,
-        # Wider than LeNet-5 but under 100,000 parameters (97,626 with BN).
-        conv_filters=(16, 32),
-        dense_units=(96, 64),
-        learning_rate=0.1,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        label_smoothing=0.1,
-        lr_schedule="cosine",
-        warmup_epochs=1.0,
-        augment="shift_flip" if flips else "shift",
-        batch_size=128,
-        epochs=30,
-    )
-    if name == "modern":
-        return modern
-    # Muon at Keras's own momentum and weight decay for it, and the peak rate
-    # that scored best for it on the fast preset (docs/speedrun.md#muon).
-    muon = dict(optimizer="muon", learning_rate=0.01, momentum=0.95, weight_decay=0.004)
-    if name == "best":
-        # The modern recipe with three conv blocks of 3x3 kernels (32, 64, 96
-        # filters; the third block's 3x3 map leaves room for them under 100,000
-        # parameters: 93,898, as the modern preset's are counted) and one dense
-        # layer of 48, trained with Muon on the conv and dense kernels, and for
-        # Fashion-MNIST answering for each image and its mirror. On the
-        # validation split (seed 0) the three blocks added 0.53 points to the
-        # modern preset, the mirror 0.30, Muon 0.03 more (0.28 on the test
-        # split); together 0.9422 (docs/speedrun.md).
-        return dataclasses.replace(modern, conv_filters=(32, 64, 96), kernel_size=(3,), dense_units=(48,),
-                                   test_time_flip=flips, **muon)
-    # fast: the modern preset made cheaper per image and shorter (docs/speedrun.md).
-    fast = dataclasses.replace(
-        modern,
+    mirror_keeps_class: Any
+    otherwise: Any
+
+    def pick(self, flip_keeps_class: bool) -> Any:
+        return self.mirror_keeps_class if flip_keeps_class else self.otherwise
+
+
+# The modern recipe: still LeNet-shaped (two conv blocks, three dense layers,
+# under 100,000 parameters); each change stays because an ablation on a
+# held-out validation split showed it helping (docs/results.md).
+_MODERN: dict[str, Any] = {
+    "activation": "relu",
+    "pooling": "max",
+    "batch_norm": True,
+    "conv_filters": (16, 32),  # Wider than LeNet-5, still under 100,000 parameters.
+    "dense_units": (96, 64),
+    "learning_rate": 0.1,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "label_smoothing": 0.1,
+    "lr_schedule": "cosine",
+    "warmup_epochs": 1.0,
+    # Mirrored clothes are still clothes; a mirrored digit is another shape.
+    "augment": IfMirrorKeepsClass("shift_flip", otherwise="shift"),
+    "batch_size": 128,
+    "epochs": 30,
+}
+# Muon at Keras's own momentum and weight decay for it, with the peak rate
+# that scored best for it on the fast preset (docs/speedrun.md#muon).
+_MUON: dict[str, Any] = {"optimizer": "muon", "learning_rate": 0.01, "momentum": 0.95, "weight_decay": 0.004}
+
+# Each preset as the settings it changes from TrainConfig's defaults (the
+# book's classic run), for Fashion-MNIST; MARGIN_SETTINGS below changes some
+# of them for datasets like MNIST. docs/speedrun.md and docs/results.md say
+# how much each preset scores and how long it takes.
+PRESET_SETTINGS: dict[str, dict[str, Any]] = {
+    # The book's LeNet-5 and training, unchanged.
+    "classic": {},
+    "modern": _MODERN,
+    # The most accurate model under 100,000 parameters in minutes on a CPU: the
+    # modern recipe deeper and narrower at the top, trained with Muon.
+    "best": {
+        **_MODERN,
+        # Three conv blocks of 3x3 kernels: the third block's small map leaves
+        # room for more filters under 100,000 parameters.
+        "conv_filters": (32, 64, 96),
+        "kernel_size": (3,),
+        "dense_units": (48,),
+        # Each image's answer averaged with its mirror's, where a mirror keeps the class.
+        "test_time_flip": IfMirrorKeepsClass(True, otherwise=False),
+        **_MUON,
+    },
+    # The shortest wait for a good model on a CPU: the modern recipe made
+    # cheaper per image and shorter.
+    "fast": {
+        **_MODERN,
         # Batch norm after the convolutions only: it buys most of its accuracy
-        # there, and each BN layer costs throughput.
-        dense_batch_norm=False,
-        # 16 filters of 5x5 over the unpadded 24x24 interior, then 32 of 3x3,
-        # one dense layer: 83,018 parameters (whitened first layer included),
-        # about 1.8x the modern preset's images/s.
-        kernel_size=(5, 3),
-        first_conv_padding="valid",
-        dense_units=(96,),
+        # there, and each batch norm layer costs throughput.
+        "dense_batch_norm": False,
+        # A 5x5 first layer over the unpadded interior, 3x3 after it and one
+        # dense layer: less arithmetic per image.
+        "kernel_size": (5, 3),
+        "first_conv_padding": "valid",
+        "dense_units": (96,),
         # A linear warm-up, then linear decay to 0: the triangular "one-cycle"
         # shape that short runs favour.
-        lr_schedule="linear",
-        # A whitened, untrained first layer without batch norm after it trains
-        # 1.2-1.8x faster per image to the same accuracy as a trained one with
-        # batch norm; with Muon on the conv and dense kernels, on both datasets.
-        whiten_first_conv=True,
-        first_conv_batch_norm=False,
-        **muon,
-        # The image dashboards once, at the end.
-        image_every_epochs=0,
-    )
-    if flips or not margin:
-        # Fashion-MNIST: 7 epochs of batch 256. Flips are free in the pipeline;
-        # shifts cost a quarter of the throughput. Muon's steps cost about a
-        # tenth more than SGD's; its 7 epochs scored 0.27 points above SGD's 8
-        # on the test split over 10 seeds. Averaging each image's answer with
-        # its mirror's added 0.25-0.6 points on the validation split, for twice
-        # the inference, and Muon on the conv kernel too another 0.17 on
-        # average: 0.9254 on the test split over 10 seeds (docs/speedrun.md).
-        return dataclasses.replace(fast, augment="flip" if flips else "none", batch_size=256, epochs=7,
-                                   warmup_epochs=1.0, test_time_flip=flips)
-    # MNIST: one epoch. Batch 128 (twice the updates of 256) reaches 0.99; 256
-    # stopped about 0.1 point short. Batch norm's moving statistics remember
-    # ~10 steps instead of Keras's ~100: in a run of a few hundred steps the
-    # weights move too fast for a longer memory (with 0.99, one epoch scored
-    # 1-4 points lower). Fashion-MNIST's 8 epochs gained nothing from it (seed
-    # 0: validation 0.9207 vs 0.9200, test 0.9144 vs 0.9196). The whitened
-    # first layer trains faster but, with SGD, scored under 0.990; with Muon
-    # on the conv kernel it scored 0.9909 over 10 seeds, 0.5 s sooner than
-    # SGD with a trained first layer (docs/speedrun.md).
-    # Three Newton-Schulz iterations instead of 5: the same validation accuracy
-    # (0.9896 against 0.9894, seeds 0-7) for about 0.3 s less per run; on
-    # Fashion-MNIST the test accuracy came out lower (docs/speedrun.md).
-    # The digits sit in the central 20x20 of the image: cropping 2 pixels
-    # from each side leaves 24x24 and two-thirds of a step's arithmetic
-    # (55,370 parameters), and trained to the same validation accuracy
-    # (0.9894 against 0.9896, seeds 0-7) about a second sooner; 3 pixels lost
-    # half a point (docs/speedrun.md).
-    return dataclasses.replace(fast, augment="none", batch_size=128, epochs=1, warmup_epochs=0.25,
-                               batch_norm_momentum=0.9, muon_ns_steps=3, crop=2)
+        "lr_schedule": "linear",
+        # A whitened, untrained first layer without batch norm after it reaches
+        # the same accuracy in fewer images than a trained one with batch norm,
+        # and each step skips its weight gradient.
+        "whiten_first_conv": True,
+        "first_conv_batch_norm": False,
+        # Muon on the conv and dense kernels: more accuracy per second than SGD.
+        **_MUON,
+        # The image dashboards once, at the end, not during the few epochs.
+        "image_every_epochs": 0,
+        # Flips cost nothing in the pipeline; shifts would cost throughput.
+        "augment": IfMirrorKeepsClass("flip", otherwise="none"),
+        "batch_size": 256,
+        # Enough epochs at this batch for the speedrun's target accuracy.
+        "epochs": 7,
+        "warmup_epochs": 1.0,
+        # Averaging each image's answer with its mirror's is worth its twice
+        # the inference where a mirror keeps the class.
+        "test_time_flip": IfMirrorKeepsClass(True, otherwise=False),
+    },
+}
+
+# For datasets whose objects sit small in a blank margin and are not
+# mirror-safe (MNIST's digits in their 20x20 box): what the presets change
+# over PRESET_SETTINGS. A folder of pictures is framed to fill the canvas,
+# like Fashion-MNIST, and keeps Fashion-MNIST's settings.
+MARGIN_SETTINGS: dict[str, dict[str, Any]] = {
+    "fast": {
+        # Digits are learnt in one epoch; a batch of 128 gives it twice the
+        # updates of 256, which a single epoch needs.
+        "batch_size": 128,
+        "epochs": 1,
+        "warmup_epochs": 0.25,
+        # In a run of a few hundred steps the weights move too fast for batch
+        # norm's default memory of about a hundred steps.
+        "batch_norm_momentum": 0.9,
+        # Fewer Newton-Schulz iterations: the same accuracy on digits for less
+        # time per step (not so on clothes).
+        "muon_ns_steps": 3,
+        # The blank border carries no information: cropping it leaves less
+        # arithmetic per step for the same accuracy.
+        "crop": 2,
+    },
+}
+
+
+def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
+    """The named preset (PRESET_SETTINGS) for `dataset`; every field can still be overridden.
+
+    classic: the book's LeNet-5 and training, unchanged (the dataclass defaults).
+    modern:  ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation.
+    fast:    the shortest wait for a good model on a CPU (`python -m benchmarks.speedrun` measures it).
+    best:    the most accurate model under 100,000 parameters, in minutes on a CPU.
+    """
+    _choice("preset", name, PRESETS)
+    info = dataset_info(dataset)
+    settings = dict(PRESET_SETTINGS[name])
+    if info.framing.longest_side < IMAGE_SIZE and not info.flip_keeps_class:
+        settings.update(MARGIN_SETTINGS.get(name, {}))
+    resolved = {field: value.pick(info.flip_keeps_class) if isinstance(value, IfMirrorKeepsClass) else value
+                for field, value in settings.items()}
+    return TrainConfig(preset=name, dataset=dataset, **resolved)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
