@@ -157,9 +157,9 @@ def _reframed_copies(image: np.ndarray, index: int) -> dict[str, Image.Image]:
     }
 
 
-def _accuracy_by_kind(model_path: str, images, labels, dataset: str, directory) -> tuple[dict, np.ndarray, dict]:
+def _answers_by_kind(model_path: str, images, dataset: str, directory) -> tuple[dict, dict]:
     """Writes every copy of every image as a file, runs `lenet-tf predict` on all of them
-    in one process, and returns per-kind accuracy, the predictions on the PNGs, and per-kind counts."""
+    in one process, and returns, per kind, the files and the answers."""
     paths, kinds = [], []
     for index, image in enumerate(images):
         for kind, picture in _reframed_copies(image[..., 0], index).items():
@@ -170,17 +170,19 @@ def _accuracy_by_kind(model_path: str, images, labels, dataset: str, directory) 
     completed = run_cli("predict", "--model", model_path, "--dataset", dataset, "--json", *paths)
     assert completed.returncode == 0, completed.stderr[-3000:]
     predicted = np.array([json.loads(line)["class_id"] for line in completed.stdout.splitlines()])
-    kinds = np.array(kinds)
-    truth = np.repeat(labels, len(set(kinds)))
-    accuracy = {kind: float((predicted[kinds == kind] == truth[kinds == kind]).mean()) for kind in dict.fromkeys(kinds)}
-    return accuracy, predicted[kinds == "png"], {kind: int((kinds == kind).sum()) for kind in accuracy}
+    kinds, paths = np.array(kinds), np.array(paths)
+    return ({kind: list(paths[kinds == kind]) for kind in dict.fromkeys(kinds)},
+            {kind: predicted[kinds == kind] for kind in dict.fromkeys(kinds)})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "mnist"])
 def test_dataset_images_saved_as_files_get_the_arrays_answers(dataset, fashion_model, tmp_path, request):
-    """200 real test images: as PNG files they get the arrays' answers; re-framed
-    (padded, scaled up, shifted, inverted, JPEG) they keep most of their accuracy."""
+    """200 real test images: as PNG files, and inverted, they get the arrays'
+    answers; padded with black, the answers for the image framed by the recipe;
+    re-framed every way (padded, scaled up, shifted, inverted, JPEG), each
+    file's input is framed as the dataset frames its objects, and most answers stay."""
+    from lenet_tf.images import is_framed
     from lenet_tf.inference import load_predictor
 
     if dataset == "fashion_mnist":
@@ -196,12 +198,24 @@ def test_dataset_images_saved_as_files_get_the_arrays_answers(dataset, fashion_m
                                                  export_dir=str(tmp_path / "exports"), image_every_epochs=0),
                                      datasets=datasets)
         model_path = metrics["exports"]["float32"]
-    images, labels = datasets.test_images[:200], datasets.test_labels[:200]
-    on_arrays = load_predictor(model_path).predict(images).argmax(axis=1)
-    accuracy, on_png, _ = _accuracy_by_kind(model_path, images, labels, dataset, tmp_path)
-    array_accuracy = float((on_arrays == labels).mean())
-    print(f"{dataset}: arrays {array_accuracy:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
-    assert (on_png == on_arrays).mean() >= 0.99
-    for kind in ("padded", "scaled up", "dark on light", "jpeg"):
-        assert accuracy[kind] >= array_accuracy - 0.1, (kind, accuracy)
-    assert accuracy["shifted"] >= array_accuracy - 0.25, accuracy
+    images = datasets.test_images[:200]
+    framing = dataset_info(dataset).framing
+    predictor = load_predictor(model_path)
+    on_arrays = predictor.predict(images).argmax(axis=1)
+    files, answers = _answers_by_kind(model_path, images, dataset, tmp_path)
+    agreement = {kind: float((predicted == on_arrays).mean()) for kind, predicted in answers.items()}
+    print(f"{dataset}: agreement with the arrays' answers " + ", ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
+    # Exact, on any CPU: the dataset's images are framed already, so a PNG copy
+    # and an inverted one come back as the very same input.
+    np.testing.assert_array_equal(answers["png"], on_arrays)
+    np.testing.assert_array_equal(answers["dark on light"], on_arrays)
+    # A black margin changes nothing: the recipe crops to the object first.
+    on_framed = predictor.predict(np.stack([frame(image[..., 0], framing) for image in images])[..., None])
+    np.testing.assert_array_equal(answers["padded"], on_framed.argmax(axis=1))
+    for kind, paths in files.items():
+        assert all(is_framed(load_image(path, dataset)[..., 0], framing) for path in paths), kind
+    # What resampling, JPEG and a cut-off edge change is the model's to weigh:
+    # the bounds are far below the agreement measured over seeds 0-2 of each
+    # dataset on AMD EPYC (scaled up and JPEG 0.91 or more, shifted 0.76 or more).
+    assert min(agreement["scaled up"], agreement["jpeg"]) >= 0.8, agreement
+    assert agreement["shifted"] >= 0.6, agreement
