@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from typing import Sequence
 
@@ -453,7 +454,10 @@ def _report_stop(command: str, received: list[int]) -> int:
 
 # pybind11's RuntimeError for a Python exception that changed type on its way
 # through C++ (seen for a SIGTERM during the SavedModel export's tracing).
-_PYBIND11_INTERRUPT = "MISMATCH of original and normalized active exception types: ORIGINAL KeyboardInterrupt"
+# The interrupt is the replacement when the stop lands while TensorFlow
+# raises an error of its own (a multi-worker peer that stopped first).
+_PYBIND11_INTERRUPT = re.compile(r"MISMATCH of original and normalized active exception types: "
+                                 r"ORIGINAL (KeyboardInterrupt|\w+ REPLACED BY KeyboardInterrupt)")
 
 
 def _passed_on_stop(error: Exception) -> bool:
@@ -465,7 +469,7 @@ def _passed_on_stop(error: Exception) -> bool:
     function it called (tf.py_function, tf.data's from_generator and map),
     whose first line names the exception that function raised.
     """
-    if isinstance(error, RuntimeError) and _PYBIND11_INTERRUPT in str(error):
+    if isinstance(error, RuntimeError) and _PYBIND11_INTERRUPT.search(str(error)):
         return True
     tf = sys.modules.get("tensorflow")
     return (tf is not None and isinstance(error, tf.errors.UnknownError)

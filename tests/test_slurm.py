@@ -464,3 +464,53 @@ def test_a_task_killed_mid_run_ends_the_step_with_one_line(slurm_cluster, tmp_pa
 def test_the_docs_show_the_sbatch_script_the_tests_submit():
     page = (REPO_ROOT / "docs" / "distributed.md").read_text()
     assert f"```bash\n{SBATCH_SCRIPT.read_text()}```" in page
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_worker_stops_a_multi_worker_run_cleanly_without_slurm(tmp_path, fashion_mnist_dir):
+    """What scancel does, by hand on loopback (no SLURM or root needed): both
+    workers stop with the one-line stop and 143, the chief's backup intact.
+    TensorFlow's coordination service had replaced the SIGTERM handler, and
+    the workers trained on until SIGKILL."""
+    hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
+    run_dir = tmp_path / "run"
+    workers = [subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), *SMALL_RUN, "--epochs", "20", "--run-dir", str(run_dir),
+         "--worker-hosts", hosts, "--task-index", str(index)],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(tmp_path)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in range(2)]
+    try:
+        _wait(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
+              or any(worker.poll() is not None for worker in workers), "backed-up epoch")
+        assert all(worker.poll() is None for worker in workers)
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        results = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    for worker, (_, stderr) in zip(workers, results):
+        assert worker.returncode == 143, stderr[-3000:]
+        # TensorFlow may log, after it, that the other worker has gone (it leaves
+        # its coordination service as the process exits): the package's own line is the stop.
+        package_lines = [line for line in stderr.splitlines() if line.startswith("lenet-tf ")]
+        assert package_lines == ["lenet-tf train: terminated (SIGTERM); run the same command again to resume"], \
+            stderr[-3000:]
+        assert "Traceback" not in stderr
+    assert 1 <= backed_up_epochs(RunDir(run_dir).backup_metadata) < 20
+    assert not run_dir.joinpath("metrics.json").exists()
+
+
+def test_a_stop_that_lands_while_tensorflow_raises_a_peers_loss_is_still_a_stop():
+    """Both workers get SIGTERM; one stops first, and the other's interrupt lands
+    while TensorFlow raises the lost peer's UnavailableError: pybind11 reports
+    the interrupt as the replacement (words seen on two workers on loopback)."""
+    from lenet_tf.cli import _passed_on_stop
+
+    seen = RuntimeError("pybind11::error_already_set: MISMATCH of original and normalized active exception types: "
+                        "ORIGINAL UnavailableError REPLACED BY KeyboardInterrupt: <EMPTY MESSAGE>")
+    assert _passed_on_stop(seen)
+    assert not _passed_on_stop(RuntimeError("pybind11::error_already_set: MISMATCH of original and normalized "
+                                            "active exception types: ORIGINAL ValueError REPLACED BY TypeError"))
