@@ -236,6 +236,7 @@ def test_a_stop_landing_right_after_the_staging_folder_is_made_leaves_nothing(tm
     assert list(model_dir.iterdir()) == []
 
 
+@pytest.mark.slow  # Three exports in processes of their own, one killed.
 def test_export_killed_midway_leaves_previous_versions_and_no_partial_version(trained, tmp_path):
     config, _, _ = trained
     export_dir = tmp_path / "exports"
