@@ -78,8 +78,27 @@ class FolderListing:
     layout: str  # "classes" or "train_test"
     class_names: tuple[str, ...]
     files: list[PictureFile]
+    # Whether every file's size and modification time are known (scan_folder(sizes=False) leaves them to later).
+    sized: bool = True
+
+    def with_sizes(self) -> "FolderListing":
+        """This listing with every file's size and modification time, asked of the file system now."""
+        if self.sized:
+            return self
+        files = []
+        for file in self.files:
+            path = os.path.join(self.root, file.relative)
+            try:
+                details = os.stat(path)
+            except OSError as error:
+                raise UsageError(f"cannot read {path}: {error.strerror}") from None
+            if details.st_size == 0:
+                raise UsageError(f"{path} is empty (0 bytes); remove it or copy it again")
+            files.append(file._replace(size=details.st_size, mtime_ns=details.st_mtime_ns))
+        return FolderListing(self.root, self.layout, self.class_names, files)
 
     def fingerprint(self) -> dict[str, list[int]]:
+        assert self.sized, "fingerprint() of a listing without sizes"
         return {file.relative: [file.size, file.mtime_ns] for file in self.files}
 
     def describe(self) -> str:
@@ -113,8 +132,10 @@ class FolderDataset:
         """The Datasets of this folder, or of `data_dir`, which must hold the same classes."""
         root = self.root if data_dir is None else Path(data_dir).expanduser().resolve()
         if self.listing is None or root != self.listing.root:
-            self.listing = scan_folder(root)
-        listing = self.listing
+            self.listing = scan_folder(root, sizes=False)
+        # Here, not when the folder was registered: asking for every file's size is what takes
+        # long in a large folder, and this runs while TensorFlow imports.
+        listing = self.listing = self.listing.with_sizes()
         if listing.class_names != self.class_names:
             raise UsageError(f"{listing.root} holds the classes {', '.join(listing.class_names)}, but the model "
                              f"knows {', '.join(self.class_names)}; pass a folder with the model's classes")
@@ -224,8 +245,12 @@ def _subfolders(folder: Path) -> list[str]:
     return sorted(names)
 
 
-def scan_folder(path: str | os.PathLike) -> FolderListing:
-    """Lists a folder of class folders (either layout) and checks it; UsageError on bad input."""
+def scan_folder(path: str | os.PathLike, sizes: bool = True) -> FolderListing:
+    """Lists a folder of class folders (either layout) and checks it; UsageError on bad input.
+
+    `sizes=False` leaves the sizes and modification times of plain files
+    unasked (FolderListing.with_sizes asks later), and with them the check for empty files.
+    """
     root = Path(path).expanduser().resolve()
     layout = detect_layout(root)
     if layout == "idx":
@@ -233,8 +258,9 @@ def scan_folder(path: str | os.PathLike) -> FolderListing:
     if layout == "classes":
         class_names = tuple(_subfolders(root))
         _check_classes(class_names, root)
-        files = [file for label, name in enumerate(class_names) for file in _pictures(root, name, label, False)]
-        return FolderListing(root, layout, class_names, files)
+        files = [file for label, name in enumerate(class_names)
+                 for file in _pictures(root, name, label, False, sizes)]
+        return FolderListing(root, layout, class_names, files, sized=sizes)
     train_classes, test_classes = _subfolders(root / "train"), _subfolders(root / "test")
     if train_classes != test_classes:
         only_train = sorted(set(train_classes) - set(test_classes))
@@ -248,8 +274,8 @@ def scan_folder(path: str | os.PathLike) -> FolderListing:
     files = []
     for split in ("train", "test"):
         for label, name in enumerate(class_names):
-            files += _pictures(root, f"{split}/{name}", label, split == "test")
-    return FolderListing(root, layout, class_names, files)
+            files += _pictures(root, f"{split}/{name}", label, split == "test", sizes)
+    return FolderListing(root, layout, class_names, files, sized=sizes)
 
 
 def _check_classes(class_names: tuple[str, ...], folder: Path) -> None:
@@ -258,7 +284,7 @@ def _check_classes(class_names: tuple[str, ...], folder: Path) -> None:
                          "one subfolder per class")
 
 
-def _pictures(root: Path, class_folder: str, label: int, in_test: bool) -> list[PictureFile]:
+def _pictures(root: Path, class_folder: str, label: int, in_test: bool, sizes: bool = True) -> list[PictureFile]:
     """The pictures below root/class_folder, sorted by path; follows symbolic links, refusing loops."""
     found: list[PictureFile] = []
     seen_folders: set[tuple[int, int]] = set()
@@ -279,6 +305,9 @@ def _pictures(root: Path, class_folder: str, label: int, in_test: bool) -> list[
         for entry in entries:
             if entry.name.startswith(".") or not (is_picture_name(entry.name) or entry.is_dir()):
                 continue  # Hidden, or a file that is not a picture by its name: no need to ask for more.
+            if not sizes and entry.is_file(follow_symlinks=False):  # The folder's entry says so, no stat.
+                found.append(PictureFile(f"{relative}/{entry.name}", -1, -1, label, in_test))
+                continue
             try:
                 details = entry.stat()  # Follows symbolic links.
             except OSError as error:
@@ -431,6 +460,7 @@ def read_pictures(listing: FolderListing, progress: TextIO | None = None,
     """
     progress = sys.stderr if progress is None else progress
     started = time.monotonic()
+    listing = listing.with_sizes()
     cache_file = cache_path(listing.root)
     cached_keys, cached_images = _read_cache(cache_file)
     keys = [(file.relative, file.size, file.mtime_ns) for file in listing.files]
@@ -494,7 +524,7 @@ def register_folder_dataset(path: str | os.PathLike, test_split: float = DEFAULT
     """Scans `path` (checking it, decoding nothing) and registers it as the dataset FOLDER_DATASET."""
     if not 0.0 < test_split < 1.0:
         raise UsageError(f"--test-split must be between 0 and 1 (got {test_split})")
-    listing = scan_folder(path)
+    listing = scan_folder(path, sizes=False)
     return _register(FolderDataset(listing.root, listing.class_names, test_split, seed, flip_keeps_class, listing))
 
 

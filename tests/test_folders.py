@@ -466,6 +466,11 @@ def test_fashion_mnist_from_png_folders_trains_as_from_idx_files(tmp_path, fashi
     folder_metrics = json.loads((tmp_path / "run_folder" / "metrics.json").read_text())
     idx_metrics = json.loads((tmp_path / "run_idx" / "metrics.json").read_text())
     assert folder_metrics["class_names"] == list(info.class_names)
+    # TensorBoard's projector table names each sampled test image's class by its folder's name.
+    table = (tmp_path / "run_folder" / "logs" / "plugins" / "org_tensorflow_tensorboard_projector" / "metadata.tsv")
+    header, *rows = table.read_text().splitlines()
+    true_class = header.split("\t").index("true class")
+    assert {row.split("\t")[true_class] for row in rows} == set(info.class_names)
     assert abs(folder_metrics["test_accuracy"] - idx_metrics["test_accuracy"]) <= 0.005
 
 
