@@ -26,21 +26,17 @@ def synthetic_data(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plain_keras_model():
-    """The book's LeNet as a tutorial writes it: float32 inputs already scaled to [0, 1]."""
+    """The book's LeNet (lenet_tf.model's classic layers) as a tutorial feeds it:
+    float32 inputs already scaled to [0, 1], no uint8 input or Rescaling layer,
+    compiled with the book's SGD at 0.9."""
     import keras
-    from keras import layers
 
-    model = keras.Sequential([
-        keras.Input(shape=(28, 28, 1)),
-        layers.Conv2D(6, 5, padding="same", activation="sigmoid"),
-        layers.AveragePooling2D(2, 2),
-        layers.Conv2D(16, 5, activation="sigmoid"),
-        layers.AveragePooling2D(2, 2),
-        layers.Flatten(),
-        layers.Dense(120, activation="sigmoid"),
-        layers.Dense(84, activation="sigmoid"),
-        layers.Dense(10),
-    ])
+    from lenet_tf.config import TrainConfig
+    from lenet_tf.model import build_model
+
+    classic = build_model(TrainConfig())
+    model = keras.Sequential([keras.Input(shape=classic.input_shape[1:]),
+                              *[layer for layer in classic.layers if not isinstance(layer, keras.layers.Rescaling)]])
     model.compile(optimizer=keras.optimizers.SGD(0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     return model

@@ -20,13 +20,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import has_markers, machine_description, replace_between_markers
-from lenet_tf.io_utils import child_environment
-from lenet_tf.run_dir import RunDir
+from benchmarks.runs import train_in_fresh_process
 
 # Published reference points shown beside our numbers (see README for sources).
 PUBLISHED = {
@@ -58,18 +56,9 @@ def _commit() -> str:
 
 
 def run_training(arguments: list[str], run_dir: Path) -> dict[str, Any]:
-    """One training run in a fresh process; returns its metrics plus wall time."""
-    command = [sys.executable, "-m", "lenet_tf", "train", *arguments, "--run-dir", str(run_dir),
-               "--format", "", "--image-every-epochs", "0"]
-    started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, env=child_environment())
-    wall = time.perf_counter() - started
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
-    metrics = json.loads(RunDir(run_dir).metrics.read_text())
-    metrics["wall_seconds_process"] = wall
-    metrics["command"] = "python train.py " + " ".join(arguments)
-    return metrics
+    """One training run in a fresh process, without exports; returns its metrics plus wall time."""
+    run = train_in_fresh_process([*arguments, "--format", "", "--image-every-epochs", "0"], run_dir)
+    return {**run.metrics, "wall_seconds_process": run.seconds, "command": "python train.py " + " ".join(arguments)}
 
 
 def _mean_spread(values: list[float]) -> dict[str, float]:

@@ -8,33 +8,57 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lenet_tf.io_utils import child_environment
 from lenet_tf.run_dir import RunDir
+
+TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
+
+
+@dataclass
+class TrainingProcess:
+    """A finished `python train.py` process: the metrics.json it wrote and how long it ran."""
+
+    metrics: dict[str, Any]
+    launched: float  # time.time() when it started.
+    seconds: float  # Its wall time, exports included.
+    # The peak resident memory of this process's children so far, in MiB: at
+    # least the largest of train.py and its export helpers (parity check, ONNX).
+    children_peak_rss_mib: float
+
+
+def train_in_fresh_process(arguments: list[str], run_dir: str | Path) -> TrainingProcess:
+    """Runs `python train.py ARGUMENTS --run-dir RUN_DIR` in a fresh process, so
+    that runs leak no state into each other; raises RuntimeError with its
+    stderr's end when it fails."""
+    command = [sys.executable, str(TRAIN_PY), *arguments, "--run-dir", str(run_dir)]
+    launched = time.time()
+    completed = subprocess.run(command, capture_output=True, text=True, env=child_environment())
+    seconds = time.time() - launched
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
+    return TrainingProcess(json.loads(RunDir(run_dir).metrics.read_text()), launched, seconds,
+                           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 
 def bench_full_run(extra_args: list[str]) -> dict[str, Any]:
     """Wall time and peak memory of `python train.py` in a fresh process."""
     with tempfile.TemporaryDirectory() as scratch:
-        command = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"),
-                   "--run-dir", f"{scratch}/run", "--export-dir", f"{scratch}/exports", *extra_args]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        start = time.perf_counter()
-        completed = subprocess.run(command, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if completed.returncode != 0:
-            return {"command": " ".join(command[1:]), "error": completed.stderr.strip().splitlines()[-1:]}
-        metrics = json.loads(RunDir(f"{scratch}/run").metrics.read_text())
+        try:
+            run = train_in_fresh_process(["--export-dir", f"{scratch}/exports", *extra_args], f"{scratch}/run")
+        except RuntimeError as error:
+            return {"command": " ".join(["python train.py", *extra_args]), "error": str(error).splitlines()[-1:]}
     return {
         "command": " ".join(["python train.py", *extra_args]),
-        "wall_seconds": wall,
+        "wall_seconds": run.seconds,
         # The largest of train.py and its export helpers (parity check, ONNX), and train.py's own.
-        "peak_rss_mib": max(peak_kib, before) / 1024,
-        "train_py_peak_rss_mib": metrics.get("peak_rss_mib"),
-        "test_accuracy": metrics["test_accuracy"],
-        "examples_per_sec": metrics["examples_per_sec"],
+        "peak_rss_mib": run.children_peak_rss_mib,
+        "train_py_peak_rss_mib": run.metrics.get("peak_rss_mib"),
+        "test_accuracy": run.metrics["test_accuracy"],
+        "examples_per_sec": run.metrics["examples_per_sec"],
     }
 
 

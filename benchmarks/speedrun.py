@@ -10,8 +10,8 @@ until that accuracy was known (TensorFlow's import, data loading and the per-epo
 included; the final image dashboards and the export come after it), the whole process's wall
 time with the export, and when the validation curve first reached the target. Time targets
 are for a machine on which the yardstick (benchmarks/yardstick.py) takes 10 s; the yardstick
-is timed in the same run, before each seed and after the last. This class of machine drops
-into a slow mode for seconds to minutes (yardstick runs of 17.0, 16.5 and 9.5 s in a row), so
+is timed in the same run, before each seed and after the last. A shared or throttled machine
+can drop into a slow mode for seconds to minutes (yardstick runs far apart in a row), so
 the time verdict is given twice: against the target scaled by the run's fastest yardstick
 (strict: a seed caught in the slow mode is held to the fast mode's pace), and with each seed's
 wait scaled by the faster of the yardstick runs just before and after it (the machine that
@@ -28,14 +28,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import has_markers, machine_description, replace_between_markers
-from benchmarks.runs import validation_curve
+from benchmarks.runs import train_in_fresh_process, validation_curve
 from lenet_tf.io_utils import child_environment
-from lenet_tf.run_dir import RunDir
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 YARDSTICK_REFERENCE_SECONDS = 10.0
@@ -54,22 +52,17 @@ def time_yardstick(repeats: int) -> list[float]:
 
 
 def run_seed(dataset: str, preset: str, seed: int, scratch: Path, extra: list[str], target: float) -> dict[str, Any]:
-    run_dir = RunDir(scratch / f"run-{seed}")
-    command = [sys.executable, str(REPOSITORY / "train.py"), "--preset", preset, "--dataset", dataset,
-               "--seed", str(seed), "--run-dir", str(run_dir), "--export-dir", str(scratch / "exports"), *extra]
-    launched = time.time()
-    completed = subprocess.run(command, capture_output=True, text=True, env=child_environment())
-    process_seconds = time.time() - launched
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
-    metrics = json.loads(run_dir.metrics.read_text())
-    curve = validation_curve(run_dir.root, since=launched)
+    run_dir = scratch / f"run-{seed}"
+    run = train_in_fresh_process(["--preset", preset, "--dataset", dataset, "--seed", str(seed),
+                                  "--export-dir", str(scratch / "exports"), *extra], run_dir)
+    metrics = run.metrics
+    curve = validation_curve(run_dir, since=run.launched)
     reached = next(((epoch, seconds) for epoch, accuracy, seconds in curve if accuracy >= target), None)
     return {
         "seed": seed,
         "test_accuracy": metrics["test_accuracy"],
         "seconds_to_tested_model": metrics["seconds_to_tested_model"],
-        "process_seconds_with_export": process_seconds,
+        "process_seconds_with_export": run.seconds,
         "training_seconds": metrics.get("training_seconds"),
         "examples_per_sec": metrics["examples_per_sec"],
         "stage_seconds": metrics.get("stage_seconds", []),

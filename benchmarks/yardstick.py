@@ -19,25 +19,11 @@ def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import time
 
-    import keras
-    from keras import layers
-
+    from benchmarks.common import plain_keras_model
     from lenet_tf.data import load_datasets
 
     data = load_datasets("fashion_mnist")
-    model = keras.Sequential([
-        keras.Input((28, 28, 1)),
-        layers.Conv2D(6, 5, padding="same", activation="sigmoid"),
-        layers.AveragePooling2D(2),
-        layers.Conv2D(16, 5, activation="sigmoid"),
-        layers.AveragePooling2D(2),
-        layers.Flatten(),
-        layers.Dense(120, activation="sigmoid"),
-        layers.Dense(84, activation="sigmoid"),
-        layers.Dense(10),
-    ])
-    model.compile(keras.optimizers.SGD(0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model = plain_keras_model()
     model.fit(data.train_images.astype("float32") / 255, data.train_labels, batch_size=256, epochs=1, verbose=0,
               validation_data=(data.test_images.astype("float32") / 255, data.test_labels))
     print(f"{time.time() - started:.3f}")
