@@ -14,7 +14,6 @@ previous versions untouched and no partial version that TF Serving would load.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -37,8 +36,7 @@ from lenet_tf.data import Datasets, load_datasets
 from lenet_tf.errors import ParityError, StoppedError, UsageError
 from lenet_tf.inference import INPUT_KEY, METADATA_FILE, SIGNATURE_KEY, latest_version_dir, sha256_of
 from lenet_tf.io_utils import (
-    child_environment, ensure_writable_dir, is_full_disk_error, run_module_in_child, start_module_in_child,
-    write_json_atomic,
+    child_environment, ensure_writable_dir, is_full_disk_error, run_module_in_child, write_json_atomic,
 )
 from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, conv_block_outputs, predict_probabilities
 from lenet_tf.quiet import native_stderr_silenced
@@ -215,42 +213,24 @@ def convert_onnx(saved_model_dir: Path, output: Path) -> Path:
 
 
 class ParityWorker:
-    """The fresh Python process that reloads every exported model and runs it on the test split.
+    """Reloads every exported model in a fresh Python process and runs it on images.
 
     A separate process proves the artifacts stand alone: nothing from the
     exporting process (Keras objects, traced functions) can leak into them.
-    It is started before the models are written and imports TensorFlow while
-    they are (lenet_tf.parity_worker --wait), so the export no longer waits
-    for that import (on 2 cores the export stage of a fast MNIST run fell
-    from 7.4 s to 3.9 s, docs/speedrun.md). Use it as a context manager: on
-    the way out an unused worker is stopped.
+    export_model takes any object with this `run` (tests pass their own).
     """
 
-    def __init__(self):
-        self.process = start_module_in_child("lenet_tf.parity_worker", ["--wait"],
-                                             env=child_environment(TF_CPP_MIN_LOG_LEVEL="3"))
-
-    def __enter__(self) -> "ParityWorker":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.process.poll() is None:
-            self.process.kill()  # Never used: it holds nothing worth keeping.
-        self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if not stream.closed:
-                stream.close()
-
     def run(self, model_paths: dict[str, Path], images: np.ndarray) -> dict[str, np.ndarray]:
-        """Every model's probabilities on `images`, computed in the worker."""
+        """Every model's probabilities on `images`, computed in the fresh process."""
         with tempfile.TemporaryDirectory(prefix="lenet-parity-") as scratch:
             images_path = Path(scratch) / "images.npy"
             output_path = Path(scratch) / "probabilities.npz"
             np.save(images_path, images)
             arguments = [str(images_path), str(output_path), *[f"{name}={path}" for name, path in model_paths.items()]]
-            _, stderr = self.process.communicate(json.dumps(arguments) + "\n")
-            if self.process.returncode != 0:
-                raise ParityError(f"reloading the exports in a fresh process failed:\n{stderr[-4000:]}")
+            completed = run_module_in_child("lenet_tf.parity_worker", arguments,
+                                            env=child_environment(TF_CPP_MIN_LOG_LEVEL="3"))
+            if completed.returncode != 0:
+                raise ParityError(f"reloading the exports in a fresh process failed:\n{completed.stderr[-4000:]}")
             with np.load(output_path) as outputs:
                 return {name: outputs[name] for name in outputs.files}
 
@@ -303,8 +283,8 @@ def export_model(
     """Exports `model` as a new version under the config's export folder and proves it.
 
     Raises ParityError, leaving no new version behind, when an exported model
-    breaks a parity bound. `parity_worker`: one started earlier by the caller
-    (who then also stops it), so that its start-up overlaps the caller's work.
+    breaks a parity bound. `parity_worker`: what runs the exported models in a
+    fresh process for that proof (a ParityWorker unless given).
     """
     model_dir = Path(config.export_dir) / model_name(config)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -316,11 +296,10 @@ def export_model(
     staging = model_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     try:
         staging.mkdir()
-        with contextlib.nullcontext(parity_worker) if parity_worker else ParityWorker() as worker:
-            artifacts = _write_artifacts(model, config, datasets, staging)
-            images, labels = datasets.test_images, datasets.test_labels
-            keras_probabilities = predict_probabilities(model, images)
-            exported = worker.run(artifacts, images)
+        artifacts = _write_artifacts(model, config, datasets, staging)
+        images, labels = datasets.test_images, datasets.test_labels
+        keras_probabilities = predict_probabilities(model, images)
+        exported = (parity_worker or ParityWorker()).run(artifacts, images)
         report = parity_report(keras_probabilities, exported, labels)
         failures = check_parity(report)
         card = _model_card(config, metrics or {}, artifacts, report, staging)
@@ -385,10 +364,10 @@ def pooling_as_depthwise_convolution(model: keras.Sequential) -> keras.Sequentia
 
     Why: in a full-integer TFLite model, XNNPACK leaves int8 AVERAGE_POOL_2D
     to TFLite's own kernels, which cuts the delegated graph in more pieces (3
-    XNNPACK partitions instead of float32's 2). On the classic model (2 cores
-    of AMD EPYC, batch 1) that made int8 1.3x slower than float32; the int8
-    depthwise convolution stays inside XNNPACK and the int8 model runs as
-    fast as float32. The weight 1/4 is exact in float and in int8
+    XNNPACK partitions instead of float32's 2), which made the int8 classic
+    model slower than float32 where XNNPACK runs it; the int8 depthwise
+    convolution stays inside XNNPACK (docs/exports.md says how much that
+    saves on which CPU). The weight 1/4 is exact in float and in int8
     (per-channel scale), so the twin's float outputs equal the model's.
     """
     twin_layers = [keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name=model.inputs[0].name)]

@@ -164,13 +164,6 @@ def run_module_in_child(module: str, arguments: list[str], env: dict[str, str]) 
     return subprocess.run(_child_command(module, arguments), capture_output=True, text=True, env=env)
 
 
-def start_module_in_child(module: str, arguments: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """Starts the helper of `run_module_in_child` without waiting for it; its
-    stdin, stdout and stderr are text pipes (talk to it with `communicate`)."""
-    return subprocess.Popen(_child_command(module, arguments), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
 def _child_command(module: str, arguments: list[str]) -> list[str]:
     return [sys.executable, "-m", "lenet_tf.child", str(os.getpid()), module, *arguments]
 

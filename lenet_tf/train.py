@@ -10,7 +10,6 @@ tests pass small in-memory datasets and a strategy; the CLI passes neither.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import math
 import re
@@ -178,30 +177,9 @@ def _run(config: TrainConfig, datasets: Datasets | BackgroundLoad | None, placem
     clock.mark("fit (training, validation, checkpoints, epoch dashboards)")
     evaluation = _evaluate(config, model, pipelines, history, epochs_run, clock)
     clock.mark("test evaluation")
-    exporting = placement.is_chief and bool(config.export_formats)
-    # The export's parity check runs in a fresh process; started now, it
-    # imports TensorFlow while this one writes the export's models.
-    with _parity_worker() if exporting else contextlib.nullcontext() as parity_worker:
-        metrics = _metrics(config, placement, datasets, pipelines, history, epochs_run, evaluation, throughput)
-        # Here, never beside the export: its trace switches on TensorFlow's
-        # graph tracing for the whole process.
-        dashboards.write_op_graph(write_to.logs, model)
-        if exporting:
-            # The final figures (mostly matplotlib, holding the interpreter)
-            # are drawn in a second thread while this one exports (mostly
-            # TensorFlow's converter and the parity worker's process): on 2
-            # cores, fast MNIST runs spent 6.2-7.3 s after the test instead of
-            # 8.0-9.2 s one after the other.
-            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="final-dashboards") as drawer:
-                # A copy: the export adds keys to `metrics` while the figures read it.
-                drawing = drawer.submit(_write_results, config, dict(metrics), write_to, callbacks)
-                _export(config, model, datasets, metrics, parity_worker)
-                clock.mark("export and its parity check (final dashboards drawn meanwhile)")
-                drawing.result()
-            clock.mark("final dashboards and curves (after the export)")
-        else:
-            _write_results(config, metrics, write_to, callbacks)
-            clock.mark("final dashboards and curves")
+    metrics = _metrics(config, placement, datasets, pipelines, history, epochs_run, evaluation, throughput)
+    _write_results_and_export(config, model, datasets, metrics, write_to, callbacks, clock,
+                              export=placement.is_chief and bool(config.export_formats))
     metrics["wall_seconds"] = clock.seconds()
     # A list, not a dict: metrics.json sorts keys, and the stages read in the order they ran.
     metrics["stage_seconds"] = [[stage, seconds] for stage, seconds in clock.stages.items()]
@@ -482,14 +460,30 @@ def _write_results(config: TrainConfig, metrics: dict[str, Any], write_to: RunDi
                                     validation_label="validation acc" if config.validation_split else "test acc")
 
 
-def _parity_worker():
-    from lenet_tf.export import ParityWorker
+def _write_results_and_export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics: dict[str, Any],
+                              write_to: RunDir, callbacks: list[keras.callbacks.Callback], clock: Clock,
+                              export: bool) -> None:
+    """The final dashboards and the export; with an export, the final figures
+    (mostly matplotlib) are drawn in a second thread while this one exports
+    (mostly TensorFlow's converter and the parity check's process)."""
+    if not export:
+        dashboards.write_op_graph(write_to.logs, model)
+        _write_results(config, metrics, write_to, callbacks)
+        clock.mark("final dashboards and curves")
+        return
+    # Here, never beside the export: its trace switches on TensorFlow's
+    # graph tracing for the whole process.
+    dashboards.write_op_graph(write_to.logs, model)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="final-dashboards") as drawer:
+        # A copy: the export adds keys to `metrics` while the figures read it.
+        drawing = drawer.submit(_write_results, config, dict(metrics), write_to, callbacks)
+        _export(config, model, datasets, metrics)
+        clock.mark("export and its parity check (final dashboards drawn meanwhile)")
+        drawing.result()
+    clock.mark("final dashboards and curves (after the export)")
 
-    return ParityWorker()
 
-
-def _export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics: dict[str, Any],
-            parity_worker) -> None:
+def _export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics: dict[str, Any]) -> None:
     from lenet_tf.export import export_model
 
     # Export a plain copy built outside the strategy: the exported graph then
@@ -498,7 +492,7 @@ def _export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics
     # would wait forever for the other workers).
     plain_model = build_model(config)
     plain_model.set_weights(model.get_weights())
-    export = export_model(plain_model, config, datasets, metrics, parity_worker)
+    export = export_model(plain_model, config, datasets, metrics)
     metrics["exports"] = {key: str(path) for key, path in export.artifacts.items()}
     metrics["export_version_dir"] = str(export.version_dir)
 
