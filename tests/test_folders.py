@@ -527,3 +527,56 @@ def test_a_folder_of_mixed_pictures_trains_exports_and_predicts_as_it_evaluates(
     exported = run_cli("export", "--run-dir", str(run_dir), "--export-dir", str(tmp_path / "again"),
                        "--format", "saved_model,tflite", env=env)
     assert exported.returncode == 0, exported.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
+    """The exported page of a folder model, in Chromium: its input for a
+    picture is the array the folder's recipe gives (a 28x28 picture as it is,
+    wherever its object sits; any other framed to fill the canvas)."""
+    import threading
+
+    from test_webpage import CHROMIUM, CHROMIUM_ARGS, _missing_browser
+
+    if _missing_browser() is not None:
+        pytest.skip(_missing_browser())
+    from playwright.sync_api import sync_playwright
+
+    from lenet_tf.config import TrainConfig
+    from lenet_tf.images import read_picture
+    from lenet_tf.train import train_and_evaluate
+    from lenet_tf.webpage import make_server, web_dir_of
+
+    root = _write_classes(tmp_path / "photos", {"a": 12, "b": 12, "c": 12})
+    folders.register_folder_dataset(root)
+    metrics = train_and_evaluate(TrainConfig(dataset=folders.FOLDER_DATASET, data_dir=str(root), epochs=1,
+                                             batch_size=8, image_every_epochs=0, run_dir=str(tmp_path / "run"),
+                                             export_dir=str(tmp_path / "exports"),
+                                             export_formats=("saved_model", "web")))
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    off_centre = np.zeros((28, 28), np.uint8)
+    off_centre[2:8, 3:7] = 200
+    Image.fromarray(off_centre).save(pictures / "off_centre.png")
+    Image.fromarray(_shape(light_on_dark=False, size=(60, 44))).convert("RGB").save(pictures / "dark_on_light.png")
+    Image.fromarray(_shape(size=(33, 70))).save(pictures / "wide.png")
+    server = make_server(web_dir_of(metrics["export_version_dir"]), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+            assert page.evaluate("window.lenet.ready") is True  # The page loads its model before its load event.
+            for path in sorted(pictures.iterdir()):
+                before = page.evaluate("window.lenet.updates")
+                page.set_input_files("#file", str(path))
+                page.wait_for_function(f"window.lenet.updates > {before}")
+                in_browser = np.array(page.evaluate("window.lenet.lastInput"), np.int32).reshape(28, 28)
+                in_python = read_picture(path, folders.FOLDER_FRAMING)[..., 0].astype(np.int32)
+                # The browser decodes the file itself; a level of rounding apart at most, as for the datasets.
+                assert np.abs(in_browser - in_python).max() <= 1, path.name
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
