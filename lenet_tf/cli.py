@@ -245,10 +245,7 @@ def _check_flags_and_start_reading_data(args) -> None:
     args.config = config_from_args(args) if args.command in ("train", "summary") else None
     args.background_load = None
     if args.command == "train" and not args.summary:
-        config = args.config
-        args.background_load = BackgroundLoad(config.dataset, config.data_dir,
-                                              config.conv_kernel_sizes()[0] if config.whiten_first_conv else None,
-                                              config.crop)
+        args.background_load = BackgroundLoad(args.config.dataset, args.config.data_dir)
 
 
 def _summary(args) -> int:

@@ -14,7 +14,6 @@ folder names included, live in lenet_tf.registry):
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import struct
 import threading
@@ -26,7 +25,6 @@ import numpy as np
 
 from lenet_tf.errors import UsageError
 from lenet_tf.registry import IDX_STEMS, IMAGE_SIZE, NUM_CLASSES, DatasetInfo, dataset_info
-from lenet_tf.whitening import patch_statistics
 
 DATA_DIR_ENV = "LENET_TF_DATA_DIR"
 
@@ -52,7 +50,7 @@ class Datasets:
 
     def limited(self, limit_train: int | None, limit_test: int | None) -> "Datasets":
         if limit_train is None and limit_test is None:
-            return self  # The same arrays: what was computed from them still applies (patch_statistics).
+            return self
         return Datasets(
             self.train_images[:limit_train],
             self.train_labels[:limit_train],
@@ -289,33 +287,20 @@ class BackgroundLoad:
     Only local copies (the IDX folders and the Keras cache, read with numpy
     and zlib, which let the import run meanwhile); tensorflow_datasets needs
     TensorFlow, and a multi-worker run must create its strategy before any
-    other TensorFlow op. With a whitened first conv layer, it computes the
-    patch statistics of its kernels too.
+    other TensorFlow op.
     """
 
-    def __init__(self, dataset: str, data_dir: str | None, whitening_kernel_size: int | None = None,
-                 crop: int = 0):
-        """`whitening_kernel_size`: also compute the training images' patch
-        statistics for a whitened first conv layer of that kernel size, over
-        the images less `crop` pixels from each side."""
+    def __init__(self, dataset: str, data_dir: str | None):
         self._key = (dataset, data_dir)
         self._loaded: concurrent.futures.Future = concurrent.futures.Future()
-        self.thread = threading.Thread(target=self._load, args=(whitening_kernel_size, crop), name="load-data",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._load, name="load-data", daemon=True)
         self.thread.start()
 
-    def _load(self, whitening_kernel_size: int | None, crop: int) -> None:
+    def _load(self) -> None:
         try:
-            datasets = load_datasets(*self._key, allow_download=False)
+            self._loaded.set_result(load_datasets(*self._key, allow_download=False))
         except BaseException as error:  # Handed to whoever asks for the result.
             self._loaded.set_exception(error)
-            return
-        self._loaded.set_result(datasets)
-        if whitening_kernel_size:
-            # Remembered by patch_statistics for the model's build, which, if
-            # it asks meanwhile, waits for this rather than computing it twice.
-            with contextlib.suppress(Exception):  # The build computes it again and reports any error.
-                patch_statistics(datasets.train_images, whitening_kernel_size, crop)
 
     def result(self, dataset: str, data_dir: str | None) -> Datasets | None:
         """The splits, if they were read for this dataset and data_dir; None
@@ -349,8 +334,8 @@ def load_with_tfds(info: DatasetInfo) -> Datasets:
     builder = tfds.builder(info.tfds_name)
     if not builder.is_prepared():
         # Offline, tensorflow_datasets retries each file for minutes before it
-        # gives up (3.4 minutes for MNIST on a machine whose DNS answers at
-        # once): ask its download host first and fail in seconds.
+        # gives up, even where DNS answers at once: ask its download host
+        # first and fail in seconds.
         download_url = getattr(builder, "URL", None)
         if isinstance(download_url, str):
             check_host_answers(download_url)
@@ -457,13 +442,13 @@ def make_dataset(
     # sharding. In-memory data has no files to shard by, so AUTO would fall
     # back to this anyway, with a warning.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    # No autotuning: with it, on 2 CPU cores, a pass over the data often ended
-    # 5.11 s after it began (10 ms x 511, as if deleting the iterator waited
-    # for the next wake-up of a thread that sleeps 10, 20, 40, ... ms),
-    # however soon the model was done; Keras makes an iterator for every
-    # epoch and every validation pass. The AUTOTUNE settings below then take
-    # the number of cores (at most 16), and an epoch of the fast preset ran
-    # as fast as autotuning's best ones (docs/speedrun.md, Outside training).
+    # No autotuning: with it, on a few CPU cores, a pass over the data often
+    # ended seconds late, in steps of the autotuner's doubling sleep (as if
+    # deleting the iterator waited for its thread's next wake-up), however
+    # soon the model was done; Keras makes an iterator for every epoch and
+    # every validation pass. The AUTOTUNE settings below then take the number
+    # of cores (at most 16), and an epoch of the fast preset runs as fast as
+    # autotuning's best ones (docs/speedrun.md, Outside training).
     options.autotune.enabled = False
     dataset = dataset.batch(global_batch_size)
     if augment != "none":
@@ -487,7 +472,7 @@ def augment_batch(images, shift: bool = True, flip: bool = False, seed=None):
     (zero fill, like the black background) and, if `flip`, mirrors half of
     them left-right. Works on whole batches: pad once, then one random crop
     offset per image via a gather, no per-image Python. Flips alone cost
-    almost nothing; the shifts' gathers cost about a quarter of a small
+    almost nothing; the shifts' gathers cost a noticeable share of a small
     model's training throughput on two cores (docs/speedrun.md).
 
     `seed`: a shape [2] integer tensor makes the result a function of the

@@ -1,23 +1,15 @@
-"""The whitened first conv layer's kernels, from the training images' patches.
-
-NumPy only, without Keras or TensorFlow, so that a training process can
-compute the patches' statistics while it imports TensorFlow
-(lenet_tf.data.BackgroundLoad); lenet_tf.model.whiten_first_conv sets them.
+"""The whitened first conv layer's kernels, from the training images' patches,
+in NumPy; lenet_tf.model.whiten_first_conv sets them.
 """
 
 from __future__ import annotations
-
-import threading
-import weakref
 
 import numpy as np
 
 from lenet_tf.registry import PIXEL_SCALE
 
-# Images whose patches estimate the whitening: 1,000 give 576,000 5x5 patches,
-# plenty for a 25x25 covariance (2,000 gave the same kernels to 2 decimals).
-# The first computation in a process takes 0.2-0.3 s on 2 CPU cores, mostly
-# the first touch of the patches' 58 MB; later ones under a tenth of that.
+# Images whose patches estimate the whitening: 1,000 give hundreds of
+# thousands of 5x5 patches, plenty for a 25x25 covariance.
 WHITENING_SAMPLE = 1000
 # Added to each variance before dividing by its square root, on pixels scaled
 # to [0, 1]: it keeps the faint components (Fashion-MNIST's 16th of 25 has
@@ -58,27 +50,13 @@ def patch_statistics(images: np.ndarray, kernel_size: int, crop: int = 0) -> tup
     the kernel_size x kernel_size patches of WHITENING_SAMPLE of `images`
     (uint8, N x 28 x 28 x 1) less `crop` pixels from each side, pixels
     scaled to [0, 1].
-
-    Remembers its last answer: asked again for the same array object, kernel
-    size and crop (the background load computed it first), it returns it; a
-    caller that asks while another thread computes it waits for that result.
     """
-    with _last_statistics_lock:
-        if _last_statistics and _last_statistics[0]() is images and _last_statistics[1] == (kernel_size, crop):
-            return _last_statistics[2]
-        every = max(1, len(images) // WHITENING_SAMPLE)
-        pixels = np.asarray(images[::every][:WHITENING_SAMPLE], dtype=np.float32)[..., 0] * PIXEL_SCALE
-        pixels = pixels[:, crop:pixels.shape[1] - crop, crop:pixels.shape[2] - crop]
-        patches = np.lib.stride_tricks.sliding_window_view(pixels, (kernel_size, kernel_size), axis=(1, 2))
-        patches = patches.reshape(-1, kernel_size * kernel_size)
-        mean = patches.mean(axis=0, dtype=np.float64)
-        centred = patches - mean.astype(np.float32)
-        covariance = (centred.T @ centred).astype(np.float64) / max(len(centred) - 1, 1)
-        _last_statistics[:] = [weakref.ref(images), (kernel_size, crop), (mean, covariance)]
-        return mean, covariance
-
-
-# [weak reference to the images, kernel size, (mean, covariance)]; weak, so
-# that the statistics never keep a dataset alive.
-_last_statistics: list = []
-_last_statistics_lock = threading.Lock()
+    every = max(1, len(images) // WHITENING_SAMPLE)
+    pixels = np.asarray(images[::every][:WHITENING_SAMPLE], dtype=np.float32)[..., 0] * PIXEL_SCALE
+    pixels = pixels[:, crop:pixels.shape[1] - crop, crop:pixels.shape[2] - crop]
+    patches = np.lib.stride_tricks.sliding_window_view(pixels, (kernel_size, kernel_size), axis=(1, 2))
+    patches = patches.reshape(-1, kernel_size * kernel_size)
+    mean = patches.mean(axis=0, dtype=np.float64)
+    centred = patches - mean.astype(np.float32)
+    covariance = (centred.T @ centred).astype(np.float64) / max(len(centred) - 1, 1)
+    return mean, covariance

@@ -12,7 +12,6 @@ from lenet_tf.data import (
     make_dataset, read_idx,
 )
 from lenet_tf.registry import IDX_STEMS, dataset_info
-from lenet_tf.whitening import patch_statistics
 from lenet_tf.errors import UsageError
 
 from conftest import write_idx, write_idx_dir
@@ -234,20 +233,6 @@ def test_background_load_reads_the_same_splits_and_steps_aside_when_it_cannot(tm
     # why it failed): the background never downloads.
     missing = BackgroundLoad("mnist", str(tmp_path / "nowhere"))
     assert missing.result("mnist", str(tmp_path / "nowhere")) is None
-    # With a whitened first layer it also leaves the patch statistics of the
-    # training images behind, for the model's build to pick up, over the part
-    # of the images the model's crop keeps.
-    whitening = BackgroundLoad("mnist", str(folder), whitening_kernel_size=5, crop=2)
-    images = whitening.result("mnist", str(folder)).train_images
-    whitening.thread.join()
-    mean, covariance = patch_statistics(images, 5, crop=2)
-    assert patch_statistics(images, 5, crop=2)[1] is covariance  # Remembered, not computed again.
-    again = patch_statistics(images.copy(), 5, crop=2)  # Another array: computed, to the same numbers.
-    assert again[1] is not covariance
-    np.testing.assert_array_equal(again[0], mean)
-    np.testing.assert_array_equal(again[1], covariance)
-    # The same images with another crop: other patches, computed anew.
-    assert not np.array_equal(patch_statistics(images, 5)[1], covariance)
 
 
 def test_pipeline_batches_shuffles_with_seed_and_keeps_dtypes():
