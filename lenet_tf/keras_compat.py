@@ -27,9 +27,9 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
     No upstream issue found: Keras 3's TensorFlow backend computes batch norm
     in training from separate ops (moments, then normalise; tf.keras 2 had
-    `fused=True`), which made batch norm cost half of a small LeNet's
-    training throughput on two CPU cores; fused, 1.4x faster
-    (docs/speedrun.md). Inference, 2-D inputs and anything but the last axis
+    `fused=True`), which makes batch norm a large share of a small LeNet's
+    training step on a CPU; the fused kernel is faster (docs/speedrun.md
+    says how much). Inference, 2-D inputs and anything but the last axis
     go through Keras's own code, so exported models contain only standard
     ops. The moving statistics are updated as Keras updates them.
     """
@@ -121,8 +121,8 @@ class ConvolutionMuon(keras.optimizers.Muon):
     Keras's Muon to 2-D variables, so a 4-D conv kernel gets the AdamW
     update, and in a LeNet only the dense kernels got Muon's. Muon's author
     uses it on conv filters by flattening their last three dimensions; on
-    the fast preset that raised the validation accuracy by about 0.2 points
-    (docs/speedrun.md). Overrides Muon's protected `_should_use_adamw`, and
+    the fast preset that raised the validation accuracy (docs/speedrun.md).
+    Overrides Muon's protected `_should_use_adamw`, and
     the two steps of its update that depend on the shape: the Newton-Schulz
     iteration and `lr_adjust` see the flattened matrix, and the rest of
     Keras's step (momentum, Nesterov) runs as it is.
