@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--dataset", choices=dataset_names(), help="class names to use (default: the model's)")
     predict.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
                          help="invert dark-on-light pictures: auto decides from the border (default: %(default)s)")
-    predict.add_argument("--top", type=int, default=3, help="how many classes to show (default: %(default)s)")
+    predict.add_argument("--top", type=int, help="how many classes to show (default: 3, or all of a model's 2)")
     predict.add_argument("--json", action="store_true", help="JSON Lines on stdout, one object per file")
     predict.add_argument("--no-verify", dest="verify", action="store_false",
                          help="load the model even if its files differ from the SHA-256s in its model card")

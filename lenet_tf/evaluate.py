@@ -66,10 +66,11 @@ def format_evaluation(result: dict[str, Any]) -> str:
 
 
 def predict_files(
-    predictor: Predictor, paths: list[str], dataset: str, invert: str = "auto", top: int = 3
+    predictor: Predictor, paths: list[str], dataset: str, invert: str = "auto", top: int | None = None
 ) -> list[dict[str, Any]]:
     """One result per file: a prediction, or {"file", "error"} for a file that failed."""
     names = dataset_info(dataset).class_names
+    top = min(3, len(names)) if top is None else top
     if not 1 <= top <= len(names):
         raise UsageError(f"--top must be between 1 and {len(names)}, the model's classes (got {top})")
     results: list[dict[str, Any]] = []

@@ -547,7 +547,7 @@ def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     from lenet_tf.train import train_and_evaluate
     from lenet_tf.webpage import make_server, web_dir_of
 
-    root = _write_classes(tmp_path / "photos", {"a": 12, "b": 12, "c": 12})
+    root = _write_classes(tmp_path / "photos", {"a": 18, "b": 18})
     folders.register_folder_dataset(root)
     metrics = train_and_evaluate(TrainConfig(dataset=folders.FOLDER_DATASET, data_dir=str(root), epochs=1,
                                              batch_size=8, image_every_epochs=0, run_dir=str(tmp_path / "run"),
@@ -560,6 +560,13 @@ def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     Image.fromarray(off_centre).save(pictures / "off_centre.png")
     Image.fromarray(_shape(light_on_dark=False, size=(60, 44))).convert("RGB").save(pictures / "dark_on_light.png")
     Image.fromarray(_shape(size=(33, 70))).save(pictures / "wide.png")
+    # Two classes: predict shows both, by default.
+    from lenet_tf.evaluate import predict_files
+    from lenet_tf.inference import load_predictor
+
+    answer, = predict_files(load_predictor(metrics["export_version_dir"]), [str(pictures / "wide.png")],
+                            folders.FOLDER_DATASET)
+    assert [entry["class_name"] for entry in answer["top"]] in (["a", "b"], ["b", "a"])
     server = make_server(web_dir_of(metrics["export_version_dir"]), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
