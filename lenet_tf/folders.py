@@ -46,7 +46,7 @@ from lenet_tf.registry import IMAGE_SIZE, DatasetInfo, Framing, dataset_info, re
 
 # The name a folder of pictures has as a dataset (in config.json and model cards).
 FOLDER_DATASET = "folder"
-# Keras's image_dataset_from_directory reads these; Pillow reads them all.
+# The names of the picture formats read here (Pillow reads each), any case.
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 # Like Fashion-MNIST: the object's longer side fills the canvas, centred by its box.
 FOLDER_FRAMING = Framing(longest_side=IMAGE_SIZE, centre="box", keep_model_size=True)
