@@ -10,7 +10,7 @@ import pytest
 
 from lenet_tf.run_dir import RunDir
 
-from conftest import REPO_ROOT, run_cli, wait_for_backed_up_epoch
+from conftest import REPO_ROOT, run_cli, wait_for, wait_for_backed_up_epoch
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="mounting a size-limited tmpfs needs root; run the suite as root to cover a full disk")
@@ -102,12 +102,28 @@ def test_an_export_that_runs_out_of_space_publishes_nothing_and_keeps_earlier_ve
     assert trained.returncode == 0, trained.stderr[-3000:]
     model_dir = small_disk / "exports" / "lenet_fashion_mnist"
     first = {path.name: path.read_bytes() for path in (model_dir / "1").rglob("*") if path.is_file()}
+    export_command = [sys.executable, "-m", "lenet_tf", "export", "--run-dir", str(run_dir),
+                      "--export-dir", str(small_disk / "exports")]
+
+    # A disk that is already full is refused before the checkpoint is loaded.
     filler = _fill(small_disk)
-    exported = run_cli("export", "--run-dir", str(run_dir), "--export-dir", str(small_disk / "exports"),
-                       "--format", "saved_model,tflite,tflite-int8")
-    assert exported.returncode == 1, exported.stderr[-3000:]
-    assert "Traceback" not in exported.stderr
-    last_line = exported.stderr.strip().splitlines()[-1]
+    refused = subprocess.run(export_command + ["--format", "saved_model"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith("lenet-tf export: error: only 0 MiB free")
+    filler.unlink()
+
+    # Another program fills the disk once the export has begun writing.
+    exporting = subprocess.Popen(export_command + ["--format", "saved_model,tflite,tflite-int8"], cwd=REPO_ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    wait_for(lambda: any(path.name.startswith(".staging-") for path in model_dir.iterdir()), [exporting],
+             "the export's staging folder")
+    filler = _fill(small_disk)
+    _, stderr = exporting.communicate(timeout=600)
+    assert exporting.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith("lenet-tf export: error: no space left on the device"), last_line
     assert "no version was published" in last_line
     assert sorted(path.name for path in model_dir.iterdir()) == ["1"]  # No new version, no staging left.
