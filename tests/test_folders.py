@@ -587,3 +587,39 @@ def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow
+def test_a_killed_run_does_not_resume_on_a_changed_folder(tmp_path):
+    """A run killed after its first backed-up epoch: rerun after a picture
+    was added, it refuses in one line naming the picture and keeps its backup;
+    with the folder as it was, it resumes."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, wait_for_backed_up_epoch
+
+    from lenet_tf.run_dir import RunDir
+
+    root = _write_classes(tmp_path / "photos", {"a": 400, "b": 400})
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "lenet_tf", "train", "--data-dir", str(root), "--epochs", "4",
+               "--batch-size", "16", "--activation", "relu", "--learning-rate", "0.1", "--run-dir", str(run_dir),
+               "--format", "", "--image-every-epochs", "0"]
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    first = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for_backed_up_epoch(RunDir(run_dir).backup_metadata, [first]) >= 1
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    added = root / "b" / "late.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(added)
+    refused = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    errors = [line for line in refused.stderr.splitlines() if "error:" in line]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-3000:]
+    assert "is not the one this run started with (1 added: b/late.png)" in errors[0]
+    assert RunDir(run_dir).backup_metadata.is_file() and not (run_dir / "metrics.json").exists()
+    added.unlink()
+    resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs_run_this_session"] < 4
