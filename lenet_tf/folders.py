@@ -208,17 +208,19 @@ def is_picture_name(name: str) -> bool:
 
 def detect_layout(path: str | os.PathLike) -> str:
     """'idx' (the four IDX files), 'train_test' or 'classes'; UsageError when it is none of them."""
-    from lenet_tf.data import _checked_folder, _has_idx_files
+    from lenet_tf.data import _checked_folder, _idx_path
+    from lenet_tf.registry import IDX_STEMS
 
     root = _checked_folder(Path(path).expanduser())
-    if _has_idx_files(root):
+    idx_files = [stem for stem in IDX_STEMS.values() if _idx_path(root, stem)]
+    if len(idx_files) == len(IDX_STEMS):
         return "idx"
     subfolders = _subfolders(root)
+    if idx_files and not subfolders:
+        return "idx"  # Some of the four: the IDX reader names those missing.
     if "train" in subfolders and "test" in subfolders:
         return "train_test"
     if not subfolders:
-        from lenet_tf.registry import IDX_STEMS
-
         loose = sum(1 for entry in os.scandir(root) if entry.is_file() and is_picture_name(entry.name))
         raise UsageError(
             f"{root} holds neither the four IDX files ({', '.join(IDX_STEMS.values())}, .gz or not) nor class "
