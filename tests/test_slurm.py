@@ -232,15 +232,23 @@ class SlurmCluster:
         return match.group(1) if match else ""
 
 
-def _wait(state, what: str, timeout: float = 300):
-    """Polls until `state()` is true (returns it); fails naming `what` after
-    `timeout` seconds (generous: it bounds a hang on a busy machine)."""
+def _wait(state, what: str, timeout: float = 300, details=lambda: ""):
+    """Polls until `state()` is true (returns it); fails naming `what`, with
+    `details()`, after `timeout` seconds (generous: it bounds a hang on a busy machine)."""
     deadline = time.monotonic() + timeout
     while not (value := state()):
         if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {timeout:.0f} s")
+            pytest.fail(f"no {what} within {timeout:.0f} s\n{details()}")
         time.sleep(0.2)
     return value
+
+
+def _job_details(cluster: SlurmCluster, job_id: str, output: Path) -> str:
+    """What SLURM says of a job and the end of its log, for a failure's message."""
+    job = subprocess.run(["scontrol", "show", "job", job_id], env=cluster.environment, capture_output=True,
+                         text=True, timeout=60).stdout
+    log = output.read_text()[-3000:] if output.is_file() else "(no log)"
+    return f"{job}\n{log}"
 
 
 @pytest.fixture(scope="session")
@@ -390,14 +398,15 @@ def test_the_sbatch_script_requeued_mid_run_resumes_and_runs_every_epoch_once(sl
     slurm_cluster.run("scontrol", "requeue", job_id)
     # SLURM ends every task (SIGTERM, then SIGKILL after KillWait), then holds
     # the job back for a while before it may start again: start it now.
-    _wait(lambda: slurm_cluster.job_state(job_id) == "PENDING", "requeued job")
+    _wait(lambda: slurm_cluster.job_state(job_id) == "PENDING", "requeued job",
+          details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"))
     stopped_at = backed_up_epochs(RunDir(run_dir).backup_metadata)
     output = (tmp_path / f"job-{job_id}.out").read_text()
     assert output.count("lenet-tf train: terminated (SIGTERM); run the same command again to resume") == 2, output
     assert "Traceback" not in output
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     _wait(lambda: slurm_cluster.job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), "finished job",
-          timeout=900)
+          timeout=900, details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"))
     output = (tmp_path / f"job-{job_id}.out").read_text()
     assert slurm_cluster.job_state(job_id) == "COMPLETED", output[-3000:]
     first_start, second_start = output.split(f"lenet-tf: job {job_id}, start 1")
@@ -417,12 +426,13 @@ def test_a_cancelled_job_leaves_a_backup_from_which_the_job_submitted_again_resu
     _wait(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
           or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"), "backed-up epoch")
     slurm_cluster.run("scancel", job_id)
-    _wait(lambda: slurm_cluster.job_state(job_id) in ("CANCELLED", ""), "cancelled job")
+    _wait(lambda: slurm_cluster.job_state(job_id) in ("CANCELLED", ""), "cancelled job",
+          details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"))
     stopped_at = backed_up_epochs(RunDir(run_dir).backup_metadata)
     assert 1 <= stopped_at < 4
     resubmitted = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
     _wait(lambda: slurm_cluster.job_state(resubmitted) in ("COMPLETED", "FAILED", "CANCELLED"), "finished job",
-          timeout=900)
+          timeout=900, details=lambda: _job_details(slurm_cluster, resubmitted, tmp_path / f"job-{resubmitted}.out"))
     output = (tmp_path / f"job-{resubmitted}.out").read_text()
     assert slurm_cluster.job_state(resubmitted) == "COMPLETED", output[-3000:]
     assert _epochs_started(output) == [epoch for epoch in range(stopped_at + 1, 5) for _ in range(2)]
