@@ -534,6 +534,7 @@ def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     """The exported page of a folder model, in Chromium: its input for a
     picture is the array the folder's recipe gives (a 28x28 picture as it is,
     wherever its object sits; any other framed to fill the canvas)."""
+    import sys
     import threading
 
     from test_webpage import CHROMIUM, CHROMIUM_ARGS, _missing_browser
@@ -552,7 +553,8 @@ def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     metrics = train_and_evaluate(TrainConfig(dataset=folders.FOLDER_DATASET, data_dir=str(root), epochs=1,
                                              batch_size=8, image_every_epochs=0, run_dir=str(tmp_path / "run"),
                                              export_dir=str(tmp_path / "exports"),
-                                             export_formats=("saved_model", "web")))
+                                             export_formats=("saved_model", "web")),
+                                 out=sys.stdout)  # Not the default, bound to whatever stdout was at its import.
     pictures = tmp_path / "pictures"
     pictures.mkdir()
     off_centre = np.zeros((28, 28), np.uint8)
