@@ -70,6 +70,9 @@ def step_from_environment(environ: Mapping[str, str] = os.environ) -> SlurmStep 
     if not 0 <= rank < tasks:
         raise UsageError(f"SLURM_PROCID {rank} is outside the step's {tasks} task(s)")
     distribution = environ.get("SLURM_DISTRIBUTION", "block")
+    if distribution.split(":")[0].split(",")[0].strip() == "plane" and "SLURM_DIST_PLANESIZE" in environ:
+        # srun passes --distribution=plane=N on as "plane" with N in a variable of its own.
+        distribution = f"plane={_integer(environ, 'SLURM_DIST_PLANESIZE')}"
     placement = place_tasks(tasks_per_node, distribution)
     node, local_index = placement[rank]
     _check_own_place(environ, rank, nodes[node], local_index, distribution)
@@ -196,7 +199,7 @@ def _check_own_place(environ: Mapping[str, str], rank: int, node: str, local_ind
     """The layout computed for this rank must be where SLURM put it: else the
     workers would disagree on each other's addresses and wait for each other forever."""
     actual_node = environ.get("SLURMD_NODENAME", node)
-    actual_index = int(environ.get("SLURM_LOCALID", local_index))
+    actual_index = _integer(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else local_index
     if (actual_node, actual_index) != (node, local_index):
         raise UsageError(f"SLURM put task {rank} on {actual_node} as its task {actual_index}, not where the "
                          f"{distribution} layout puts it ({node}, task {local_index}); use srun "

@@ -90,6 +90,16 @@ def test_uneven_tasks_per_node_in_block_and_cyclic_layouts():
     assert slurm.place_tasks([3, 3], "plane=2")[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
+def test_srun_plane_layout_reads_its_size_from_its_own_variable():
+    """srun --distribution=plane=2 gives its tasks SLURM_DISTRIBUTION=plane and SLURM_DIST_PLANESIZE=2."""
+    environment = _step_environment(4, "p[1-2]", "3(x2)", 6, SLURM_DISTRIBUTION="plane", SLURM_DIST_PLANESIZE="2",
+                                    SLURMD_NODENAME="p1", SLURM_LOCALID="2")
+    step = slurm.step_from_environment(environment)
+    assert [worker.split(":")[0] for worker in step.workers] == ["p1", "p1", "p2", "p2", "p1", "p2"]
+    with pytest.raises(UsageError, match="SLURM_LOCALID='x'"):
+        slurm.step_from_environment(dict(environment, SLURM_LOCALID="x"))
+
+
 def test_a_task_placed_elsewhere_than_its_layout_says_is_one_clear_error():
     """Task 1 of a cyclic step read as block would wait for peers at wrong addresses forever."""
     environment = _step_environment(1, "n[1-2]", "2(x2)", 4, SLURMD_NODENAME="n2", SLURM_LOCALID="0")
