@@ -19,6 +19,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Debian's Chromium, driven by Playwright (its own browser download is never used).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def missing_chromium() -> str | None:
+    """Why the browser tests cannot run here, or None when they can."""
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "the Python package playwright is not installed (pip install -e '.[test]')"
+    if not CHROMIUM.is_file():
+        return "Chromium is not installed (apt-get install chromium)"
+    return None
 # How a user (or CI) provides MNIST without internet: the package's own search.
 MNIST_HINT = ("set LENET_TF_DATA_DIR to a folder holding mnist/ with the four IDX files, put them in "
               "~/.keras/datasets/mnist/, or go online so tensorflow_datasets can download MNIST")

@@ -25,14 +25,10 @@ from lenet_tf.projector import (
 )
 from lenet_tf.registry import dataset_info
 
-from conftest import REPO_ROOT, free_ports, read_event_tags
+from conftest import CHROMIUM, CHROMIUM_ARGS, REPO_ROOT, free_ports, missing_chromium, read_event_tags
 
 FASHION_NAMES = dataset_info("fashion_mnist").class_names
 METADATA_HEADER = "index\ttrue class\tpredicted class\tcorrect\tconfidence"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-
 
 def test_the_sample_is_seeded_sorted_and_balanced_over_the_real_test_split(fashion_mnist_dir):
     from lenet_tf.data import load_idx_dir
@@ -218,18 +214,8 @@ def test_real_tensorboard_serves_the_projector_and_the_pr_curves(tensorboard_ser
     assert sorted(tags["fast/logs/images"]) == sorted(f"pr_curves/{name}" for name in FASHION_NAMES)
 
 
-def _missing_browser() -> str | None:
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        return "the Python package playwright is not installed (pip install -e '.[test]')"
-    if not CHROMIUM.is_file():
-        return "Chromium is not installed (apt-get install chromium)"
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_missing_browser() is not None, reason=str(_missing_browser()))
+@pytest.mark.skipif(missing_chromium() is not None, reason=str(missing_chromium()))
 def test_a_browser_shows_the_projector_with_a_search_for_coat_and_the_pr_curves(tensorboard_server, tmp_path):
     """Screenshots land in the test's folder; docs/images/ keeps a copy of each."""
     from playwright.sync_api import sync_playwright

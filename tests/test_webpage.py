@@ -18,20 +18,12 @@ from PIL import Image
 from lenet_tf.images import load_image
 from lenet_tf.registry import dataset_info
 
-from conftest import run_cli
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-
+from conftest import CHROMIUM, CHROMIUM_ARGS, missing_chromium, run_cli
 
 def _missing_browser() -> str | None:
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        return "the Python package playwright is not installed (pip install -e '.[test]')"
-    if not CHROMIUM.is_file():
-        return "Chromium is not installed (apt-get install chromium)"
+    missing = missing_chromium()
+    if missing is not None:
+        return missing
     from lenet_tf.errors import UsageError
     from lenet_tf.webpage import runtime_dir
 
