@@ -93,7 +93,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N examples only (default: all)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", choices=PRESETS, default="classic", help="named configuration: classic = the book's LeNet-5 and training; modern = ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation; fast = the shortest wait for a good model; best = the most accurate under 100,000 parameters, about 10 minutes (default: %(default)s)")
+    model.add_argument("--preset", choices=PRESETS, default="classic", help="named configuration: classic = the book's LeNet-5 and training; modern = ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation; fast = the shortest wait for a good model; best = the most accurate under 100,000 parameters; their times and accuracies are in docs/results.md (default: %(default)s)")
     model.add_argument("--activation", choices=ACTIVATIONS, help=_defaults("activation"))
     model.add_argument("--pooling", choices=POOLINGS, help=_defaults("pooling"))
     model.add_argument("--conv-filters", type=_int_list, help=f"filters per conv layer, comma-separated ({_defaults('conv_filters')})")
