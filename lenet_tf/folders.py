@@ -580,30 +580,49 @@ def record_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / RUN_RECORD_FILE
 
 
-def check_and_record(dataset: str, run_dir: str | os.PathLike, write_to: str | os.PathLike, resuming: bool) -> None:
-    """For a folder dataset: a resumed run refuses a folder that changed since the
-    run started (naming what changed); a run writes the folder's record. No-op otherwise."""
+def check_unchanged(dataset: str, run_dir: str | os.PathLike, resuming: bool) -> None:
+    """For a folder dataset resumed from a backup: refuses a folder that changed
+    since the run started (naming what changed), and a run whose record of its
+    folder is missing or unreadable. Runs before the backup is restored: a class
+    added or removed changes the model's output width, and the backup would not load."""
+    folder = registered_folder() if dataset == FOLDER_DATASET else None
+    if folder is None or not resuming:
+        return
+    record = folder.record()
+    path = record_path(run_dir)
+    try:
+        before = json.loads(path.read_text())
+        if not isinstance(before, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read {path}, the record of the folder of pictures this run started with "
+                         f"({error}); start a new run (another --run-dir)") from None
+    changes = describe_changes(before.get("files", {}), record["files"])
+    if before.get("path") != record["path"]:
+        changes = f"it was {before.get('path')}" + (f"; {changes}" if changes else "")
+    elif before.get("class_names") != record["class_names"]:
+        changes = (f"the classes were {', '.join(map(str, before.get('class_names') or []))}, now "
+                   f"{', '.join(record['class_names'])}") + (f"; {changes}" if changes else "")
+    elif before.get("test_split") != record["test_split"] or before.get("seed") != record["seed"]:
+        changes = changes or (f"the test split was {before.get('test_split')} with seed {before.get('seed')}")
+    if changes:
+        raise UsageError(f"the folder {record['path']} is not the one this run started with ({changes}); "
+                         "resume with the folder as it was, or start a new run (another --run-dir)")
+
+
+def record_folder(dataset: str, write_to: str | os.PathLike) -> None:
+    """For a folder dataset: writes the folder's record into the run folder. No-op otherwise."""
     from lenet_tf.io_utils import write_json_atomic
 
     folder = registered_folder() if dataset == FOLDER_DATASET else None
-    if folder is None:
-        return
-    record = folder.record()
-    if resuming:
-        try:
-            before = json.loads(record_path(run_dir).read_text())
-        except (OSError, ValueError):
-            before = None
-        if before is not None:
-            changes = describe_changes(before.get("files", {}), record["files"])
-            if before.get("path") != record["path"]:
-                changes = f"it was {before.get('path')}" + (f"; {changes}" if changes else "")
-            elif before.get("test_split") != record["test_split"] or before.get("seed") != record["seed"]:
-                changes = changes or (f"the test split was {before.get('test_split')} with seed {before.get('seed')}")
-            if changes:
-                raise UsageError(f"the folder {record['path']} is not the one this run started with ({changes}); "
-                                 "resume with the folder as it was, or start a new run (another --run-dir)")
-    write_json_atomic(record_path(write_to), record)
+    if folder is not None:
+        write_json_atomic(record_path(write_to), folder.record())
+
+
+def check_and_record(dataset: str, run_dir: str | os.PathLike, write_to: str | os.PathLike, resuming: bool) -> None:
+    """check_unchanged, then record_folder."""
+    check_unchanged(dataset, run_dir, resuming)
+    record_folder(dataset, write_to)
 
 
 def register_recorded_run(run_dir: str | os.PathLike) -> None:

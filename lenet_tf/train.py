@@ -43,7 +43,7 @@ from lenet_tf.io_utils import (
 from lenet_tf.keras_compat import adapt_model_for_multi_worker, build_before_fit
 from lenet_tf.model import build_model, whiten_first_conv
 from lenet_tf.optimization import build_compiled_model
-from lenet_tf.folders import check_and_record
+from lenet_tf.folders import check_unchanged, record_folder
 from lenet_tf.registry import dataset_info
 from lenet_tf.run_dir import RunDir, holding
 
@@ -165,9 +165,11 @@ def _run(config: TrainConfig, datasets: Datasets | BackgroundLoad | None, placem
     print(f"training on {pipelines.train_count} {config.dataset} images from {datasets.source}{layout}; "
           f"strategy {placement.name} over {placement.replicas} replica(s) {', '.join(placement.devices)}; "
           f"global batch {pipelines.global_batch_size}", file=out, flush=True)
+    # A folder of pictures: a resume refuses a folder that changed, before the backup is restored
+    # (a class added or removed would make the backup not load, read as a damaged backup).
+    check_unchanged(config.dataset, run_dir.root, resuming=Backup(run_dir.backup).record_path.exists())
     model, epochs_done = _build_model(config, placement, pipelines, run_dir)
-    # A folder of pictures: a resume refuses a folder that changed; the run records it.
-    check_and_record(config.dataset, run_dir.root, write_to.root, resuming=bool(epochs_done))
+    record_folder(config.dataset, write_to.root)
     # After the resume: a resume that fails keeps the interrupted run's config.
     config.write(write_to.config)
     clock.mark("pipelines and model")

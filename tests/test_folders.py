@@ -625,3 +625,46 @@ def test_a_killed_run_does_not_resume_on_a_changed_folder(tmp_path):
     resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_run_this_session"] < 4
+
+
+def test_a_resume_without_the_record_of_its_folder_is_refused(tmp_path):
+    root = _write_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
+    folders.register_folder_dataset(root).loader(None)
+    with pytest.raises(UsageError, match=r"cannot read .*dataset\.json"):
+        folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)
+    (tmp_path / "run").mkdir()
+    folders.record_path(tmp_path / "run").write_text("{not json")
+    with pytest.raises(UsageError, match=r"cannot read .*dataset\.json"):
+        folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)
+    folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=False)  # Nothing to resume.
+
+
+@pytest.mark.slow
+def test_a_resume_after_a_class_folder_was_added_names_the_change_and_keeps_the_backup(tmp_path):
+    """An interrupted run (its backup made from its checkpoint, as a killed run
+    leaves it), rerun after a class folder was added: one line naming the
+    classes, not a damaged backup, and the backup untouched."""
+    import keras
+
+    import lenet_tf.keras_compat  # noqa: F401 -- registers the checkpoint's layers and optimizer.
+    import lenet_tf.optimization  # noqa: F401
+    from lenet_tf.callbacks import Backup
+    from lenet_tf.run_dir import RunDir
+
+    root = _write_classes(tmp_path / "photos", {"cat": 12, "dog": 12})
+    run_dir = RunDir(tmp_path / "run")
+    env = {"XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
+    command = ("train", "--data-dir", str(root), "--preset", "fast", "--batch-size", "8", "--run-dir",
+               str(run_dir.root), "--format", "", "--image-every-epochs", "0", "--epochs", "2")
+    first = run_cli(*command, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    Backup(run_dir.backup).save(keras.models.load_model(run_dir.checkpoint, compile=False), 1)
+    run_dir.metrics.unlink()
+    backup_before = {path.name: path.read_bytes() for path in run_dir.backup.iterdir()}
+    _write_classes(root, {"fox": 12})
+    refused = run_cli(*command, env=env)
+    errors = [line for line in refused.stderr.splitlines() if "error:" in line]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-3000:]
+    assert "is not the one this run started with (the classes were cat, dog, now cat, dog, fox" in errors[0]
+    assert "damaged" not in errors[0]
+    assert {path.name: path.read_bytes() for path in run_dir.backup.iterdir()} == backup_before
