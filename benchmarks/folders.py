@@ -1,7 +1,9 @@
 """Reading a folder of pictures: the package's first read and cached start
 against one pass of Keras's image_dataset_from_directory, side by side.
 
-    LENET_TF_DATA_DIR=/work/shared/data python -m benchmarks.folders [--repeats 3] [--limit N]
+    LENET_TF_DATA_DIR=DIR python -m benchmarks.folders [--repeats 3] [--limit N]
+
+DIR is a folder holding mnist/ (the four IDX files).
 
 Writes the 70,000 MNIST digits as PNG files into train/<digit>/ and
 test/<digit>/ of a temporary folder (so the files are in the page cache, as

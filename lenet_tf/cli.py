@@ -156,7 +156,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if value is not None:
             setattr(config, name, value)
     if args.run_dir is None:
-        config.run_dir = f"runs/{config.dataset}"
+        from lenet_tf.folders import default_name
+
+        config.run_dir = f"runs/{default_name(config.dataset)}"
     return config.validate()
 
 

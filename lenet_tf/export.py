@@ -69,7 +69,9 @@ class ExportResult:
 
 
 def model_name(config: TrainConfig) -> str:
-    return config.model_name or f"lenet_{config.dataset}"
+    from lenet_tf.folders import default_name
+
+    return config.model_name or f"lenet_{default_name(config.dataset)}"
 
 
 def tflite_file_name(variant: str) -> str:

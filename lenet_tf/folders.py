@@ -31,6 +31,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import stat
 import struct
 import sys
@@ -528,6 +529,13 @@ def register_folder_dataset(path: str | os.PathLike, test_split: float = DEFAULT
         raise UsageError(f"--test-split must be between 0 and 1 (got {test_split})")
     listing = scan_folder(path, sizes=False)
     return _register(FolderDataset(listing.root, listing.class_names, test_split, seed, flip_keeps_class, listing))
+
+
+def default_name(dataset: str) -> str:
+    """The registered folder's name made safe for a path or a model name (letters, digits, _ . -):
+    each folder of pictures gets its own default run folder and exported model, not a shared one."""
+    name = dataset_info(dataset).folder_name if dataset == FOLDER_DATASET else dataset
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or FOLDER_DATASET
 
 
 def _register(folder: FolderDataset) -> DatasetInfo:

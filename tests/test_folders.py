@@ -668,3 +668,15 @@ def test_a_resume_after_a_class_folder_was_added_names_the_change_and_keeps_the_
     assert "is not the one this run started with (the classes were cat, dog, now cat, dog, fox" in errors[0]
     assert "damaged" not in errors[0]
     assert {path.name: path.read_bytes() for path in run_dir.backup.iterdir()} == backup_before
+
+
+def test_each_folder_gets_its_own_default_run_folder_and_model_name(tmp_path):
+    from lenet_tf.cli import build_parser, config_from_args
+    from lenet_tf.export import model_name
+
+    names = []
+    for folder in ("cats and dogs", "parts"):
+        root = _write_classes(tmp_path / folder, {"a": 2, "b": 2})
+        config = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root)]))
+        names.append((config.run_dir, model_name(config)))
+    assert names == [("runs/cats_and_dogs", "lenet_cats_and_dogs"), ("runs/parts", "lenet_parts")]
