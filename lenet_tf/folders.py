@@ -36,6 +36,7 @@ import stat
 import struct
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
@@ -394,7 +395,10 @@ def _decode_chunk(root: str, relatives: list[str]) -> tuple[np.ndarray, list[tup
     for index, relative in enumerate(relatives):
         path = os.path.join(root, relative)
         try:
-            plain = _plain_grey_png(path)
+            try:
+                plain = _plain_grey_png(path)
+            except (struct.error, OSError, ValueError, zlib.error):
+                plain = None  # A damaged or unreadable file: read_picture says what is wrong with it.
             if plain is None:
                 images[index] = read_picture(path, FOLDER_FRAMING)[..., 0]
             elif plain.size == (IMAGE_SIZE, IMAGE_SIZE):
@@ -415,17 +419,22 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def _plain_grey_png(path: str):
     """An 8-bit grey, non-interlaced PNG without transparency or EXIF (what a
     dataset saved as files usually is), decoded by Pillow's own PNG decoder
-    without its Python-level parsing of the file, which costs as much as the
-    decoding for a small picture; None for any other file (read_picture reads those)."""
+    without its Python-level parsing of the file, a large part of the work for
+    a small picture; None for any other file, a file too large or a damaged
+    one (read_picture reads those, with its limits and its messages)."""
     from PIL import Image
 
+    from lenet_tf.images import MAX_FILE_BYTES
+
     with open(path, "rb") as handle:
-        data = handle.read()
-    if not data.startswith(_PNG_SIGNATURE):
-        return None
+        if os.fstat(handle.fileno()).st_size > MAX_FILE_BYTES or handle.read(8) != _PNG_SIGNATURE:
+            return None
+        data = _PNG_SIGNATURE + handle.read()
     position, size, pieces = len(_PNG_SIGNATURE), None, []
     while position + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, position)
+        if position + 12 + length > len(data):
+            return None  # Truncated: read_picture says so.
         body = data[position + 8:position + 8 + length]
         if kind == b"IHDR":
             if length != 13:

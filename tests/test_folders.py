@@ -680,3 +680,29 @@ def test_each_folder_gets_its_own_default_run_folder_and_model_name(tmp_path):
         config = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root)]))
         names.append((config.run_dir, model_name(config)))
     assert names == [("runs/cats_and_dogs", "lenet_cats_and_dogs"), ("runs/parts", "lenet_parts")]
+
+
+def test_a_truncated_png_is_named_in_one_line(tmp_path, capsys):
+    """A PNG cut inside its header (the direct PNG reading must not raise
+    struct.error) and one cut inside its pixels: one line naming the first."""
+    root = _write_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
+    whole = (root / "cat" / "000.png").read_bytes()
+    (root / "cat" / "cut_header.png").write_bytes(whole[:20])
+    (root / "dog" / "cut_pixels.png").write_bytes(whole[:-30])
+    completed = run_cli("train", "--data-dir", str(root), "--run-dir", str(tmp_path / "run"), "--epochs", "2",
+                        env={"XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]})
+    errors = [line for line in completed.stderr.splitlines() if "error:" in line]
+    assert completed.returncode == 2 and len(errors) == 1, completed.stderr[-3000:]
+    assert "2 file(s) with a picture's name cannot be read as pictures, the first: " in errors[0]
+    assert "cat/cut_header.png" in errors[0] and "Traceback" not in completed.stderr
+
+
+def test_the_direct_png_reading_leaves_a_file_past_the_size_limit_to_read_picture(tmp_path, monkeypatch):
+    from lenet_tf import images
+
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "plain.png")
+    assert folders._plain_grey_png(str(tmp_path / "plain.png")) is not None
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", (tmp_path / "plain.png").stat().st_size - 1)
+    assert folders._plain_grey_png(str(tmp_path / "plain.png")) is None
+    with pytest.raises(UsageError, match="more than the 0 MiB limit"):
+        images.read_picture(tmp_path / "plain.png", folders.FOLDER_FRAMING)
