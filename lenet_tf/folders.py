@@ -123,6 +123,9 @@ class FolderDataset:
     listing: FolderListing | None = field(default=None, repr=False)
     # The files a run recorded: reading a folder that differs from them is refused.
     recorded_files: dict[str, list[int]] | None = field(default=None, repr=False)
+    # The digest of the held-out files a model card recorded: a split that differs from it is refused.
+    recorded_held_out: str | None = field(default=None, repr=False)
+    recorded_held_out_count: int = field(default=0, repr=False)
     # Pictures decoded (not taken from the cache) by the last load: a test counts them.
     decoded: int = 0
     held_out: list[str] = field(default_factory=list, repr=False)
@@ -160,6 +163,12 @@ class FolderDataset:
             is_test = held_out_split(labels, self.test_split, self.seed)
             split = f"{self.test_split:.0%} of each class held out for testing (seed {self.seed})"
         self.held_out = [file.relative for file, test in zip(listing.files, is_test) if test]
+        if self.recorded_held_out is not None and held_out_digest(self.held_out) != self.recorded_held_out:
+            # The split is drawn by position in the folder's file list: a picture added or removed
+            # moves it, and the test split would take pictures the model was trained on.
+            raise UsageError(f"{listing.root} changed since the model was trained: its test split is no longer "
+                             f"the {self.recorded_held_out_count} pictures held out from training; evaluate on "
+                             "the folder as it was then")
         # In a seeded order rather than class by class, so that --limit-train and --limit-test take every class.
         order = np.random.default_rng(self.seed)
         train_rows, test_rows = order.permutation(np.flatnonzero(~is_test)), order.permutation(np.flatnonzero(is_test))
@@ -177,6 +186,8 @@ class FolderDataset:
             "flip_keeps_class": self.flip_keeps_class,
             "test_split": self.test_split,
             "seed": self.seed,
+            "held_out_count": len(self.held_out),
+            "held_out_sha256": held_out_digest(self.held_out),
             "recipe": picture_recipe(),
         }
 
@@ -184,6 +195,11 @@ class FolderDataset:
         """What the run folder keeps: the card, the held-out pictures and every file's size and time."""
         return {**self.card(), "layout": self.listing.layout if self.listing else None,
                 "held_out": self.held_out, "files": self.listing.fingerprint() if self.listing else {}}
+
+
+def held_out_digest(relatives: list[str]) -> str:
+    """SHA-256 of the sorted held-out paths (relative to the folder, so a copy elsewhere matches)."""
+    return hashlib.sha256("\n".join(sorted(relatives)).encode()).hexdigest()
 
 
 def picture_recipe() -> dict[str, Any]:
@@ -574,7 +590,8 @@ def register_from_record(record: dict[str, Any]) -> DatasetInfo:
     try:
         folder = FolderDataset(Path(record["path"]), tuple(record["class_names"]), float(record["test_split"]),
                                int(record["seed"]), bool(record["flip_keeps_class"]),
-                               recorded_files=record.get("files"))
+                               recorded_files=record.get("files"), recorded_held_out=record.get("held_out_sha256"),
+                               recorded_held_out_count=int(record.get("held_out_count", 0)))
     except (KeyError, TypeError, ValueError) as error:
         raise UsageError(f"the record of the folder of pictures is damaged ({error!r})") from None
     return _register(folder)

@@ -706,3 +706,19 @@ def test_the_direct_png_reading_leaves_a_file_past_the_size_limit_to_read_pictur
     assert folders._plain_grey_png(str(tmp_path / "plain.png")) is None
     with pytest.raises(UsageError, match="more than the 0 MiB limit"):
         images.read_picture(tmp_path / "plain.png", folders.FOLDER_FRAMING)
+
+
+def test_evaluating_on_a_folder_whose_held_out_split_moved_is_refused(tmp_path):
+    """The model card's digest of the held-out files: the folder as it was
+    evaluates; a picture added since, which moves the split, is refused."""
+    root = _write_classes(tmp_path / "photos", {"cat": 10, "dog": 10})
+    folders.register_folder_dataset(root, test_split=0.2).loader(None)
+    card = folders.registered_folder().card()
+    held_out = list(folders.registered_folder().held_out)
+    assert card["held_out_count"] == 4 == len(held_out)
+    folders.register_from_record(card).loader(None)
+    assert folders.registered_folder().held_out == held_out
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(root / "cat" / "000a.png")  # Sorts second.
+    with pytest.raises(UsageError, match=r"^.*photos changed since the model was trained: its test split is no "
+                                         r"longer the 4 pictures held out from training; evaluate on the folder"):
+        folders.register_from_record(card).loader(None)
