@@ -54,8 +54,6 @@ def load_image(path: str | Path, dataset: str = "fashion_mnist", invert: str = "
 def read_picture(path: str | Path, framing: Framing, invert: str = "auto") -> np.ndarray:
     """`load_image` for a framing rather than a registered dataset's name (a
     folder of pictures is read in worker processes that know no datasets)."""
-    import warnings
-
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -72,16 +70,15 @@ def read_picture(path: str | Path, framing: Framing, invert: str = "auto") -> np
     if size > MAX_FILE_BYTES:
         raise UsageError(f"{path}: file is {size // 2**20} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB limit")
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its limit and twice it; such a picture is refused all the same.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+        image = Image.open(path)  # Reads the header only: the size is known before any pixel is decoded.
         with image:
-            if image.width * image.height > MAX_PIXELS:
-                raise UsageError(
-                    f"{path}: {image.width}x{image.height} pixels is more than the {MAX_PIXELS:,} pixel limit"
-                )
-            if image.format in _EXIF_FORMATS or "exif" in image.info:  # Reading EXIF costs as much as a small PNG.
+            # Checked here rather than by turning Pillow's warning into an error: warnings.catch_warnings
+            # changes process-wide state, and this runs in threads (while TensorFlow imports).
+            limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
+            if image.width * image.height > limit:
+                raise UsageError(f"{path}: {image.width}x{image.height} pixels is more than the {limit:,} pixel "
+                                 "limit; refused as a possible decompression bomb")
+            if image.format in _EXIF_FORMATS or "exif" in image.info:  # Reading EXIF is costly for a small picture.
                 image = ImageOps.exif_transpose(image)
             image.load()
             grey = to_grey(image, invert)
@@ -121,7 +118,7 @@ def to_grey(image, invert: str = "auto") -> np.ndarray:
 def border_level(grey: np.ndarray) -> float:
     """The median grey level of the outermost pixels: the background's."""
     border = np.sort(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]))
-    middle = len(border) // 2  # np.median's answer, without its overhead (a fifth of a small picture's read).
+    middle = len(border) // 2  # np.median's answer, without its overhead, which is large for a small picture.
     return float(border[middle]) if len(border) % 2 else (float(border[middle - 1]) + float(border[middle])) / 2
 
 

@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +366,13 @@ def test_a_decompression_bomb_is_refused(tmp_path):
     assert (tmp_path / "bomb.png").stat().st_size < 100_000
     with pytest.raises(UsageError, match="decompression bomb"):
         read_picture(tmp_path / "bomb.png", folders.FOLDER_FRAMING)
+    # Past the package's own limit, under Pillow's: checked before decoding, without a warning filter.
+    Image.new("1", (8_000, 7_000)).save(tmp_path / "large.png")
+    filters = list(warnings.filters)
+    with pytest.raises(UsageError, match=r"8000x7000 pixels is more than the 50,000,000 pixel limit; refused as a "
+                                         r"possible decompression bomb$"):
+        read_picture(tmp_path / "large.png", folders.FOLDER_FRAMING)
+    assert warnings.filters == filters
 
 
 def test_resuming_with_a_changed_folder_is_refused(tmp_path):
