@@ -76,7 +76,7 @@ def _defaults(name: str) -> str:
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=dataset_names(), default=defaults.dataset, help="which dataset (default: %(default)s)")
+    data.add_argument("--dataset", choices=dataset_names(), help=f"which dataset (default: {defaults.dataset}; not with a --data-dir of pictures, which is its own dataset)")
     data.add_argument(
         "--data-dir",
         default=None,
@@ -131,9 +131,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--logical-cpus", type=int, help="split the CPU into N logical devices, e.g. for --strategy mirrored without GPUs (default: 0 = no split)")
     runtime.add_argument("--worker-hosts", type=_str_list, help="multi-worker: comma-separated host:port of every worker (default: use TF_CONFIG)")
     runtime.add_argument("--task-index", type=int, help="multi-worker: this worker's index in --worker-hosts")
-    runtime.add_argument("--run-dir", help="where config, logs, checkpoints and metrics go (default: runs/<dataset>)")
+    runtime.add_argument("--run-dir", help="where config, logs, checkpoints and metrics go (default: runs/<dataset>, or runs/<folder name> for a --data-dir of pictures)")
     runtime.add_argument("--export-dir", help=f"where exported models go (default: {defaults.export_dir})")
-    runtime.add_argument("--model-name", help="exports go to <export-dir>/<model-name>/<version> (default: lenet_<dataset>)")
+    runtime.add_argument("--model-name", help="exports go to <export-dir>/<model-name>/<version> (default: lenet_<dataset>, or lenet_<folder name> for a --data-dir of pictures)")
     runtime.add_argument(
         "--format", dest="export_formats", type=_str_list,
         help=f"comma list of {', '.join(EXPORT_FORMATS)}; empty string disables export (default: saved_model,tflite)",
@@ -148,7 +148,10 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Starts from the preset and overrides every field the user gave."""
     folder = _folder_dataset(args)
-    config = preset(args.preset, folder or args.dataset)
+    if folder and args.dataset:
+        raise UsageError(f"--dataset {args.dataset} does not apply to --data-dir {args.data_dir}, a folder of pictures "
+                         "(it is its own dataset); drop --dataset")
+    config = preset(args.preset, folder or args.dataset or TrainConfig().dataset)
     for name in TrainConfig.__dataclass_fields__:
         if name == "preset" or (folder and name == "dataset"):  # A folder of pictures is its own dataset.
             continue
@@ -197,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a model")
     evaluate.add_argument("--model", required=True, help="a .keras checkpoint, a SavedModel folder (or its parent with versions), a .tflite or an .onnx file")
     evaluate.add_argument("--dataset", choices=dataset_names(), help="test split to use (default: the model's, from its model card)")
-    evaluate.add_argument("--data-dir", help="folder with the IDX files (default: searched as for training)")
+    evaluate.add_argument("--data-dir", help="folder with the IDX files, or a copy of the folder of pictures the model was trained on (default: searched as for training, or the folder the model card names)")
     evaluate.add_argument("--limit-test", type=int, help="evaluate on the first N test images only")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.add_argument("--no-verify", dest="verify", action="store_false",

@@ -45,6 +45,7 @@ import numpy as np
 
 from lenet_tf.errors import UsageError
 from lenet_tf.registry import IMAGE_SIZE, DatasetInfo, Framing, dataset_info, register_dataset
+from lenet_tf.run_dir import DATASET_RECORD_FILE, RunDir
 
 # The name a folder of pictures has as a dataset (in config.json and model cards).
 FOLDER_DATASET = "folder"
@@ -54,7 +55,7 @@ PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", "
 FOLDER_FRAMING = Framing(longest_side=IMAGE_SIZE, centre="box", keep_model_size=True)
 DEFAULT_TEST_SPLIT = 0.1
 # What the run folder records about its folder of pictures (run_dir/<this>).
-RUN_RECORD_FILE = "dataset.json"
+RUN_RECORD_FILE = DATASET_RECORD_FILE
 # Changes whenever the recipe does, so that no cache made by another recipe is used.
 RECIPE_VERSION = "1"
 # Below this many pictures, starting worker processes costs more than it saves.
@@ -611,7 +612,7 @@ def describe_changes(before: dict[str, list[int]], now: dict[str, list[int]]) ->
 
 
 def record_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / RUN_RECORD_FILE
+    return RunDir(Path(run_dir)).dataset_record
 
 
 def check_unchanged(dataset: str, run_dir: str | os.PathLike, resuming: bool) -> None:

@@ -7,6 +7,7 @@
         curves.png             the book's training plot
         checkpoints/last.keras the latest complete epoch's model
         backup/                Keras BackupAndRestore state while a run is unfinished
+        dataset.json           with --data-dir PHOTOS: the folder, its held-out split, every file's size and time
         logs/                  TensorBoard event files
         .lock                  who is running in this folder now
 """
@@ -27,6 +28,8 @@ from lenet_tf.errors import UsageError
 
 # The backup's record of its last epoch (lenet_tf.callbacks.Backup writes it).
 BACKUP_RECORD_FILE = "training_metadata.json"
+# A folder of pictures' record (lenet_tf.folders writes it).
+DATASET_RECORD_FILE = "dataset.json"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,11 @@ class RunDir:
     def backup_metadata(self) -> Path:
         """The backup's record of the last backed-up epoch."""
         return self.backup / BACKUP_RECORD_FILE
+
+    @property
+    def dataset_record(self) -> Path:
+        """With a folder of pictures: the folder, its held-out split and its files, as the run read them."""
+        return self.root / DATASET_RECORD_FILE
 
     @property
     def logs(self) -> Path:

@@ -730,3 +730,14 @@ def test_evaluating_on_a_folder_whose_held_out_split_moved_is_refused(tmp_path):
     with pytest.raises(UsageError, match=r"^.*photos changed since the model was trained: its test split is no "
                                          r"longer the 4 pictures held out from training; evaluate on the folder"):
         folders.register_from_record(card).loader(None)
+
+
+def test_dataset_given_with_a_folder_of_pictures_is_refused(tmp_path):
+    from lenet_tf.cli import build_parser, config_from_args
+
+    root = _write_classes(tmp_path / "photos", {"a": 2, "b": 2})
+    with pytest.raises(UsageError, match=r"^--dataset mnist does not apply to --data-dir .*photos, a folder of "
+                                         r"pictures \(it is its own dataset\); drop --dataset$"):
+        config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--dataset", "mnist"]))
+    assert config_from_args(build_parser().parse_args(["train"])).dataset == "fashion_mnist"
+    assert folders.record_path(tmp_path / "run").name == "dataset.json"
