@@ -630,6 +630,8 @@ def check_unchanged(dataset: str, run_dir: str | os.PathLike, resuming: bool) ->
         if not isinstance(before, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as error:
+        if _interrupted_dataset(run_dir) not in (None, FOLDER_DATASET):
+            return  # The run trained on another dataset: the check of changed settings names that.
         raise UsageError(f"cannot read {path}, the record of the folder of pictures this run started with "
                          f"({error}); start a new run (another --run-dir)") from None
     changes = describe_changes(before.get("files", {}), record["files"])
@@ -643,6 +645,14 @@ def check_unchanged(dataset: str, run_dir: str | os.PathLike, resuming: bool) ->
     if changes:
         raise UsageError(f"the folder {record['path']} is not the one this run started with ({changes}); "
                          "resume with the folder as it was, or start a new run (another --run-dir)")
+
+
+def _interrupted_dataset(run_dir: str | os.PathLike) -> str | None:
+    """The dataset in the run folder's config.json, if it can be read."""
+    try:
+        return json.loads(RunDir(Path(run_dir)).config.read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def record_folder(dataset: str, write_to: str | os.PathLike) -> None:

@@ -741,3 +741,14 @@ def test_dataset_given_with_a_folder_of_pictures_is_refused(tmp_path):
         config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--dataset", "mnist"]))
     assert config_from_args(build_parser().parse_args(["train"])).dataset == "fashion_mnist"
     assert folders.record_path(tmp_path / "run").name == "dataset.json"
+
+
+def test_a_run_of_another_dataset_resumed_on_a_folder_is_left_to_the_settings_check(tmp_path):
+    root = _write_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
+    folders.register_folder_dataset(root).loader(None)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"dataset": "mnist"}))
+    folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)  # No dataset.json to ask for.
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"dataset": folders.FOLDER_DATASET}))
+    with pytest.raises(UsageError, match=r"cannot read .*dataset\.json"):
+        folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)
