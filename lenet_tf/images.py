@@ -23,6 +23,7 @@ The web page does the same steps in JavaScript with the constants that
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,11 @@ from lenet_tf.registry import IMAGE_SIZE, Framing, dataset_info
 
 # Bigger than any sensible photo; a decompression bomb is refused before decoding.
 MAX_PIXELS = 50_000_000
+# Pillow warns about pictures between its limit and twice it; the package
+# refuses them itself in one line (its own limit is lower), so the warning
+# would only be a second, noisier message. One filter, added once at import:
+# changing the filters around each read would race with other threads.
+warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image")
 MAX_FILE_BYTES = 100 * 2**20
 INVERT_CHOICES = ("auto", "yes", "no")
 # The formats whose files may carry an EXIF orientation.

@@ -7,6 +7,8 @@ import gzip
 import json
 import os
 import struct
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from lenet_tf import folders
 from lenet_tf.errors import UsageError
 from lenet_tf.registry import unregister_dataset
 
-from conftest import run_cli
+from conftest import REPO_ROOT, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -373,6 +375,18 @@ def test_a_decompression_bomb_is_refused(tmp_path):
                                          r"possible decompression bomb$"):
         read_picture(tmp_path / "large.png", folders.FOLDER_FRAMING)
     assert warnings.filters == filters
+
+
+def test_a_decompression_bomb_is_refused_in_one_line_without_pillows_warning(tmp_path):
+    Image.new("1", (10_000, 10_000)).save(tmp_path / "bomb.png")  # Past Pillow's warning limit.
+    program = ("import sys; from lenet_tf import folders; from lenet_tf.errors import UsageError\n"
+               "from lenet_tf.images import read_picture\n"
+               "try:\n    read_picture(sys.argv[1], folders.FOLDER_FRAMING)\n"
+               "except UsageError as error:\n    print(error, file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", program, str(tmp_path / "bomb.png")], capture_output=True,
+                            text=True, timeout=120, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert result.stderr.strip().splitlines() == [f"{tmp_path / 'bomb.png'}: 10000x10000 pixels is more than the "
+                                                  "50,000,000 pixel limit; refused as a possible decompression bomb"]
 
 
 def test_resuming_with_a_changed_folder_is_refused(tmp_path):
