@@ -21,7 +21,7 @@ $XDG_CACHE_HOME/lenet_tf/folders/ (default ~/.cache), keyed by each file's
 path, size and modification time, so a second run decodes nothing and an
 edited file is decoded again.
 
-NumPy and Pillow only: the folder is read while TensorFlow imports.
+NumPy, Pillow and OpenCV only: the folder is read while TensorFlow imports.
 """
 
 from __future__ import annotations
@@ -405,29 +405,112 @@ def _write_cache(path: Path, files: list[PictureFile], images: np.ndarray) -> No
 
 def _decode_chunk(root: str, relatives: list[str]) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Decodes pictures (in a worker process): their arrays and, for each that failed, (path, reason)."""
-    from lenet_tf.images import LIGHT_BORDER, border_level, prepare, read_picture, to_grey
+    from lenet_tf.images import LIGHT_BORDER, border_level, prepare, read_picture
 
     images = np.zeros((len(relatives), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    plain_square = np.zeros(len(relatives), bool)
     failures = []
     for index, relative in enumerate(relatives):
         path = os.path.join(root, relative)
         try:
-            try:
-                plain = _plain_grey_png(path)
-            except (struct.error, OSError, ValueError, zlib.error):
-                plain = None  # A damaged or unreadable file: read_picture says what is wrong with it.
-            if plain is None:
+            pixels = _plain_png_pixels(path)
+            if pixels is None:
                 images[index] = read_picture(path, FOLDER_FRAMING)[..., 0]
-            elif plain.size == (IMAGE_SIZE, IMAGE_SIZE):
-                # to_grey and prepare of an 8-bit 28x28 picture, in uint8: its pixels, inverted
-                # when its border is light (tests/test_folders.py checks the two agree).
-                pixels = np.frombuffer(plain.tobytes(), np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
-                images[index] = 255 - pixels if border_level(pixels) > LIGHT_BORDER else pixels
+            elif pixels.shape == (IMAGE_SIZE, IMAGE_SIZE):
+                images[index] = pixels  # Inverted below if its border is light, with the chunk's others.
+                plain_square[index] = True
             else:
-                images[index] = prepare(to_grey(plain), FOLDER_FRAMING)
+                # to_grey of an 8-bit grey picture, then the recipe.
+                grey = pixels.astype(np.float32)
+                if border_level(grey) > LIGHT_BORDER:
+                    grey = 255.0 - grey
+                images[index] = prepare(grey, FOLDER_FRAMING)
         except UsageError as error:
             failures.append((relative, str(error)))
+    # to_grey and prepare of an 8-bit 28x28 picture, in uint8: its pixels, inverted when the median
+    # of its border is light; for the whole chunk at once, as border_level does for one picture
+    # (tests/test_folders.py checks the two agree).
+    rows = np.flatnonzero(plain_square)
+    square = images[rows]
+    border = np.sort(np.concatenate([square[:, 0], square[:, -1], square[:, :, 0], square[:, :, -1]], axis=1),
+                     axis=1).astype(np.int32)
+    middle = border.shape[1] // 2  # An even count: the median is the mean of the two middle levels.
+    light = rows[border[:, middle - 1] + border[:, middle] > 2 * LIGHT_BORDER]
+    images[light] = 255 - images[light]
     return images, failures
+
+
+def _plain_png_pixels(path: str) -> np.ndarray | None:
+    """The 8-bit grey levels of a plain PNG, read without Pillow's per-file
+    overhead: by OpenCV where it is installed (8-bit grey or RGB), else by
+    Pillow's own PNG decoder (8-bit grey); None for any other file or a damaged
+    one, which read_picture reads with its limits and messages."""
+    try:
+        cv2 = _opencv()
+        if cv2 is not None:
+            return _opencv_png_pixels(path, cv2)
+        plain = _plain_grey_png(path)
+    except (struct.error, OSError, ValueError, zlib.error):
+        return None  # A damaged or unreadable file: read_picture says what is wrong with it.
+    if plain is None:
+        return None
+    return np.frombuffer(plain.tobytes(), np.uint8).reshape(plain.size[1], plain.size[0])
+
+
+_OPENCV_UNLOADED = object()
+_opencv_module: Any = _OPENCV_UNLOADED
+
+
+def _opencv():
+    """cv2, imported on first use (in the decoding workers, not while TensorFlow
+    imports); None where it is not installed, and Pillow reads every picture."""
+    global _opencv_module
+    if _opencv_module is _OPENCV_UNLOADED:
+        try:
+            import cv2
+        except ImportError:
+            cv2 = None
+        _opencv_module = cv2
+    return _opencv_module
+
+
+def _opencv_png_pixels(path: str, cv2) -> np.ndarray | None:
+    """An 8-bit grey or RGB, non-interlaced PNG without transparency or EXIF,
+    decoded by OpenCV (a PNG's pixels are exact, whichever library inflates
+    them) and made grey with Pillow's integer weights, so that the array is
+    the one read_picture makes; None for any other file."""
+    from lenet_tf.images import MAX_FILE_BYTES
+
+    descriptor = os.open(path, os.O_RDONLY)  # Not open(): its buffered file object costs more than the read.
+    try:
+        size = os.fstat(descriptor).st_size
+        if size > MAX_FILE_BYTES:
+            return None
+        data = os.read(descriptor, size + 1)
+    finally:
+        os.close(descriptor)
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour_type, _, _, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    if depth != 8 or colour_type not in (0, 2) or interlace or not 0 < width * height <= _PLAIN_PNG_MAX_PIXELS:
+        return None
+    # Transparency or an EXIF rotation anywhere (or these letters inside the compressed pixels,
+    # rarely): Pillow's whole reading.
+    if b"tRNS" in data or b"eXIf" in data:
+        return None
+    try:
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
+    if pixels is None or pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
+        return None
+    if colour_type == 0:
+        return pixels if pixels.ndim == 2 else None
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        return None
+    # Pillow's RGB to L: (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16; OpenCV's channels are B, G, R.
+    wide = pixels.astype(np.uint32)
+    return ((wide[..., 2] * 19595 + wide[..., 1] * 38470 + wide[..., 0] * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -193,6 +193,51 @@ def test_plain_grey_pngs_read_directly_give_what_pillow_gives(tmp_path):
     assert folders._decode_chunk(str(tmp_path), ["damaged.png"])[1][0][0] == "damaged.png"
 
 
+@pytest.mark.parametrize("opencv", [True, False], ids=["opencv", "without_opencv"])
+def test_the_fast_png_reading_gives_the_recipe_s_arrays_on_real_pictures(tmp_path, fashion_mnist_dir, opencv,
+                                                                         monkeypatch):
+    """Fashion-MNIST pictures as grey and RGB PNGs, 28x28 and other sizes,
+    light on dark and dark on light: the folder's reading (OpenCV where it is
+    installed, Pillow's decoder without it) equals read_picture on every one;
+    OpenCV reads every grey and RGB one, and leaves palette, alpha, 16-bit and
+    transparent PNGs to Pillow."""
+    from lenet_tf.data import load_idx_dir
+    from lenet_tf.images import read_picture
+
+    if not opencv:
+        monkeypatch.setattr(folders, "_opencv_module", None)
+    pictures = load_idx_dir(fashion_mnist_dir).test_images[:96, ..., 0]
+    rng = np.random.default_rng(0)
+    names, plain = [], []
+    for index, picture in enumerate(pictures):
+        kind = index % 6
+        image = Image.fromarray(255 - picture if kind in (1, 4) else picture)  # Dark on light.
+        if kind in (2, 4, 5):
+            image = image.resize((int(rng.integers(20, 90)), int(rng.integers(20, 90))), Image.BILINEAR)
+        if kind in (3, 4, 5):  # Colour whose channels differ, so the grey conversion's weights matter.
+            levels = np.asarray(image).astype(np.int32)
+            image = Image.fromarray(np.stack([levels, levels * 3 // 4 + 20, 255 - levels // 2], -1)
+                                    .clip(0, 255).astype(np.uint8))
+        names.append(f"{index:03d}_{kind}.png")
+        image.save(tmp_path / names[-1])
+        plain.append(opencv or image.mode == "L")
+    refused = {"palette.png": Image.fromarray(pictures[0]).convert("P"),
+               "alpha.png": Image.fromarray(pictures[1]).convert("RGBA"),
+               "16bit.png": Image.fromarray(pictures[2].astype(np.uint16) * 257),
+               "transparent.png": Image.fromarray(pictures[3])}
+    for name, image in refused.items():
+        image.save(tmp_path / name, **({"transparency": 0} if name == "transparent.png" else {}))
+    names += list(refused)
+    plain += [False] * len(refused)
+    assert [folders._plain_png_pixels(str(tmp_path / name)) is not None for name in names] == plain
+    decoded, failures = folders._decode_chunk(str(tmp_path), names)
+    assert failures == []
+    expected = np.stack([read_picture(tmp_path / name, folders.FOLDER_FRAMING)[..., 0] for name in names])
+    assert (expected[1::6] > 0).mean() > 0.2  # Dark on light, inverted by the recipe: both paths must invert.
+    for index, name in enumerate(names):
+        np.testing.assert_array_equal(decoded[index], expected[index], err_msg=name)
+
+
 # --- the held-out split ------------------------------------------------------
 
 def test_held_out_split_is_stratified_and_seeded():
