@@ -105,7 +105,7 @@ def make_placement(config: TrainConfig) -> Placement:
         # Each worker reads the whole dataset and keeps a shard of every batch
         # (DATA sharding), so no worker needs a file split of its own.
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        _take_back_sigterm()
+        take_back_sigterm()
         devices = tuple(strategy.extended.worker_devices)
         return Placement(strategy, "multi_worker", devices, is_chief(tf_config), int(tf_config["task"]["index"]))
     gpus = tf.config.list_logical_devices("GPU")
@@ -127,7 +127,7 @@ def make_placement(config: TrainConfig) -> Placement:
     return Placement(strategy, name, devices)
 
 
-def _take_back_sigterm() -> None:
+def take_back_sigterm() -> None:
     """Puts the process's own SIGTERM handler back in place.
 
     Creating a MultiWorkerMirroredStrategy starts TensorFlow's coordination

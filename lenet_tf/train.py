@@ -34,7 +34,7 @@ from lenet_tf.config import TrainConfig
 from lenet_tf.data import (
     BackgroundLoad, Datasets, evaluation_batch_size, examples_per_epoch, load_datasets, make_dataset,
 )
-from lenet_tf.distribute import Placement, make_placement
+from lenet_tf.distribute import Placement, make_placement, take_back_sigterm
 from lenet_tf.errors import StoppedError, UsageError
 from lenet_tf.io_utils import (
     ensure_writable_dir, full_disk_message, is_full_disk_error, peak_rss_mib, reporting_full_disk,
@@ -372,6 +372,9 @@ def _fit(config: TrainConfig, model: keras.Model, pipelines: Pipelines, epochs_d
     history (every epoch, including those before an interruption) and how many
     epochs this session ran."""
     dashboards.write_hparams_start(write_to.logs, config, run_name=config.run_dir)
+    # Again here: a multi-worker runtime may install its own SIGTERM handler
+    # after the strategy was created, and a stop must still stop the run.
+    take_back_sigterm()
     session = model.fit(
         pipelines.train,
         epochs=config.epochs,
