@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 from typing import Sequence
@@ -432,6 +433,12 @@ def _stop_signals_as_interrupts(received: list[int]):
         return
 
     def stop(signal_number, frame):
+        if _in_a_finalizer(frame):
+            # Python prints and drops an exception raised in a finalizer (a
+            # __del__ or multiprocessing's Finalize), and the run would train on
+            # as if never stopped: deliver the signal again once it has returned.
+            threading.Timer(0.05, os.kill, (os.getpid(), signal_number)).start()
+            return
         received.append(signal_number)
         raise KeyboardInterrupt()
 
@@ -441,6 +448,17 @@ def _stop_signals_as_interrupts(received: list[int]):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def _in_a_finalizer(frame) -> bool:
+    """Whether the main thread is running a finalizer, where an exception is printed and dropped."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or (code.co_name == "__call__" and code.co_filename.endswith(
+                os.path.join("multiprocessing", "util.py"))):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _report_stop(command: str, received: list[int]) -> int:
