@@ -45,7 +45,7 @@ import numpy as np
 
 from lenet_tf.errors import UsageError
 from lenet_tf.registry import IMAGE_SIZE, DatasetInfo, Framing, dataset_info, register_dataset
-from lenet_tf.run_dir import DATASET_RECORD_FILE, RunDir
+from lenet_tf.run_dir import RunDir
 
 # The name a folder of pictures has as a dataset (in config.json and model cards).
 FOLDER_DATASET = "folder"
@@ -54,8 +54,6 @@ PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", "
 # Like Fashion-MNIST: the object's longer side fills the canvas, centred by its box.
 FOLDER_FRAMING = Framing(longest_side=IMAGE_SIZE, centre="box", keep_model_size=True)
 DEFAULT_TEST_SPLIT = 0.1
-# What the run folder records about its folder of pictures (run_dir/<this>).
-RUN_RECORD_FILE = DATASET_RECORD_FILE
 # Changes whenever the recipe does, so that no cache made by another recipe is used.
 RECIPE_VERSION = "1"
 # Below this many pictures, starting worker processes costs more than it saves.
@@ -745,12 +743,6 @@ def record_folder(dataset: str, write_to: str | os.PathLike) -> None:
     folder = registered_folder() if dataset == FOLDER_DATASET else None
     if folder is not None:
         write_json_atomic(record_path(write_to), folder.record())
-
-
-def check_and_record(dataset: str, run_dir: str | os.PathLike, write_to: str | os.PathLike, resuming: bool) -> None:
-    """check_unchanged, then record_folder."""
-    check_unchanged(dataset, run_dir, resuming)
-    record_folder(dataset, write_to)
 
 
 def register_recorded_run(run_dir: str | os.PathLike) -> None:

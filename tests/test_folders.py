@@ -258,8 +258,8 @@ def test_the_split_and_folder_are_recorded_in_the_run_folder(tmp_path):
     # Classes mixed in a seeded order, so that --limit-train takes every class.
     assert set(datasets.train_labels[:6].tolist()) == {0, 1}
     assert sorted(folders.registered_folder().test_files) == folders.registered_folder().held_out
-    folders.check_and_record(folders.FOLDER_DATASET, tmp_path / "run", tmp_path / "run", resuming=False)
-    record = json.loads((tmp_path / "run" / folders.RUN_RECORD_FILE).read_text())
+    folders.record_folder(folders.FOLDER_DATASET, tmp_path / "run")
+    record = json.loads(folders.record_path(tmp_path / "run").read_text())
     assert record["class_names"] == ["a", "b"] and record["test_split"] == 0.2 and record["seed"] == 3
     assert len(record["held_out"]) == 4 and len(record["files"]) == 20
     # Registered again from the record (export --run-dir), it reads the same split.
@@ -437,17 +437,17 @@ def test_a_decompression_bomb_is_refused_in_one_line_without_pillows_warning(tmp
 def test_resuming_with_a_changed_folder_is_refused(tmp_path):
     root = _write_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
     folders.register_folder_dataset(root).loader(None)
-    folders.check_and_record(folders.FOLDER_DATASET, tmp_path / "run", tmp_path / "run", resuming=False)
+    folders.record_folder(folders.FOLDER_DATASET, tmp_path / "run")
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(root / "dog" / "new.png")
     (root / "cat" / "000.png").unlink()
     os.utime(root / "cat" / "001.png", ns=(1, 1))
     folders.register_folder_dataset(root).loader(None)
     with pytest.raises(UsageError) as raised:
-        folders.check_and_record(folders.FOLDER_DATASET, tmp_path / "run", tmp_path / "run", resuming=True)
+        folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)
     assert "1 added: dog/new.png; 1 removed: cat/000.png; 1 edited: cat/001.png" in str(raised.value)
     # A fresh run in that folder records the folder as it is now.
-    folders.check_and_record(folders.FOLDER_DATASET, tmp_path / "run", tmp_path / "run", resuming=False)
-    assert "dog/new.png" in json.loads((tmp_path / "run" / folders.RUN_RECORD_FILE).read_text())["files"]
+    folders.record_folder(folders.FOLDER_DATASET, tmp_path / "run")
+    assert "dog/new.png" in json.loads(folders.record_path(tmp_path / "run").read_text())["files"]
 
 
 def test_flags_for_folders_are_refused_with_idx_files(tmp_path, capsys, fashion_mnist_dir):
@@ -579,7 +579,7 @@ def test_a_folder_of_mixed_pictures_trains_exports_and_predicts_as_it_evaluates(
     card = json.loads((version / "metadata.json").read_text())
     assert card["class_names"] == ["bar", "block", "post"] and card["folder"]["recipe"]["version"]
     assert json.loads((version / "web" / "model.json").read_text())["class_names"] == card["class_names"]
-    held_out = json.loads((run_dir / folders.RUN_RECORD_FILE).read_text())["held_out"]
+    held_out = json.loads(folders.record_path(run_dir).read_text())["held_out"]
     assert len(held_out) == 30
     evaluated = run_cli("evaluate", "--model", str(version), "--json", env=env)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
