@@ -169,16 +169,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _folder_dataset(args: argparse.Namespace) -> str | None:
     """When --data-dir holds class folders of pictures, registers them as a
     dataset (checking the folder, reading no picture) and returns its name."""
-    from lenet_tf.folders import DEFAULT_TEST_SPLIT, FOLDER_DATASET, detect_layout, register_folder_dataset
+    from lenet_tf.folders import (
+        DEFAULT_TEST_SPLIT, FOLDER_DATASET, detect_layout, register_folder_dataset, registered_folder,
+    )
 
     if not args.data_dir or detect_layout(args.data_dir) == "idx":
         if args.test_split is not None or args.flip_keeps_class:
             raise UsageError("--test-split and --flip-keeps-class are for a --data-dir of class folders of pictures")
         return None
-    info = register_folder_dataset(args.data_dir, DEFAULT_TEST_SPLIT if args.test_split is None else args.test_split,
-                                   TrainConfig().seed if args.seed is None else args.seed, args.flip_keeps_class)
+    register_folder_dataset(args.data_dir, DEFAULT_TEST_SPLIT if args.test_split is None else args.test_split,
+                            TrainConfig().seed if args.seed is None else args.seed, args.flip_keeps_class)
     # Absolute in the run's config.json: export --run-dir and evaluate may run from another folder.
-    args.data_dir = str(info.loader.__self__.root)
+    args.data_dir = str(registered_folder().root)
     return FOLDER_DATASET
 
 

@@ -34,13 +34,13 @@ from lenet_tf import webpage
 from lenet_tf.config import TrainConfig
 from lenet_tf.data import Datasets, load_datasets
 from lenet_tf.errors import ParityError, StoppedError, UsageError
+from lenet_tf.folders import FOLDER_DATASET, default_name, register_recorded_run, registered_folder
 from lenet_tf.inference import INPUT_KEY, METADATA_FILE, SIGNATURE_KEY, latest_version_dir, sha256_of
 from lenet_tf.io_utils import (
     child_environment, ensure_writable_dir, is_full_disk_error, run_module_in_child, write_json_atomic,
 )
 from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, conv_block_outputs, predict_probabilities
 from lenet_tf.quiet import native_stderr_silenced
-from lenet_tf.folders import FOLDER_DATASET, register_recorded_run, registered_folder
 from lenet_tf.registry import PIXEL_SCALE, dataset_info
 from lenet_tf.run_dir import RunDir, holding, process_alive
 
@@ -69,8 +69,6 @@ class ExportResult:
 
 
 def model_name(config: TrainConfig) -> str:
-    from lenet_tf.folders import default_name
-
     return config.model_name or f"lenet_{default_name(config.dataset)}"
 
 

@@ -36,6 +36,7 @@ from lenet_tf.data import (
 )
 from lenet_tf.distribute import Placement, make_placement, take_back_sigterm
 from lenet_tf.errors import StoppedError, UsageError
+from lenet_tf.folders import check_unchanged, record_folder
 from lenet_tf.io_utils import (
     ensure_writable_dir, full_disk_message, is_full_disk_error, peak_rss_mib, reporting_full_disk,
     write_json_atomic,
@@ -43,7 +44,6 @@ from lenet_tf.io_utils import (
 from lenet_tf.keras_compat import adapt_model_for_multi_worker, build_before_fit
 from lenet_tf.model import build_model, whiten_first_conv
 from lenet_tf.optimization import build_compiled_model
-from lenet_tf.folders import check_unchanged, record_folder
 from lenet_tf.registry import dataset_info
 from lenet_tf.run_dir import RunDir, holding
 
@@ -471,14 +471,13 @@ def _write_results_and_export(config: TrainConfig, model: keras.Model, datasets:
     """The final dashboards and the export; with an export, the final figures
     (mostly matplotlib) are drawn in a second thread while this one exports
     (mostly TensorFlow's converter and the parity check's process)."""
-    if not export:
-        dashboards.write_op_graph(write_to.logs, model)
-        _write_results(config, metrics, write_to, callbacks)
-        clock.mark("final dashboards and curves")
-        return
     # Here, never beside the export: its trace switches on TensorFlow's
     # graph tracing for the whole process.
     dashboards.write_op_graph(write_to.logs, model)
+    if not export:
+        _write_results(config, metrics, write_to, callbacks)
+        clock.mark("final dashboards and curves")
+        return
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="final-dashboards") as drawer:
         # A copy: the export adds keys to `metrics` while the figures read it.
         drawing = drawer.submit(_write_results, config, dict(metrics), write_to, callbacks)
