@@ -6,7 +6,7 @@
         history.json           every epoch's logs, across interruptions
         curves.png             the book's training plot
         checkpoints/last.keras the latest complete epoch's model
-        backup/                Keras BackupAndRestore state while a run is unfinished
+        backup/                the last finished epoch's weights and optimizer state (callbacks.Backup), while a run is unfinished
         dataset.json           with --data-dir PHOTOS: the folder, its held-out split, every file's size and time
         logs/                  TensorBoard event files
         .lock                  who is running in this folder now
