@@ -69,15 +69,17 @@ def cpu_seconds() -> float:
 
 
 def package_read(folder: Path) -> tuple[float, float, int]:
-    """Seconds and CPU seconds to list and read the folder as training does; and how many pictures were decoded."""
+    """Seconds and CPU seconds to list and read the folder as a training run
+    does (from `--data-dir` to the arrays of both splits); and how many pictures were decoded."""
     from lenet_tf import folders
 
     started, cpu_started = time.perf_counter(), cpu_seconds()
-    listing = folders.scan_folder(folder)
-    images, decoded = folders.read_pictures(listing)
+    info = folders.register_folder_dataset(folder)
+    info.before_background_load()
+    datasets = info.loader(None)
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
-    assert len(images) == len(listing.files)
-    return seconds, cpu, decoded
+    assert len(datasets.train_images) + len(datasets.test_images) == len(folders.registered_folder().listing)
+    return seconds, cpu, folders.registered_folder().decoded
 
 
 def keras_pass(folder: Path) -> tuple[float, float]:

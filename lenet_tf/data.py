@@ -293,6 +293,9 @@ class BackgroundLoad:
     def __init__(self, dataset: str, data_dir: str | None):
         self._key = (dataset, data_dir)
         self._loaded: concurrent.futures.Future = concurrent.futures.Future()
+        before = dataset_info(dataset).before_background_load
+        if before is not None:
+            before()
         self.thread = threading.Thread(target=self._load, name="load-data", daemon=True)
         self.thread.start()
 

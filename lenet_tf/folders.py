@@ -21,91 +21,92 @@ $XDG_CACHE_HOME/lenet_tf/folders/ (default ~/.cache), keyed by each file's
 path, size and modification time, so a second run decodes nothing and an
 edited file is decoded again.
 
-NumPy, Pillow and OpenCV only: the folder is read while TensorFlow imports.
+NumPy and Pillow only: the folder is read while TensorFlow imports.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
+import operator
 import json
-import multiprocessing
 import os
 import re
 import stat
-import struct
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
+from lenet_tf.decoding import FOLDER_FRAMING, POOL_MIN_FILES, DecoderPool, decode_files, usable_cores
 from lenet_tf.errors import UsageError
-from lenet_tf.registry import IMAGE_SIZE, DatasetInfo, Framing, dataset_info, register_dataset
+from lenet_tf.registry import IMAGE_SIZE, DatasetInfo, dataset_info, register_dataset
 from lenet_tf.run_dir import RunDir
 
 # The name a folder of pictures has as a dataset (in config.json and model cards).
 FOLDER_DATASET = "folder"
 # The names of the picture formats read here (Pillow reads each), any case.
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
-# Like Fashion-MNIST: the object's longer side fills the canvas, centred by its box.
-FOLDER_FRAMING = Framing(longest_side=IMAGE_SIZE, centre="box", keep_model_size=True)
 DEFAULT_TEST_SPLIT = 0.1
 # Changes whenever the recipe does, so that no cache made by another recipe is used.
 RECIPE_VERSION = "1"
-# Below this many pictures, starting worker processes costs more than it saves.
-_POOL_MIN_FILES = 400
-_CHUNK_FILES = 500
 # A read taking longer than this shows its progress on stderr.
 _PROGRESS_AFTER_SECONDS = 2.0
 
 
-class PictureFile(NamedTuple):
-    relative: str  # Path below the folder, '/'-separated: train/cat/1.png or cat/1.png.
-    size: int
-    mtime_ns: int
-    label: int
-    in_test_folder: bool = False
-
-
 @dataclass
 class FolderListing:
-    """What a folder holds, from its directory entries alone (nothing decoded)."""
+    """What a folder holds, from its directory entries alone (nothing decoded):
+    one entry per picture in each list and array, in the folder's sorted order."""
 
     root: Path
     layout: str  # "classes" or "train_test"
     class_names: tuple[str, ...]
-    files: list[PictureFile]
-    # Whether every file's size and modification time are known (scan_folder(sizes=False) leaves them to later).
-    sized: bool = True
+    relatives: list[str]  # Paths below the folder, '/'-separated: train/cat/1.png or cat/1.png.
+    labels: np.ndarray  # int32
+    in_test_folder: np.ndarray  # bool: below test/ (train_test layout)
+    # Each file's size and modification time (ns); None until asked (with_sizes) or read (read_pictures).
+    sizes: list[int] | None = None
+    mtimes: list[int] | None = None
 
     def with_sizes(self) -> "FolderListing":
         """This listing with every file's size and modification time, asked of the file system now."""
-        if self.sized:
+        if self.sizes is not None:
             return self
-        files = []
-        for file in self.files:
-            path = os.path.join(self.root, file.relative)
+        sizes, mtimes = [], []
+        for relative in self.relatives:
+            path = os.path.join(self.root, relative)
             try:
                 details = os.stat(path)
             except OSError as error:
                 raise UsageError(f"cannot read {path}: {error.strerror}") from None
             if details.st_size == 0:
                 raise UsageError(f"{path} is empty (0 bytes); remove it or copy it again")
-            files.append(file._replace(size=details.st_size, mtime_ns=details.st_mtime_ns))
-        return FolderListing(self.root, self.layout, self.class_names, files)
+            sizes.append(details.st_size)
+            mtimes.append(details.st_mtime_ns)
+        return self.sized(sizes, mtimes)
+
+    def sized(self, sizes: list[int], mtimes: list[int]) -> "FolderListing":
+        return FolderListing(self.root, self.layout, self.class_names, self.relatives, self.labels,
+                             self.in_test_folder, sizes, mtimes)
+
+    def keys(self) -> list[tuple[str, int, int]]:
+        """(path, size, modification time) of each file: what the cache is keyed by."""
+        assert self.sizes is not None and self.mtimes is not None, "keys() of a listing without sizes"
+        return list(zip(self.relatives, self.sizes, self.mtimes))
 
     def fingerprint(self) -> dict[str, list[int]]:
-        assert self.sized, "fingerprint() of a listing without sizes"
-        return {file.relative: [file.size, file.mtime_ns] for file in self.files}
+        return {relative: [size, mtime] for relative, size, mtime in self.keys()}
 
     def describe(self) -> str:
         kind = "train/ and test/ with one subfolder per class" if self.layout == "train_test" \
             else "one subfolder per class"
-        return f"{kind}: {len(self.class_names)} classes, {len(self.files)} pictures"
+        return f"{kind}: {len(self.class_names)} classes, {len(self.relatives)} pictures"
+
+    def __len__(self) -> int:
+        return len(self.relatives)
 
 
 @dataclass
@@ -131,37 +132,57 @@ class FolderDataset:
     # The file of each training and test example, in the order of the last load's arrays.
     train_files: list[str] = field(default_factory=list, repr=False)
     test_files: list[str] = field(default_factory=list, repr=False)
+    # Decoding workers started before the load (start_decoders), which takes and ends them.
+    decoders: DecoderPool | None = field(default=None, repr=False)
+
+    def start_decoders(self) -> None:
+        """Starts the processes that decode the pictures now, if the next load
+        will decode many: a training run calls this in its main thread before it
+        starts reading in the background and importing TensorFlow, where the
+        workers can be forked (lenet_tf.decoding.DecoderPool)."""
+        if self.decoders is None and self.listing is not None and len(self.listing) >= POOL_MIN_FILES \
+                and usable_cores() > 1 and not cache_path(self.root).exists():
+            try:
+                self.decoders = DecoderPool(usable_cores())
+            except OSError:
+                pass  # No process to spare now (a limit on processes, or on memory): the load tries again.
 
     def load(self, data_dir: str | None = None):
         """The Datasets of this folder, or of `data_dir`, which must hold the same classes."""
         root = self.root if data_dir is None else Path(data_dir).expanduser().resolve()
         if self.listing is None or root != self.listing.root:
             self.listing = scan_folder(root, sizes=False)
-        # Here, not when the folder was registered: asking for every file's size is what takes
-        # long in a large folder, and this runs while TensorFlow imports.
-        listing = self.listing = self.listing.with_sizes()
+        listing = self.listing
         if listing.class_names != self.class_names:
             raise UsageError(f"{listing.root} holds the classes {', '.join(listing.class_names)}, but the model "
                              f"knows {', '.join(self.class_names)}; pass a folder with the model's classes")
         if self.recorded_files is not None:
+            # Here, not when the folder was registered: asking for every file's size is what takes
+            # long in a large folder, and this runs while TensorFlow imports.
+            listing = listing.with_sizes()
             changes = describe_changes(self.recorded_files, listing.fingerprint())
             if changes:
                 raise UsageError(f"{listing.root} changed since the run read it ({changes}); restore it, or "
                                  "train a new run (another --run-dir)")
-        images, self.decoded = read_pictures(listing)
-        return self._datasets(listing, images)
+        decoders, self.decoders = self.decoders, None
+        try:
+            images, self.decoded, self.listing = read_pictures(listing, decoders=decoders)
+        finally:
+            if decoders is not None:
+                decoders.close()
+        return self._datasets(self.listing, images)
 
     def _datasets(self, listing: FolderListing, images: np.ndarray):
         from lenet_tf.data import Datasets
 
-        labels = np.array([file.label for file in listing.files], np.int32)
+        labels = listing.labels
         if listing.layout == "train_test":
-            is_test = np.array([file.in_test_folder for file in listing.files], bool)
+            is_test = listing.in_test_folder
             split = "test/ holds the test split"
         else:
             is_test = held_out_split(labels, self.test_split, self.seed)
             split = f"{self.test_split:.0%} of each class held out for testing (seed {self.seed})"
-        self.held_out = [file.relative for file, test in zip(listing.files, is_test) if test]
+        self.held_out = [listing.relatives[row] for row in np.flatnonzero(is_test)]
         if self.recorded_held_out is not None and held_out_digest(self.held_out) != self.recorded_held_out:
             # The split is drawn by position in the folder's file list: a picture added or removed
             # moves it, and the test split would take pictures the model was trained on.
@@ -171,8 +192,8 @@ class FolderDataset:
         # In a seeded order rather than class by class, so that --limit-train and --limit-test take every class.
         order = np.random.default_rng(self.seed)
         train_rows, test_rows = order.permutation(np.flatnonzero(~is_test)), order.permutation(np.flatnonzero(is_test))
-        self.train_files = [listing.files[row].relative for row in train_rows]
-        self.test_files = [listing.files[row].relative for row in test_rows]
+        self.train_files = [listing.relatives[row] for row in train_rows]
+        self.test_files = [listing.relatives[row] for row in test_rows]
         return Datasets(images[train_rows][..., np.newaxis], labels[train_rows], images[test_rows][..., np.newaxis],
                         labels[test_rows], source=str(listing.root),
                         layout=f"{listing.describe()} ({', '.join(listing.class_names)}); {split}")
@@ -220,7 +241,8 @@ def picture_recipe() -> dict[str, Any]:
 
 
 def is_picture_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in PICTURE_SUFFIXES
+    # os.path.splitext's suffix for a name without a leading dot, without its cost (a folder may hold 100,000).
+    return not name.startswith(".") and name[name.rfind("."):].lower() in PICTURE_SUFFIXES
 
 
 def detect_layout(path: str | os.PathLike) -> str:
@@ -268,7 +290,8 @@ def scan_folder(path: str | os.PathLike, sizes: bool = True) -> FolderListing:
     """Lists a folder of class folders (either layout) and checks it; UsageError on bad input.
 
     `sizes=False` leaves the sizes and modification times of plain files
-    unasked (FolderListing.with_sizes asks later), and with them the check for empty files.
+    unasked (FolderListing.with_sizes or read_pictures asks later), and with
+    them the check for empty files.
     """
     root = Path(path).expanduser().resolve()
     layout = detect_layout(root)
@@ -277,24 +300,31 @@ def scan_folder(path: str | os.PathLike, sizes: bool = True) -> FolderListing:
     if layout == "classes":
         class_names = tuple(_subfolders(root))
         _check_classes(class_names, root)
-        files = [file for label, name in enumerate(class_names)
-                 for file in _pictures(root, name, label, False, sizes)]
-        return FolderListing(root, layout, class_names, files, sized=sizes)
-    train_classes, test_classes = _subfolders(root / "train"), _subfolders(root / "test")
-    if train_classes != test_classes:
-        only_train = sorted(set(train_classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(train_classes))
-        differences = ([f"only in train/: {', '.join(only_train)}"] if only_train else []) + \
-                      ([f"only in test/: {', '.join(only_test)}"] if only_test else [])
-        raise UsageError(f"{root}/train and {root}/test hold different classes ({'; '.join(differences)}); "
-                         "give both the same class subfolders")
-    class_names = tuple(train_classes)
-    _check_classes(class_names, root / "train")
-    files = []
-    for split in ("train", "test"):
-        for label, name in enumerate(class_names):
-            files += _pictures(root, f"{split}/{name}", label, split == "test", sizes)
-    return FolderListing(root, layout, class_names, files, sized=sizes)
+        class_folders = [(name, label, False) for label, name in enumerate(class_names)]
+    else:
+        train_classes, test_classes = _subfolders(root / "train"), _subfolders(root / "test")
+        if train_classes != test_classes:
+            only_train = sorted(set(train_classes) - set(test_classes))
+            only_test = sorted(set(test_classes) - set(train_classes))
+            differences = ([f"only in train/: {', '.join(only_train)}"] if only_train else []) + \
+                          ([f"only in test/: {', '.join(only_test)}"] if only_test else [])
+            raise UsageError(f"{root}/train and {root}/test hold different classes ({'; '.join(differences)}); "
+                             "give both the same class subfolders")
+        class_names = tuple(train_classes)
+        _check_classes(class_names, root / "train")
+        class_folders = [(f"{split}/{name}", label, split == "test")
+                         for split in ("train", "test") for label, name in enumerate(class_names)]
+    relatives, labels, in_test, file_sizes, mtimes = [], [], [], [], []
+    for class_folder, label, is_test in class_folders:
+        found = _pictures(root, class_folder, sizes)
+        relatives += found.relatives
+        labels.append(np.full(len(found.relatives), label, np.int32))
+        in_test.append(np.full(len(found.relatives), is_test))
+        if sizes:
+            file_sizes += found.sizes
+            mtimes += found.mtimes
+    return FolderListing(root, layout, class_names, relatives, np.concatenate(labels), np.concatenate(in_test),
+                         file_sizes if sizes else None, mtimes if sizes else None)
 
 
 def _check_classes(class_names: tuple[str, ...], folder: Path) -> None:
@@ -303,9 +333,18 @@ def _check_classes(class_names: tuple[str, ...], folder: Path) -> None:
                          "one subfolder per class")
 
 
-def _pictures(root: Path, class_folder: str, label: int, in_test: bool, sizes: bool = True) -> list[PictureFile]:
+_entry_name = operator.attrgetter("name")
+
+
+class _Found(NamedTuple):
+    relatives: list[str]
+    sizes: list[int]  # Empty when not asked for.
+    mtimes: list[int]
+
+
+def _pictures(root: Path, class_folder: str, sizes: bool = True) -> _Found:
     """The pictures below root/class_folder, sorted by path; follows symbolic links, refusing loops."""
-    found: list[PictureFile] = []
+    found = _Found([], [], [])
     seen_folders: set[tuple[int, int]] = set()
 
     def walk(folder: Path, relative: str) -> None:
@@ -318,14 +357,23 @@ def _pictures(root: Path, class_folder: str, label: int, in_test: bool, sizes: b
             raise UsageError(f"{folder} leads back to a folder above it (a symbolic link loop); remove that link")
         seen_folders.add(key)
         try:
-            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=_entry_name)
         except OSError as error:
             raise UsageError(f"cannot read folder {folder}: {error.strerror}; fix its permissions") from None
+        prefix = f"{relative}/"
+        if not sizes and all(entry.is_file(follow_symlinks=False) for entry in entries):
+            # Plain files only, the usual class folder: the pictures by name, no folder to walk, nothing to ask.
+            found.relatives.extend([prefix + entry.name for entry in entries if is_picture_name(entry.name)])
+            seen_folders.discard(key)
+            return
         for entry in entries:
-            if entry.name.startswith(".") or not (is_picture_name(entry.name) or entry.is_dir()):
+            name = entry.name
+            picture = is_picture_name(name)
+            if not picture and (name.startswith(".") or not entry.is_dir()):
                 continue  # Hidden, or a file that is not a picture by its name: no need to ask for more.
-            if not sizes and entry.is_file(follow_symlinks=False):  # The folder's entry says so, no stat.
-                found.append(PictureFile(f"{relative}/{entry.name}", -1, -1, label, in_test))
+            if picture and not sizes and entry.is_file(follow_symlinks=False):  # The entry says so, no stat.
+                found.relatives.append(prefix + name)
                 continue
             try:
                 details = entry.stat()  # Follows symbolic links.
@@ -335,16 +383,18 @@ def _pictures(root: Path, class_folder: str, label: int, in_test: bool, sizes: b
                                      f"({error.strerror}); remove it") from None
                 raise UsageError(f"cannot read {entry.path}: {error.strerror}") from None
             if stat.S_ISDIR(details.st_mode):
-                walk(Path(entry.path), f"{relative}/{entry.name}")
-            elif stat.S_ISREG(details.st_mode) and is_picture_name(entry.name):
+                walk(Path(entry.path), prefix + name)
+            elif stat.S_ISREG(details.st_mode) and picture:
                 if details.st_size == 0:
                     raise UsageError(f"{entry.path} is empty (0 bytes); remove it or copy it again")
-                found.append(PictureFile(f"{relative}/{entry.name}", details.st_size, details.st_mtime_ns, label,
-                                         in_test))
+                found.relatives.append(prefix + name)
+                if sizes:
+                    found.sizes.append(details.st_size)
+                    found.mtimes.append(details.st_mtime_ns)
         seen_folders.discard(key)  # Only a folder inside itself is a loop; two links to one folder are not.
 
     walk(root / class_folder, class_folder)
-    if not found:
+    if not found.relatives:
         raise UsageError(f"class folder {root / class_folder} holds no pictures "
                          f"({', '.join(sorted(PICTURE_SUFFIXES))}); add some or remove the folder")
     return found
@@ -366,265 +416,127 @@ def held_out_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray
     return is_test
 
 
-# --- decoding, in worker processes, and the cache ---------------------------
+# --- the cache, and reading through it ---------------------------------------
 
 def cache_path(root: Path) -> Path:
     """Where the decoded arrays of the folder `root` are kept: one file per folder, named by its absolute path."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]
-    return base / "lenet_tf" / "folders" / f"{digest}.npz"
+    return base / "lenet_tf" / "folders" / f"{digest}.npy"
 
 
 def _read_cache(path: Path) -> tuple[list[tuple[str, int, int]], np.ndarray | None]:
     """The cached pictures' keys (path, size, mtime) and arrays; no keys when there is no usable cache."""
     try:
-        with np.load(path, allow_pickle=False) as cached:
-            if str(cached["recipe"]) != RECIPE_VERSION:
-                return [], None
-            keys = list(zip(cached["paths"].tolist(), cached["sizes"].tolist(), cached["mtimes"].tolist()))
-            return keys, cached["images"]
-    except (OSError, ValueError, KeyError, EOFError):
+        with open(path, "rb") as handle:
+            arrays = [np.load(handle, allow_pickle=False) for _ in _CACHE_ARRAYS]
+    except (OSError, ValueError, EOFError):
         return [], None  # No cache yet, or a damaged one: decode again.
+    recipe, paths, sizes, mtimes, images = arrays
+    if str(recipe) != RECIPE_VERSION or not len(paths) == len(sizes) == len(mtimes) == len(images) \
+            or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.dtype != np.uint8:
+        return [], None
+    return list(zip(paths.tolist(), sizes.tolist(), mtimes.tolist())), images
 
 
-def _write_cache(path: Path, files: list[PictureFile], images: np.ndarray) -> None:
-    """Atomically, so a reader sees the old cache or the new one; a cache that cannot be written is skipped."""
+# The cache file: these arrays, one after the other, each in NumPy's .npy format (not an .npz:
+# its zip layer computes a checksum of every byte, which costs as much as the rest of the read).
+_CACHE_ARRAYS = ("recipe", "paths", "sizes", "mtimes", "images")
+
+
+def _write_cache(path: Path, keys: list[tuple[str, int, int]], images: np.ndarray) -> None:
+    """The pictures' keys (path, size, mtime) and arrays, atomically, so a reader
+    sees the old cache or the new one; a cache that cannot be written is skipped."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    paths, sizes, mtimes = zip(*keys) if keys else ((), (), ())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as handle:
-            np.savez(handle, recipe=np.array(RECIPE_VERSION), paths=np.array([file.relative for file in files]),
-                     sizes=np.array([file.size for file in files], np.int64),
-                     mtimes=np.array([file.mtime_ns for file in files], np.int64), images=images)
+            for array in (np.array(RECIPE_VERSION), np.array(paths, str), np.array(sizes, np.int64),
+                          np.array(mtimes, np.int64), images):
+                np.save(handle, array, allow_pickle=False)
         os.replace(temporary, path)
     except OSError:
         temporary.unlink(missing_ok=True)
 
 
-def _decode_chunk(root: str, relatives: list[str]) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decodes pictures (in a worker process): their arrays and, for each that failed, (path, reason)."""
-    from lenet_tf.images import LIGHT_BORDER, border_level, prepare, read_picture
+class FolderPictures(NamedTuple):
+    """A folder's pictures as read: the arrays, how many were decoded (not taken
+    from the cache), and the listing with every file's size and modification time."""
 
-    images = np.zeros((len(relatives), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    plain_square = np.zeros(len(relatives), bool)
-    failures = []
-    for index, relative in enumerate(relatives):
-        path = os.path.join(root, relative)
-        try:
-            pixels = _plain_png_pixels(path)
-            if pixels is None:
-                images[index] = read_picture(path, FOLDER_FRAMING)[..., 0]
-            elif pixels.shape == (IMAGE_SIZE, IMAGE_SIZE):
-                images[index] = pixels  # Inverted below if its border is light, with the chunk's others.
-                plain_square[index] = True
-            else:
-                # to_grey of an 8-bit grey picture, then the recipe.
-                grey = pixels.astype(np.float32)
-                if border_level(grey) > LIGHT_BORDER:
-                    grey = 255.0 - grey
-                images[index] = prepare(grey, FOLDER_FRAMING)
-        except UsageError as error:
-            failures.append((relative, str(error)))
-    # to_grey and prepare of an 8-bit 28x28 picture, in uint8: its pixels, inverted when the median
-    # of its border is light; for the whole chunk at once, as border_level does for one picture
-    # (tests/test_folders.py checks the two agree).
-    rows = np.flatnonzero(plain_square)
-    square = images[rows]
-    border = np.sort(np.concatenate([square[:, 0], square[:, -1], square[:, :, 0], square[:, :, -1]], axis=1),
-                     axis=1).astype(np.int32)
-    middle = border.shape[1] // 2  # An even count: the median is the mean of the two middle levels.
-    light = rows[border[:, middle - 1] + border[:, middle] > 2 * LIGHT_BORDER]
-    images[light] = 255 - images[light]
-    return images, failures
+    images: np.ndarray  # uint8 (N, 28, 28), in the listing's order.
+    decoded: int
+    listing: FolderListing
 
 
-def _plain_png_pixels(path: str) -> np.ndarray | None:
-    """The 8-bit grey levels of a plain PNG, read without Pillow's per-file
-    overhead: by OpenCV where it is installed (8-bit grey or RGB), else by
-    Pillow's own PNG decoder (8-bit grey); None for any other file or a damaged
-    one, which read_picture reads with its limits and messages."""
-    try:
-        cv2 = _opencv()
-        if cv2 is not None:
-            return _opencv_png_pixels(path, cv2)
-        plain = _plain_grey_png(path)
-    except (struct.error, OSError, ValueError, zlib.error):
-        return None  # A damaged or unreadable file: read_picture says what is wrong with it.
-    if plain is None:
-        return None
-    return np.frombuffer(plain.tobytes(), np.uint8).reshape(plain.size[1], plain.size[0])
-
-
-_OPENCV_UNLOADED = object()
-_opencv_module: Any = _OPENCV_UNLOADED
-
-
-def _opencv():
-    """cv2, imported on first use (in the decoding workers, not while TensorFlow
-    imports); None where it is not installed, and Pillow reads every picture."""
-    global _opencv_module
-    if _opencv_module is _OPENCV_UNLOADED:
-        try:
-            import cv2
-        except ImportError:
-            cv2 = None
-        _opencv_module = cv2
-    return _opencv_module
-
-
-def _opencv_png_pixels(path: str, cv2) -> np.ndarray | None:
-    """An 8-bit grey or RGB, non-interlaced PNG without transparency or EXIF,
-    decoded by OpenCV (a PNG's pixels are exact, whichever library inflates
-    them) and made grey with Pillow's integer weights, so that the array is
-    the one read_picture makes; None for any other file."""
-    from lenet_tf.images import MAX_FILE_BYTES
-
-    descriptor = os.open(path, os.O_RDONLY)  # Not open(): its buffered file object costs more than the read.
-    try:
-        size = os.fstat(descriptor).st_size
-        if size > MAX_FILE_BYTES:
-            return None
-        data = os.read(descriptor, size + 1)
-    finally:
-        os.close(descriptor)
-    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        return None
-    width, height, depth, colour_type, _, _, interlace = struct.unpack_from(">IIBBBBB", data, 16)
-    if depth != 8 or colour_type not in (0, 2) or interlace or not 0 < width * height <= _PLAIN_PNG_MAX_PIXELS:
-        return None
-    # Transparency or an EXIF rotation anywhere (or these letters inside the compressed pixels,
-    # rarely): Pillow's whole reading.
-    if b"tRNS" in data or b"eXIf" in data:
-        return None
-    try:
-        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error:
-        return None
-    if pixels is None or pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
-        return None
-    if colour_type == 0:
-        return pixels if pixels.ndim == 2 else None
-    if pixels.ndim != 3 or pixels.shape[2] != 3:
-        return None
-    # Pillow's RGB to L: (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16; OpenCV's channels are B, G, R.
-    wide = pixels.astype(np.uint32)
-    return ((wide[..., 2] * 19595 + wide[..., 1] * 38470 + wide[..., 0] * 7471 + 0x8000) >> 16).astype(np.uint8)
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _plain_grey_png(path: str):
-    """An 8-bit grey, non-interlaced PNG without transparency or EXIF (what a
-    dataset saved as files usually is), decoded by Pillow's own PNG decoder
-    without its Python-level parsing of the file, a large part of the work for
-    a small picture; None for any other file, a file too large or a damaged
-    one (read_picture reads those, with its limits and its messages)."""
-    from PIL import Image
-
-    from lenet_tf.images import MAX_FILE_BYTES
-
-    with open(path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size > MAX_FILE_BYTES or handle.read(8) != _PNG_SIGNATURE:
-            return None
-        data = _PNG_SIGNATURE + handle.read()
-    position, size, pieces = len(_PNG_SIGNATURE), None, []
-    while position + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, position)
-        if position + 12 + length > len(data):
-            return None  # Truncated: read_picture says so.
-        body = data[position + 8:position + 8 + length]
-        if kind == b"IHDR":
-            if length != 13:
-                return None
-            width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", body)
-            if depth != 8 or colour_type != 0 or interlace or not 0 < width * height <= _PLAIN_PNG_MAX_PIXELS:
-                return None
-            size = (width, height)
-        elif kind == b"IDAT":
-            pieces.append(body)
-        elif kind == b"IEND":
-            break
-        elif kind in (b"tRNS", b"eXIf") or size is None:
-            return None  # Transparency, an EXIF rotation, or chunks out of order: Pillow's whole reading.
-        position += 12 + length
-    if size is None or not pieces:
-        return None
-    try:
-        return Image.frombytes("L", size, b"".join(pieces), "zip", "L")
-    except (ValueError, OSError):
-        return None  # Damaged: read_picture says how.
-
-
-# Small pictures only: a large one is read by read_picture, with its limits.
-_PLAIN_PNG_MAX_PIXELS = 4096 * 4096
-
-
-def read_pictures(listing: FolderListing, progress: TextIO | None = None,
-                  workers: int | None = None) -> tuple[np.ndarray, int]:
+def read_pictures(listing: FolderListing, progress: TextIO | None = None, workers: int | None = None,
+                  decoders: DecoderPool | None = None) -> FolderPictures:
     """Every picture of `listing` as uint8 (N, 28, 28), from the cache where it
-    has them, decoding the rest on every core; returns them with the count decoded.
+    has them, decoding the rest on every core (lenet_tf.decoding).
 
-    A picture that cannot be decoded raises UsageError naming it and how many
+    A listing without sizes is sized here: by asking the file system when
+    there is a cache to compare with, else by the decoding itself, which reads
+    each file's size and time from the descriptor it reads it through. A
+    picture that cannot be decoded raises UsageError naming it and how many
     failed; the pictures that did decode are cached all the same.
     """
     progress = sys.stderr if progress is None else progress
     started = time.monotonic()
-    listing = listing.with_sizes()
     cache_file = cache_path(listing.root)
     cached_keys, cached_images = _read_cache(cache_file)
-    keys = [(file.relative, file.size, file.mtime_ns) for file in listing.files]
-    if cached_keys == keys:
-        return cached_images, 0  # Nothing changed: the cache as it is.
-    rows = {key: row for row, key in enumerate(cached_keys)}
-    images = np.zeros((len(listing.files), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    missing = []
-    for index, key in enumerate(keys):
-        row = rows.get(key)
-        if row is None:
-            missing.append(index)
-        else:
-            images[index] = cached_images[row]
-    if not missing:
-        _write_cache(cache_file, listing.files, images)  # Pictures were removed: the cache follows.
-        return images, 0
-    failures: list[tuple[str, str]] = []
-    chunks = [missing[start:start + _CHUNK_FILES] for start in range(0, len(missing), _CHUNK_FILES)]
-    workers = workers or len(os.sched_getaffinity(0))
-    root = str(listing.root)
-    done, shown = 0, False
+    if cached_keys or listing.sizes is not None:
+        listing = listing.with_sizes()
+        keys = listing.keys()
+        if cached_keys == keys:
+            return FolderPictures(cached_images, 0, listing)  # Nothing changed: the cache as it is.
+        rows = {key: row for row, key in enumerate(cached_keys)}
+        cached_rows = np.array([rows.get(key, -1) for key in keys], np.int64)
+    else:
+        cached_rows = np.full(len(listing), -1, np.int64)
+    missing = np.flatnonzero(cached_rows < 0)
+    images = np.zeros((len(listing), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    kept = np.flatnonzero(cached_rows >= 0)
+    if len(kept):
+        images[kept] = cached_images[cached_rows[kept]]
+    if not len(missing):
+        _write_cache(cache_file, keys, images)  # Pictures were removed: the cache follows.
+        return FolderPictures(images, 0, listing)
+    shown = False
 
-    def collect(chunk: list[int], result) -> None:
-        nonlocal done, shown
-        decoded, chunk_failures = result
-        images[chunk] = decoded
-        failures.extend(chunk_failures)
-        done += len(chunk)
+    def show(done: int) -> None:
+        nonlocal shown
         if time.monotonic() - started > _PROGRESS_AFTER_SECONDS:
             shown = True
             print(f"\rreading {listing.root}: {done}/{len(missing)} pictures decoded", end="", file=progress,
                   flush=True)
 
-    if len(missing) < _POOL_MIN_FILES or workers < 2:
-        for chunk in chunks:
-            collect(chunk, _decode_chunk(root, [listing.files[index].relative for index in chunk]))
-    else:
-        # Spawned, not forked: the parent may be importing TensorFlow in another thread meanwhile.
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_decode_chunk, root, [listing.files[index].relative for index in chunk]):
-                       chunk for chunk in chunks}
-            for future in concurrent.futures.as_completed(futures):
-                collect(futures[future], future.result())
+    decoded = decode_files(str(listing.root), [listing.relatives[index] for index in missing], workers, show,
+                           decoders)
     if shown:
         print(f" in {time.monotonic() - started:.1f} s", file=progress, flush=True)
-    failed = {relative for relative, _ in failures}
-    good = [index for index, file in enumerate(listing.files) if file.relative not in failed]
-    _write_cache(cache_file, [listing.files[index] for index in good], images[good])
-    if failures:
-        first = sorted(failures)[0][1]
-        raise UsageError(f"{len(failures)} file(s) with a picture's name cannot be read as pictures, the first: "
-                         f"{first}; fix or remove them")
-    return images, len(missing)
+    if len(missing) == len(listing):  # Every picture decoded (a first read): no copies.
+        images, sizes, mtimes = decoded.images, decoded.sizes.tolist(), decoded.mtimes.tolist()
+    else:
+        images[missing] = decoded.images
+        sizes, mtimes = list(listing.sizes), list(listing.mtimes)
+        for index, size, mtime in zip(missing.tolist(), decoded.sizes.tolist(), decoded.mtimes.tolist()):
+            sizes[index], mtimes[index] = size, mtime
+    listing = listing.sized(sizes, mtimes)
+    keys = listing.keys()
+    failed = {relative for relative, _ in decoded.failures}
+    empty = [listing.relatives[index] for index in missing if sizes[index] == 0]
+    if failed or empty:
+        good = [index for index, (relative, size, _) in enumerate(keys) if relative not in failed and size > 0]
+        _write_cache(cache_file, [keys[index] for index in good], images[good])
+    else:
+        _write_cache(cache_file, keys, images)
+    if empty:
+        raise UsageError(f"{listing.root / empty[0]} is empty (0 bytes); remove it or copy it again")
+    if decoded.failures:
+        first = sorted(decoded.failures)[0][1]
+        raise UsageError(f"{len(decoded.failures)} file(s) with a picture's name cannot be read as pictures, the "
+                         f"first: {first}; fix or remove them")
+    return FolderPictures(images, len(missing), listing)
 
 
 # --- the folder as a registered dataset, and the run folder's record --------
@@ -654,6 +566,7 @@ def _register(folder: FolderDataset) -> DatasetInfo:
         framing=FOLDER_FRAMING,
         flip_keeps_class=folder.flip_keeps_class,
         loader=folder.load,
+        before_background_load=folder.start_decoders,
     ))
 
 

@@ -87,6 +87,9 @@ class DatasetInfo:
     # A dataset read by a function instead of from IDX files (a folder of
     # pictures): given --data-dir (or None), returns lenet_tf.data.Datasets.
     loader: Callable[[str | None], Any] | None = None
+    # Called in the main thread right before the loader runs in the background,
+    # while no other thread runs (a folder of pictures forks its decoding workers there).
+    before_background_load: Callable[[], None] | None = None
 
     def __post_init__(self):
         if len(self.class_names) < 2:

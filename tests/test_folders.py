@@ -64,7 +64,7 @@ def test_layouts_are_told_apart(tmp_path, fashion_mnist_dir):
     _write_classes(tmp_path / "split" / "test", {"a": 1, "b": 1})
     assert folders.detect_layout(tmp_path / "split") == "train_test"
     listing = folders.scan_folder(tmp_path / "split")
-    assert [file.in_test_folder for file in listing.files] == [False, False, True, True]
+    assert listing.in_test_folder.tolist() == [False, False, True, True]
 
 
 def test_class_names_in_keras_order_and_non_pictures_ignored(tmp_path):
@@ -78,7 +78,7 @@ def test_class_names_in_keras_order_and_non_pictures_ignored(tmp_path):
     keras_names = keras.utils.image_dataset_from_directory(root, image_size=(28, 28), color_mode="grayscale",
                                                            verbose=False).class_names
     assert listing.class_names == tuple(keras_names) == ("Cat", "ant", "bee_2", "dog")
-    assert len(listing.files) == 8 and all(file.relative.endswith(".png") for file in listing.files)
+    assert len(listing) == 8 and all(relative.endswith(".png") for relative in listing.relatives)
 
 
 def test_pictures_in_subfolders_of_a_class_count(tmp_path):
@@ -86,7 +86,7 @@ def test_pictures_in_subfolders_of_a_class_count(tmp_path):
     (root / "a" / "2024").mkdir()
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "a" / "2024" / "x.jpg")
     listing = folders.scan_folder(root)
-    assert [file.relative for file in listing.files] == ["a/000.png", "a/2024/x.jpg", "b/000.png"]
+    assert listing.relatives == ["a/000.png", "a/2024/x.jpg", "b/000.png"]
 
 
 # --- the recipe --------------------------------------------------------------
@@ -144,9 +144,9 @@ def test_a_28x28_grey_png_is_read_as_its_pixels(tmp_path, fashion_mnist_dir):
         (root / f"class{index % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(root / f"class{index % 2}" / f"{index:04d}.png")
     listing = folders.scan_folder(root)
-    read, decoded = folders.read_pictures(listing)
+    read, decoded, _ = folders.read_pictures(listing)
     assert decoded == 300
-    order = [int(Path(file.relative).stem) for file in listing.files]
+    order = [int(Path(relative).stem) for relative in listing.relatives]
     np.testing.assert_array_equal(read, images[order])
     # However it is framed: a small object off centre stays where it is, its size.
     from lenet_tf.images import read_picture
@@ -156,86 +156,6 @@ def test_a_28x28_grey_png_is_read_as_its_pixels(tmp_path, fashion_mnist_dir):
     Image.fromarray(off_centre).save(tmp_path / "off_centre.png")
     np.testing.assert_array_equal(read_picture(tmp_path / "off_centre.png", folders.FOLDER_FRAMING)[..., 0],
                                   off_centre)
-
-
-def test_plain_grey_pngs_read_directly_give_what_pillow_gives(tmp_path):
-    """Folders read 8-bit grey PNGs through Pillow's decoder without its file
-    parsing; every picture must come out as read_picture makes it."""
-    from lenet_tf.images import read_picture
-
-    rng = np.random.default_rng(1)
-    pictures = {
-        "small.png": Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
-        "small_light.png": Image.fromarray(rng.integers(100, 256, (28, 28), dtype=np.uint8)),
-        "small_dark_on_light.png": Image.fromarray(_shape(light_on_dark=False, size=(28, 28), offset=(4, 8))),
-        "large.png": Image.fromarray(_shape(size=(61, 47))),
-        "dark_on_light.png": Image.fromarray(_shape(light_on_dark=False)),
-        "compressed.png": Image.fromarray(_shape(size=(90, 33))),
-        "palette.png": Image.fromarray(_shape()).convert("P"),
-        "colour.png": Image.fromarray(_shape()).convert("RGB"),
-        "transparent.png": Image.fromarray(_shape()),
-    }
-    for name, image in pictures.items():
-        options = {"compress_level": 9} if name == "compressed.png" else {}
-        if name == "transparent.png":
-            options["transparency"] = 0
-        image.save(tmp_path / name, **options)
-    direct = [name for name in pictures if folders._plain_grey_png(str(tmp_path / name)) is not None]
-    assert direct == ["small.png", "small_light.png", "small_dark_on_light.png", "large.png", "dark_on_light.png",
-                      "compressed.png"]
-    decoded, failures = folders._decode_chunk(str(tmp_path), list(pictures))
-    assert failures == []
-    for index, name in enumerate(pictures):
-        np.testing.assert_array_equal(decoded[index], read_picture(tmp_path / name, folders.FOLDER_FRAMING)[..., 0],
-                                      err_msg=name)
-    damaged = (tmp_path / "small.png").read_bytes()
-    (tmp_path / "damaged.png").write_bytes(damaged[:60] + bytes(20) + damaged[80:])
-    assert folders._decode_chunk(str(tmp_path), ["damaged.png"])[1][0][0] == "damaged.png"
-
-
-@pytest.mark.parametrize("opencv", [True, False], ids=["opencv", "without_opencv"])
-def test_the_fast_png_reading_gives_the_recipe_s_arrays_on_real_pictures(tmp_path, fashion_mnist_dir, opencv,
-                                                                         monkeypatch):
-    """Fashion-MNIST pictures as grey and RGB PNGs, 28x28 and other sizes,
-    light on dark and dark on light: the folder's reading (OpenCV where it is
-    installed, Pillow's decoder without it) equals read_picture on every one;
-    OpenCV reads every grey and RGB one, and leaves palette, alpha, 16-bit and
-    transparent PNGs to Pillow."""
-    from lenet_tf.data import load_idx_dir
-    from lenet_tf.images import read_picture
-
-    if not opencv:
-        monkeypatch.setattr(folders, "_opencv_module", None)
-    pictures = load_idx_dir(fashion_mnist_dir).test_images[:96, ..., 0]
-    rng = np.random.default_rng(0)
-    names, plain = [], []
-    for index, picture in enumerate(pictures):
-        kind = index % 6
-        image = Image.fromarray(255 - picture if kind in (1, 4) else picture)  # Dark on light.
-        if kind in (2, 4, 5):
-            image = image.resize((int(rng.integers(20, 90)), int(rng.integers(20, 90))), Image.BILINEAR)
-        if kind in (3, 4, 5):  # Colour whose channels differ, so the grey conversion's weights matter.
-            levels = np.asarray(image).astype(np.int32)
-            image = Image.fromarray(np.stack([levels, levels * 3 // 4 + 20, 255 - levels // 2], -1)
-                                    .clip(0, 255).astype(np.uint8))
-        names.append(f"{index:03d}_{kind}.png")
-        image.save(tmp_path / names[-1])
-        plain.append(opencv or image.mode == "L")
-    refused = {"palette.png": Image.fromarray(pictures[0]).convert("P"),
-               "alpha.png": Image.fromarray(pictures[1]).convert("RGBA"),
-               "16bit.png": Image.fromarray(pictures[2].astype(np.uint16) * 257),
-               "transparent.png": Image.fromarray(pictures[3])}
-    for name, image in refused.items():
-        image.save(tmp_path / name, **({"transparency": 0} if name == "transparent.png" else {}))
-    names += list(refused)
-    plain += [False] * len(refused)
-    assert [folders._plain_png_pixels(str(tmp_path / name)) is not None for name in names] == plain
-    decoded, failures = folders._decode_chunk(str(tmp_path), names)
-    assert failures == []
-    expected = np.stack([read_picture(tmp_path / name, folders.FOLDER_FRAMING)[..., 0] for name in names])
-    assert (expected[1::6] > 0).mean() > 0.2  # Dark on light, inverted by the recipe: both paths must invert.
-    for index, name in enumerate(names):
-        np.testing.assert_array_equal(decoded[index], expected[index], err_msg=name)
 
 
 # --- the held-out split ------------------------------------------------------
@@ -274,17 +194,17 @@ def test_the_split_and_folder_are_recorded_in_the_run_folder(tmp_path):
 def test_a_second_read_decodes_nothing_and_an_edited_file_is_read_again(tmp_path):
     root = _write_classes(tmp_path / "photos", {"a": 3, "b": 3})
     listing = folders.scan_folder(root)
-    first, decoded = folders.read_pictures(listing)
+    first, decoded, _ = folders.read_pictures(listing)
     assert decoded == 6
     assert folders.cache_path(root).is_file()
     assert str(folders.cache_path(root)).startswith(str(tmp_path / "cache" / "lenet_tf" / "folders"))
-    second, decoded = folders.read_pictures(folders.scan_folder(root))
+    second, decoded, _ = folders.read_pictures(folders.scan_folder(root))
     assert decoded == 0
     np.testing.assert_array_equal(first, second)
     edited = root / "b" / "001.png"
     Image.fromarray(np.full((28, 28), 7, np.uint8)).save(edited)
     os.utime(edited, ns=(1, 1))  # Another modification time, whatever the clock's resolution.
-    third, decoded = folders.read_pictures(folders.scan_folder(root))
+    third, decoded, _ = folders.read_pictures(folders.scan_folder(root))
     assert decoded == 1
     assert (third[4] == 7).all() and (third[:4] == first[:4]).all()
 
@@ -294,16 +214,7 @@ def test_the_cache_is_per_folder(tmp_path):
     two = _write_classes(tmp_path / "two", {"a": 2, "b": 2})
     folders.read_pictures(folders.scan_folder(one))
     assert folders.cache_path(one) != folders.cache_path(two)
-    assert folders.read_pictures(folders.scan_folder(two))[1] == 4
-
-
-def test_a_large_folder_is_decoded_by_worker_processes_as_inline(tmp_path):
-    root = _write_classes(tmp_path / "photos", {"a": 300, "b": 300})
-    listing = folders.scan_folder(root)
-    pooled, decoded = folders.read_pictures(listing)
-    assert decoded == 600
-    inline = folders._decode_chunk(str(root), [file.relative for file in listing.files])[0]
-    np.testing.assert_array_equal(pooled, inline)
+    assert folders.read_pictures(folders.scan_folder(two)).decoded == 4
 
 
 # --- bad input: one line, exit 2, nothing written ----------------------------
@@ -762,17 +673,6 @@ def test_a_truncated_png_is_named_in_one_line(tmp_path, capsys):
     assert completed.returncode == 2 and len(errors) == 1, completed.stderr[-3000:]
     assert "2 file(s) with a picture's name cannot be read as pictures, the first: " in errors[0]
     assert "cat/cut_header.png" in errors[0] and "Traceback" not in completed.stderr
-
-
-def test_the_direct_png_reading_leaves_a_file_past_the_size_limit_to_read_picture(tmp_path, monkeypatch):
-    from lenet_tf import images
-
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "plain.png")
-    assert folders._plain_grey_png(str(tmp_path / "plain.png")) is not None
-    monkeypatch.setattr(images, "MAX_FILE_BYTES", (tmp_path / "plain.png").stat().st_size - 1)
-    assert folders._plain_grey_png(str(tmp_path / "plain.png")) is None
-    with pytest.raises(UsageError, match="more than the 0 MiB limit"):
-        images.read_picture(tmp_path / "plain.png", folders.FOLDER_FRAMING)
 
 
 def test_evaluating_on_a_folder_whose_held_out_split_moved_is_refused(tmp_path):

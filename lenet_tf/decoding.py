@@ -1,0 +1,525 @@
+"""Decoding a folder's pictures into the model's 28x28 inputs, on every core.
+
+The pictures are read by worker processes, one per core, started as plain
+`python -c` processes: they import NumPy and this module, never TensorFlow,
+so they are up within a fraction of a second while the parent may be importing
+TensorFlow (no fork of a process whose other threads hold locks). The parent
+hands each a batch of files at a time, sized to take about a quarter of a
+second, so that a slow file (a large JPEG) holds up nobody and the progress
+line moves.
+
+Plain PNGs (8-bit grey or RGB, not interlaced, without transparency or EXIF:
+what a dataset saved as files nearly always is) are inflated with zlib and
+unfiltered in NumPy a whole batch of same-sized pictures at once, so that a
+28x28 digit costs a file read and an inflate in Python; a PNG's pixels are
+exact whoever decodes them. Every other file, and any PNG whose reading here
+finds anything unusual, is read by lenet_tf.images.read_picture (Pillow), with
+its limits and its messages. Both give the same arrays (tests/test_folders.py).
+
+Each file's size and modification time come from the descriptor the file was
+read through, so the folder's cache key describes exactly the bytes decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
+
+from lenet_tf.errors import UsageError
+from lenet_tf.images import LIGHT_BORDER, MAX_FILE_BYTES, border_level, prepare, read_picture
+from lenet_tf.registry import IMAGE_SIZE, Framing
+
+# Like Fashion-MNIST: the object's longer side fills the canvas, centred by its box.
+FOLDER_FRAMING = Framing(longest_side=IMAGE_SIZE, centre="box", keep_model_size=True)
+# Below this many pictures, starting worker processes costs more than it saves.
+POOL_MIN_FILES = 400
+# A batch handed to a worker is sized to take about this long ...
+_BATCH_SECONDS = 0.25
+# ... between these bounds: the first batches are small, so that every worker starts at once.
+_FIRST_BATCH_FILES = 256
+_SMALLEST_BATCH_FILES = 64
+_MAX_BATCH_FILES = 8192
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Larger plain PNGs are read by read_picture, with its limits.
+_PLAIN_PNG_MAX_PIXELS = 4096 * 4096
+# The cost model that picks, for a batch of same-sized PNGs whose rows use the
+# Average or Paeth filter (each pixel depends on its left neighbour), between one
+# NumPy loop over the columns of the whole batch and Pillow's decoder per picture,
+# in microseconds (2 cores of AMD EPYC; the choice changes the time, never the pixels).
+_LOOP_MICROSECONDS_PER_COLUMN = 20.0
+_PILLOW_MICROSECONDS_PER_PICTURE = 20.0
+_PILLOW_MICROSECONDS_PER_BYTE = 0.01
+
+
+class Decoded(NamedTuple):
+    """Pictures decoded from files: the arrays, each file's size and modification
+    time as read, and (path, message) for each file that could not be decoded."""
+
+    images: np.ndarray  # uint8 (N, 28, 28); zeros where a file failed.
+    sizes: np.ndarray  # int64 (N,)
+    mtimes: np.ndarray  # int64 (N,), nanoseconds
+    failures: list[tuple[str, str]]
+
+
+# --- one batch, in one process --------------------------------------------------
+
+def decode_batch(root: str, relatives: list[str]) -> Decoded:
+    """The pictures root/relative, each by the folder recipe (read_picture's arrays)."""
+    count = len(relatives)
+    sizes, mtimes = [0] * count, [0] * count
+    failures: list[tuple[str, str]] = []
+    plain: dict[tuple[int, int, int], list[tuple[int, bytes, bytes]]] = {}  # Shape -> (index, inflated, IDAT).
+    others = []
+    prefix = f"{root}/"
+    for index, relative in enumerate(relatives):
+        path = prefix + relative
+        try:
+            descriptor = os.open(path, os.O_RDONLY)  # Not open(): its buffered file object costs more than the read.
+            try:
+                details = os.fstat(descriptor)
+                # Past read_picture's size limit, the file is left to it, which refuses it.
+                data = os.read(descriptor, details.st_size + 1) if details.st_size <= MAX_FILE_BYTES else None
+            finally:
+                os.close(descriptor)
+        except OSError as error:
+            failures.append((relative, f"{path}: cannot read ({error.strerror})"))
+            continue
+        sizes[index], mtimes[index] = details.st_size, details.st_mtime_ns
+        if not details.st_size:
+            continue  # Left as zeros: the caller refuses an empty file by its size.
+        png = _plain_png(data) if data else None
+        if png is None:
+            others.append(index)
+        else:
+            shape, inflated, compressed = png
+            plain.setdefault(shape, []).append((index, inflated, compressed))
+    images = np.zeros((count, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    for shape, members in plain.items():
+        indices, pixels, damaged = _unfilter_group(shape, members)
+        images[indices] = _recipe_for_grey(_grey_levels(pixels))
+        others += damaged
+    for index in others:
+        try:
+            images[index] = read_picture(prefix + relatives[index], FOLDER_FRAMING)[..., 0]
+        except UsageError as error:
+            failures.append((relatives[index], str(error)))
+    return Decoded(images, np.array(sizes, np.int64), np.array(mtimes, np.int64), failures)
+
+
+def _plain_png(data: bytes) -> tuple[tuple[int, int, int], bytes, bytes] | None:
+    """(height, width, channels), the inflated rows and the compressed IDAT data
+    of an 8-bit grey or RGB, non-interlaced PNG without transparency or EXIF whose
+    header chunks are whole; None for any other file (read_picture reads it)."""
+    if data[8:16] != _IHDR_START or not data.startswith(_PNG_SIGNATURE) or len(data) < 57:
+        return None
+    width, height, depth, colour_type, compression, filter_method, interlace, checksum = \
+        _IHDR_FIELDS.unpack_from(data, 16)
+    if depth != 8 or colour_type not in (0, 2) or compression or filter_method or interlace \
+            or not 0 < width * height <= _PLAIN_PNG_MAX_PIXELS or zlib.crc32(data[12:29]) != checksum:
+        return None  # Pillow checks the chunks before the pixels: a broken one is its message.
+    length, kind = _CHUNK_START.unpack_from(data, 33)
+    if kind == b"IDAT" and data[45 + length:] == _IEND_CHUNK:
+        compressed = data[41:41 + length]  # The usual file: IHDR, one IDAT, IEND and nothing else.
+    else:
+        compressed = _idat_data(data)
+        if compressed is None:
+            return None
+    try:
+        inflated = zlib.decompress(compressed)
+    except zlib.error:
+        return None
+    channels = 1 if colour_type == 0 else 3
+    if len(inflated) != height * (1 + width * channels):
+        return None
+    return (height, width, channels), inflated, compressed
+
+
+_IHDR_START = b"\x00\x00\x00\x0dIHDR"
+_IHDR_FIELDS = struct.Struct(">IIBBBBBI")
+_CHUNK_START = struct.Struct(">I4s")
+_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _idat_data(data: bytes) -> bytes | None:
+    """A PNG's IDAT chunks' data joined, walking every chunk; None if a chunk
+    before the pixels is broken, one is cut off, or the picture has transparency or EXIF."""
+    # Transparency or an EXIF rotation anywhere (or these letters inside the compressed pixels,
+    # rarely): Pillow's whole reading.
+    if b"tRNS" in data or b"eXIf" in data:
+        return None
+    position, pieces, end = len(_PNG_SIGNATURE), [], len(data)
+    while True:
+        if position + 12 > end:
+            return None  # No IEND: truncated, and Pillow says so.
+        length, kind = _CHUNK_START.unpack_from(data, position)
+        following = position + 12 + length
+        if following > end:
+            return None
+        if kind == b"IDAT":
+            pieces.append(data[position + 8:following - 4])
+        elif kind == b"IEND":
+            break
+        elif not pieces and zlib.crc32(data[position + 4:following - 4]) != \
+                struct.unpack_from(">I", data, following - 4)[0]:
+            return None
+        position = following
+    return b"".join(pieces) if pieces else None
+
+
+def _unfilter_group(shape: tuple[int, int, int], members: list[tuple[int, bytes, bytes]]) \
+        -> tuple[list[int], np.ndarray, list[int]]:
+    """The members' pixels, uint8 (M, height, width, channels), with the index
+    of each; and the indices of the members whose rows are damaged."""
+    height, width, channels = shape
+    rows = np.frombuffer(b"".join(inflated for _, inflated, _ in members), np.uint8) \
+        .reshape(len(members), height, 1 + width * channels)
+    filters = rows[:, :, 0]
+    damaged = (filters > 4).any(axis=1)
+    # Average and Paeth need a loop along each row; Pillow's decoder per picture is quicker for a few.
+    sequential = ~damaged & (filters >= 3).any(axis=1)
+    loop_columns = int(((filters >= 3) & ~damaged[:, None]).any(axis=0).sum()) * width * channels
+    picture_bytes = height * width * channels
+    by_pillow = sequential & (loop_columns * _LOOP_MICROSECONDS_PER_COLUMN
+                              > sequential.sum() * (_PILLOW_MICROSECONDS_PER_PICTURE
+                                                    + picture_bytes * _PILLOW_MICROSECONDS_PER_BYTE))
+    batched = np.flatnonzero(~damaged & ~by_pillow)
+    indices = [members[row][0] for row in batched]
+    pixels = [unfilter(rows[batched], channels)]
+    for row in np.flatnonzero(by_pillow):
+        one = _pillow_unfilter(members[row][2], shape)
+        if one is None:
+            damaged[row] = True
+        else:
+            indices.append(members[row][0])
+            pixels.append(one[np.newaxis])
+    return indices, np.concatenate(pixels), [members[row][0] for row in np.flatnonzero(damaged)]
+
+
+def unfilter(rows: np.ndarray, channels: int) -> np.ndarray:
+    """PNG's five row filters undone for a batch of same-sized pictures:
+    uint8 (N, height, 1 + width * channels), each row led by its filter type
+    (0-4), to uint8 (N, height, width, channels). Row by row, each filter for
+    every picture that uses it on that row at once."""
+    count, height, stride = rows.shape
+    width = (stride - 1) // channels
+    filters = rows[:, :, 0]
+    out = rows[:, :, 1:].copy()  # Filter 0 (None): the bytes as they are.
+    used = [(filters == kind).any(axis=0) for kind in range(5)]  # Per row: does any picture use the filter?
+    no_prior = np.zeros((count, stride - 1), np.uint8)
+    for row in range(height):
+        kinds, current = filters[:, row], out[:, row]
+        prior = out[:, row - 1] if row else no_prior
+        if used[1][row]:  # Sub: each byte adds the decoded one a pixel to its left; a running sum, modulo 256.
+            chosen = np.flatnonzero(kinds == 1)
+            current[chosen] = np.cumsum(current[chosen].reshape(len(chosen), width, channels), axis=1,
+                                        dtype=np.uint8).reshape(len(chosen), stride - 1)
+        if used[2][row] and row:  # Up: adds the decoded byte above.
+            chosen = np.flatnonzero(kinds == 2)
+            current[chosen] += prior[chosen]
+        if used[3][row]:  # Average: adds the floor of the mean of the left and upper bytes.
+            chosen = np.flatnonzero(kinds == 3)
+            # Column by column (each needs the decoded byte to its left), columns laid out contiguously.
+            decoded, above = current[chosen].T.astype(np.int16), prior[chosen].T.astype(np.int16)
+            decoded[:channels] += above[:channels] >> 1  # No left: half the upper byte.
+            decoded[:channels] &= 255
+            for column in range(channels, stride - 1):
+                decoded[column] += (decoded[column - channels] + above[column]) >> 1
+                decoded[column] &= 255
+            current[chosen] = decoded.T
+        if used[4][row]:  # Paeth: adds whichever of left, upper, upper-left is nearest to left + upper - upper-left.
+            chosen = np.flatnonzero(kinds == 4)
+            decoded, above = current[chosen].T.astype(np.int16), prior[chosen].T.astype(np.int16)
+            decoded[:channels] += above[:channels]  # No left, no upper-left: the upper byte.
+            decoded[:channels] &= 255
+            corner = np.zeros_like(above)
+            corner[channels:] = above[:-channels]
+            up_step = above - corner
+            # With prediction = left + upper - corner: |prediction - left| = |upper - corner|,
+            # known for the whole row before the loop; the other two need the decoded left byte.
+            to_left = np.abs(up_step)
+            for column in range(channels, stride - 1):
+                left = decoded[column - channels]
+                left_step = left - corner[column]
+                to_upper, to_corner = np.abs(left_step), np.abs(left_step + up_step[column])
+                pick_left = (to_left[column] <= to_upper) & (to_left[column] <= to_corner)
+                decoded[column] += np.where(pick_left, left,
+                                            np.where(to_upper <= to_corner, above[column], corner[column]))
+                decoded[column] &= 255
+            current[chosen] = decoded.T
+    return out.reshape(count, height, width, channels)
+
+
+def _pillow_unfilter(compressed: bytes, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """One PNG's pixels by Pillow's decoder (inflate and unfilter, in C); None if it finds them damaged."""
+    from PIL import Image
+
+    height, width, channels = shape
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        image = Image.frombytes(mode, (width, height), compressed, "zip", mode)
+    except (ValueError, OSError):
+        return None
+    return np.asarray(image).reshape(height, width, channels)
+
+
+def _grey_levels(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, height, width, 1 or 3) -> uint8 grey (N, height, width), with
+    Pillow's integer weights for RGB, as to_grey makes it."""
+    if pixels.shape[3] == 1:
+        return pixels[..., 0]
+    wide = pixels.astype(np.uint32)
+    # Pillow's RGB to L: (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16.
+    return ((wide[..., 0] * 19595 + wide[..., 1] * 38470 + wide[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)
+
+
+def _recipe_for_grey(grey: np.ndarray) -> np.ndarray:
+    """to_grey's inversion and prepare for 8-bit grey pictures of one size,
+    uint8 (N, height, width): read_picture's arrays, (N, 28, 28)."""
+    if grey.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        prepared = np.empty((len(grey), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+        for index, picture in enumerate(grey):
+            levels = picture.astype(np.float32)
+            prepared[index] = prepare(255.0 - levels if border_level(levels) > LIGHT_BORDER else levels,
+                                      FOLDER_FRAMING)
+        return prepared
+    # A 28x28 picture is used as it is, inverted when its border is light: when the median of
+    # its border's 4 x 28 levels (corners twice, as border_level counts them), the mean of the
+    # two middle ones, is above LIGHT_BORDER. Counted for every picture at once; sorted only
+    # where the count leaves it open (tests/test_folders.py checks this against border_level).
+    sides = (grey[:, 0], grey[:, -1], grey[:, :, 0], grey[:, :, -1])
+    half = 2 * IMAGE_SIZE  # Of the 112 levels, the middle two are the 56th and 57th smallest.
+    above = sum((side > LIGHT_BORDER).sum(axis=1) for side in sides)
+    light = above > half  # At least 57 above: both middle levels are, and so is their mean.
+    # Exactly 56 above: the 57th is above, the 56th not; their mean may be either side.
+    for index in np.flatnonzero(above == half):
+        border = np.sort(np.concatenate([side[index] for side in sides])).astype(np.int32)
+        light[index] = border[half - 1] + border[half] > 2 * LIGHT_BORDER
+    if light.any():
+        grey = grey.copy()
+        grey[light] = 255 - grey[light]
+    return grey
+
+
+# --- worker processes -----------------------------------------------------------
+
+def decode_files(root: str, relatives: list[str], workers: int | None = None,
+                 on_progress: Callable[[int], None] | None = None,
+                 pool: DecoderPool | None = None) -> Decoded:
+    """decode_batch for many files, on `pool`, or on `workers` processes started
+    here (default: every core this process may use); on_progress(number decoded
+    so far) after each batch."""
+    if pool is not None and len(relatives) >= POOL_MIN_FILES:
+        return pool.decode(root, relatives, on_progress)
+    workers = workers or usable_cores()
+    if len(relatives) < POOL_MIN_FILES or workers < 2:
+        decoded = decode_batch(root, relatives)
+        if on_progress:
+            on_progress(len(relatives))
+        return decoded
+    with DecoderPool(workers) as pool:
+        return pool.decode(root, relatives, on_progress)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+class _Worker(NamedTuple):
+    pid: int
+    requests: BinaryIO  # The parent's ends of the two pipes.
+    answers: BinaryIO
+    process: subprocess.Popen | None  # A fresh interpreter's; None for a forked worker.
+
+
+class DecoderPool:
+    """Worker processes that decode batches of pictures.
+
+    Forked when this process runs no other thread (then a worker starts in
+    milliseconds, with NumPy already imported, and no lock can be held by a
+    thread that does not exist in the copy); otherwise started as a fresh
+    interpreter, which takes a fraction of a second. A training run makes its
+    pool before it starts reading in the background and importing TensorFlow
+    (lenet_tf.folders.FolderDataset.start_decoders).
+    """
+
+    def __init__(self, workers: int):
+        self.workers: list[_Worker] = []
+        try:
+            for _ in range(workers):
+                self.workers.append(_start_worker(fork=threading.active_count() == 1))
+        except BaseException:
+            self.close()
+            raise
+
+    def decode(self, root: str, relatives: list[str], on_progress: Callable[[int], None] | None = None) -> Decoded:
+        count = len(relatives)
+        result = Decoded(np.zeros((count, IMAGE_SIZE, IMAGE_SIZE), np.uint8), np.zeros(count, np.int64),
+                         np.zeros(count, np.int64), [])
+        lock = threading.Lock()
+        state = {"next": 0, "done": 0}
+        errors: list[BaseException] = []
+
+        def feed(worker: _Worker) -> None:
+            batch = _FIRST_BATCH_FILES
+            try:
+                while True:
+                    with lock:
+                        start = state["next"]
+                        remaining = count - start
+                        if remaining <= 0 or errors:
+                            return
+                        # The last batches are shared out evenly, so that no worker finishes long after the others.
+                        fair_share = -(-remaining // len(self.workers))
+                        size = min(remaining, max(_SMALLEST_BATCH_FILES, min(batch, fair_share)))
+                        state["next"] = start + size
+                    started = time.monotonic()
+                    decoded = _ask(worker, root, relatives[start:start + size])
+                    elapsed = max(time.monotonic() - started, 1e-3)
+                    batch = int(min(_MAX_BATCH_FILES, max(_SMALLEST_BATCH_FILES, size * _BATCH_SECONDS / elapsed)))
+                    with lock:
+                        result.images[start:start + size] = decoded.images
+                        result.sizes[start:start + size] = decoded.sizes
+                        result.mtimes[start:start + size] = decoded.mtimes
+                        result.failures.extend(decoded.failures)
+                        state["done"] += size
+                        if on_progress:
+                            on_progress(state["done"])
+            except BaseException as error:  # Raised again by decode(), in the caller's thread.
+                with lock:
+                    errors.append(error)
+
+        feeders = [threading.Thread(target=feed, args=(worker,), name="decode-pictures", daemon=True)
+                   for worker in self.workers]
+        for feeder in feeders:
+            feeder.start()
+        for feeder in feeders:
+            feeder.join()
+        if errors:
+            raise errors[0]
+        return result
+
+    def close(self) -> None:
+        """Ends the workers: each exits when its requests end."""
+        for worker in self.workers:
+            try:
+                worker.requests.close()
+            except OSError:
+                pass
+        for worker in self.workers:
+            try:
+                _wait(worker)
+            finally:
+                worker.answers.close()
+        self.workers = []
+
+    def __enter__(self) -> "DecoderPool":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
+
+
+def _start_worker(fork: bool) -> _Worker:
+    to_worker, from_parent = os.pipe()
+    to_parent, from_worker = os.pipe()
+    worker_ends = (to_worker, from_worker)  # Read requests, write answers.
+    try:
+        if fork:
+            process = None
+            pid = os.fork()
+            if pid == 0:
+                _forked_worker(*worker_ends)
+        else:
+            # The package's folder first on the path: found as this process found it (a source checkout too).
+            package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {package_parent!r}); "
+                       f"from lenet_tf.decoding import serve; serve({to_worker}, {from_worker})"]
+            process = subprocess.Popen(command, pass_fds=worker_ends, stdin=subprocess.DEVNULL)
+    except BaseException:
+        for descriptor in (to_worker, from_parent, to_parent, from_worker):
+            os.close(descriptor)
+        raise
+    for descriptor in worker_ends:
+        os.close(descriptor)
+    return _Worker(pid if process is None else process.pid, os.fdopen(from_parent, "wb"), os.fdopen(to_parent, "rb"),
+                   process)
+
+
+def _forked_worker(requests: int, answers: int) -> None:
+    """A forked worker's life; never returns into the parent's code."""
+    code = 1
+    try:
+        # Every other descriptor closed: another worker's pipe kept open here would hide the
+        # end of its requests, and a run folder's lock must go with the parent.
+        os.closerange(3, min(requests, answers))
+        os.closerange(min(requests, answers) + 1, max(requests, answers))
+        os.closerange(max(requests, answers) + 1, _MAX_DESCRIPTORS)
+        serve(requests, answers)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+_MAX_DESCRIPTORS = 65536
+
+
+def _ask(worker: _Worker, root: str, relatives: list[str]) -> Decoded:
+    try:
+        pickle.dump((root, relatives), worker.requests, protocol=pickle.HIGHEST_PROTOCOL)
+        worker.requests.flush()
+        answer = pickle.load(worker.answers)
+    except (EOFError, OSError, pickle.UnpicklingError):
+        answer = None
+    if not isinstance(answer, Decoded):
+        raise RuntimeError(f"a process decoding pictures stopped while reading {len(relatives)} pictures from "
+                           f"{os.path.join(root, relatives[0])} on")
+    return answer
+
+
+def _wait(worker: _Worker) -> None:
+    """Waits for a worker that was told to end; kills it if it has not within seconds."""
+    if worker.process is not None:
+        try:
+            worker.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()
+        return
+    deadline = time.monotonic() + 5
+    while os.waitpid(worker.pid, os.WNOHANG)[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(worker.pid, signal.SIGKILL)
+            os.waitpid(worker.pid, 0)
+            return
+        time.sleep(0.002)
+
+
+def serve(requests: int, answers: int) -> None:
+    """A worker's loop: (root, relatives) in, Decoded out, until the requests end."""
+    # The parent stops on Ctrl-C or SIGTERM and then ends this worker's requests; a
+    # KeyboardInterrupt here would only print a traceback beside the parent's one line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with os.fdopen(requests, "rb") as inbox, os.fdopen(answers, "wb") as outbox:
+        while True:
+            try:
+                root, relatives = pickle.load(inbox)
+            except EOFError:
+                return
+            try:
+                pickle.dump(decode_batch(root, relatives), outbox, protocol=pickle.HIGHEST_PROTOCOL)
+                outbox.flush()
+            except BrokenPipeError:
+                return  # The parent is gone.
