@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 
+_SETTLE_SECONDS = 2.0
+
+
 def write_png_folder(root: Path, limit: int | None = None) -> tuple[int, Path]:
     """MNIST's digits as PNG files in train/ and test/ class folders; returns how
     many, and a folder of the same digits as IDX files."""
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         for round_index in range(args.repeats):
             order = ["first read", "keras"] if round_index % 2 == 0 else ["keras", "first read"]
             for name in order:
+                # TensorFlow's threads stay busy a moment after a pass; each measurement starts on a quiet machine.
+                time.sleep(_SETTLE_SECONDS)
                 if name == "first read":
                     shutil.rmtree(scratch / "cache", ignore_errors=True)
                     seconds, cpu_time, decoded = package_read(folder)
@@ -135,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     seconds, cpu_time = keras_pass(folder)
                 times[name].append(seconds)
                 cpu[name].append(cpu_time)
+            time.sleep(_SETTLE_SECONDS)
             seconds, cpu_time, decoded = package_read(folder)
             assert decoded == 0, decoded
             times["cached start"].append(seconds)
