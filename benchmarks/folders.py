@@ -23,6 +23,7 @@ import argparse
 import gzip
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import struct
@@ -99,6 +100,36 @@ def keras_pass(folder: Path) -> tuple[float, float]:
     return time.perf_counter() - started, cpu_seconds() - cpu_started
 
 
+# The book's recipe: no preset setting depends on the dataset, so the two runs differ in where the arrays come from.
+TRAINING_FLAGS = ["--preset", "classic", "--epochs", "3", "--format", "", "--image-every-epochs", "0"]
+
+
+def compare_training(folder: Path, idx_dir: Path, rounds: int, scratch: Path) -> None:
+    """Training images/s (metrics.json's examples_per_sec: the epochs after the
+    first, validation excluded) of `python train.py --data-dir` on the folder of
+    PNG files and on the IDX files of the same digits, in fresh processes, in
+    pairs that alternate the order; prints the medians and the ratio."""
+    from benchmarks.runs import train_in_fresh_process
+
+    speeds: dict[str, list[float]] = {"folder": [], "idx": []}
+    ratios = []
+    for round_index in range(rounds):
+        order = ["folder", "idx"] if round_index % 2 == 0 else ["idx", "folder"]
+        for name in order:
+            data = ["--data-dir", str(folder)] if name == "folder" else ["--dataset", "mnist", "--data-dir", str(idx_dir)]
+            run = train_in_fresh_process([*data, *TRAINING_FLAGS],
+                                         scratch / f"run-{name}-{round_index}")
+            speeds[name].append(run.metrics["examples_per_sec"])
+        ratios.append(speeds["folder"][-1] / speeds["idx"][-1])
+        print(f"training pair {round_index + 1}: folder {speeds['folder'][-1]:.0f} images/s, "
+              f"IDX files {speeds['idx'][-1]:.0f} images/s", flush=True)
+    print(f"Training images/s, `python train.py --data-dir DIR {shlex.join(TRAINING_FLAGS)}`, "
+          f"{rounds} pairs, median (min-max): folder {statistics.median(speeds['folder']):.0f} "
+          f"({min(speeds['folder']):.0f}-{max(speeds['folder']):.0f}), IDX files "
+          f"{statistics.median(speeds['idx']):.0f} ({min(speeds['idx']):.0f}-{max(speeds['idx']):.0f}); "
+          f"folder over IDX files {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
+
+
 def idx_read(idx_dir: Path) -> float:
     from lenet_tf.data import load_idx_dir
 
@@ -111,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="the first N digits of each split (default: all)")
+    parser.add_argument("--training-rounds", type=int, default=2,
+                        help="pairs of training runs, folder and IDX files, for images/s (default: %(default)s; "
+                             "0 skips them)")
     args = parser.parse_args(argv)
 
     from benchmarks.common import machine_description
@@ -170,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             ratios = [keras / ours for keras, ours in zip(table["keras"], table["first read"])]
             print(f"Keras's pass over lenet_tf's first read, {kind} time: {statistics.median(ratios):.1f}x "
                   f"({min(ratios):.1f}-{max(ratios):.1f}x)")
+        if args.training_rounds:
+            print()
+            compare_training(folder, idx_dir, args.training_rounds, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

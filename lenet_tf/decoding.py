@@ -317,21 +317,22 @@ def _recipe_for_grey(grey: np.ndarray) -> np.ndarray:
 # --- worker processes -----------------------------------------------------------
 
 def decode_files(root: str, relatives: list[str], workers: int | None = None,
-                 on_progress: Callable[[int], None] | None = None,
+                 on_batch: Callable[[np.ndarray, int, int], None] | None = None,
                  pool: DecoderPool | None = None) -> Decoded:
     """decode_batch for many files, on `pool`, or on `workers` processes started
-    here (default: every core this process may use); on_progress(number decoded
-    so far) after each batch."""
+    here (default: every core this process may use). on_batch(images, start,
+    stop) is called once rows start:stop of `images` are decoded, one call at a
+    time, while the workers decode the next ones."""
     if pool is not None and len(relatives) >= POOL_MIN_FILES:
-        return pool.decode(root, relatives, on_progress)
+        return pool.decode(root, relatives, on_batch)
     workers = workers or usable_cores()
     if len(relatives) < POOL_MIN_FILES or workers < 2:
         decoded = decode_batch(root, relatives)
-        if on_progress:
-            on_progress(len(relatives))
+        if on_batch:
+            on_batch(decoded.images, 0, len(relatives))
         return decoded
     with DecoderPool(workers) as pool:
-        return pool.decode(root, relatives, on_progress)
+        return pool.decode(root, relatives, on_batch)
 
 
 def usable_cores() -> int:
@@ -365,12 +366,14 @@ class DecoderPool:
             self.close()
             raise
 
-    def decode(self, root: str, relatives: list[str], on_progress: Callable[[int], None] | None = None) -> Decoded:
+    def decode(self, root: str, relatives: list[str],
+               on_batch: Callable[[np.ndarray, int, int], None] | None = None) -> Decoded:
+        """decode_batch of `relatives` on the workers; on_batch as decode_files calls it."""
         count = len(relatives)
         result = Decoded(np.zeros((count, IMAGE_SIZE, IMAGE_SIZE), np.uint8), np.zeros(count, np.int64),
                          np.zeros(count, np.int64), [])
         lock = threading.Lock()
-        state = {"next": 0, "done": 0}
+        state = {"next": 0}
         errors: list[BaseException] = []
 
         def feed(worker: _Worker) -> None:
@@ -396,9 +399,8 @@ class DecoderPool:
                         result.sizes[start:start + size] = sizes
                         result.mtimes[start:start + size] = mtimes
                         result.failures.extend(failures)
-                        state["done"] += size
-                        if on_progress:
-                            on_progress(state["done"])
+                        if on_batch:
+                            on_batch(result.images, start, start + size)
             except BaseException as error:  # Raised again by decode(), in the caller's thread.
                 with lock:
                     errors.append(error)

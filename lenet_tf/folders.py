@@ -27,12 +27,13 @@ NumPy and Pillow only: the folder is read while TensorFlow imports.
 from __future__ import annotations
 
 import hashlib
-import operator
 import json
+import operator
 import os
 import re
 import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,7 +433,7 @@ def _read_cache(path: Path) -> tuple[list[tuple[str, int, int]], np.ndarray | No
             arrays = [np.load(handle, allow_pickle=False) for _ in _CACHE_ARRAYS]
     except (OSError, ValueError, EOFError):
         return [], None  # No cache yet, or a damaged one: decode again.
-    recipe, paths, sizes, mtimes, images = arrays
+    recipe, paths, images, sizes, mtimes = arrays
     if str(recipe) != RECIPE_VERSION or not len(paths) == len(sizes) == len(mtimes) == len(images) \
             or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.dtype != np.uint8:
         return [], None
@@ -441,23 +442,68 @@ def _read_cache(path: Path) -> tuple[list[tuple[str, int, int]], np.ndarray | No
 
 # The cache file: these arrays, one after the other, each in NumPy's .npy format (not an .npz:
 # its zip layer computes a checksum of every byte, which costs as much as the rest of the read).
-_CACHE_ARRAYS = ("recipe", "paths", "sizes", "mtimes", "images")
+# The pixels come before the sizes and times, which a first read learns only at its end.
+_CACHE_ARRAYS = ("recipe", "paths", "images", "sizes", "mtimes")
+
+
+class _CacheWriter:
+    """Writes a folder's cache while its pictures are decoded: the pixels of
+    each batch as it lands (os.pwrite, beside the decoding workers), the keys
+    at the end, then renames the file into place, so that a reader sees the
+    old cache or the new one. A cache that cannot be written is skipped."""
+
+    def __init__(self, path: Path, relatives: list[str]):
+        self.path, self.count = path, len(relatives)
+        self.temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self.handle = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.temporary, "wb")
+            np.save(self.handle, np.array(RECIPE_VERSION), allow_pickle=False)
+            np.save(self.handle, np.array(relatives, str), allow_pickle=False)
+            np.lib.format.write_array_header_1_0(self.handle, {"descr": "|u1", "fortran_order": False,
+                                                               "shape": (self.count, IMAGE_SIZE, IMAGE_SIZE)})
+            self.handle.flush()
+            self.pixels_at = self.handle.tell()
+            self.handle.truncate(self.pixels_at + self.count * IMAGE_SIZE * IMAGE_SIZE)
+        except OSError:
+            self.abandon()
+
+    def write_rows(self, images: np.ndarray, start: int, stop: int) -> None:
+        if self.handle is None:
+            return
+        try:
+            os.pwrite(self.handle.fileno(), memoryview(images[start:stop]).cast("B"),
+                      self.pixels_at + start * IMAGE_SIZE * IMAGE_SIZE)
+        except OSError:
+            self.abandon()  # A full disk: no cache this time.
+
+    def finish(self, sizes: list[int], mtimes: list[int]) -> None:
+        if self.handle is None:
+            return
+        try:
+            self.handle.seek(0, os.SEEK_END)
+            np.save(self.handle, np.array(sizes, np.int64), allow_pickle=False)
+            np.save(self.handle, np.array(mtimes, np.int64), allow_pickle=False)
+            self.handle.close()
+            os.replace(self.temporary, self.path)
+        except OSError:
+            self.abandon()
+        self.handle = None
+
+    def abandon(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        self.temporary.unlink(missing_ok=True)
 
 
 def _write_cache(path: Path, keys: list[tuple[str, int, int]], images: np.ndarray) -> None:
-    """The pictures' keys (path, size, mtime) and arrays, atomically, so a reader
-    sees the old cache or the new one; a cache that cannot be written is skipped."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    paths, sizes, mtimes = zip(*keys) if keys else ((), (), ())
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as handle:
-            for array in (np.array(RECIPE_VERSION), np.array(paths, str), np.array(sizes, np.int64),
-                          np.array(mtimes, np.int64), images):
-                np.save(handle, array, allow_pickle=False)
-        os.replace(temporary, path)
-    except OSError:
-        temporary.unlink(missing_ok=True)
+    """The pictures' keys (path, size, mtime) and arrays, at once."""
+    paths, sizes, mtimes = (list(column) for column in zip(*keys)) if keys else ([], [], [])
+    writer = _CacheWriter(path, paths)
+    writer.write_rows(images, 0, len(images))
+    writer.finish(sizes, mtimes)
 
 
 class FolderPictures(NamedTuple):
@@ -501,17 +547,27 @@ def read_pictures(listing: FolderListing, progress: TextIO | None = None, worker
     if not len(missing):
         _write_cache(cache_file, keys, images)  # Pictures were removed: the cache follows.
         return FolderPictures(images, 0, listing)
-    shown = False
+    # The first read of a folder writes its cache as the pictures land.
+    writer = _CacheWriter(cache_file, listing.relatives) if len(missing) == len(listing) else None
+    done, shown = 0, False
 
-    def show(done: int) -> None:
-        nonlocal shown
+    def landed(decoded_images: np.ndarray, start: int, stop: int) -> None:
+        nonlocal done, shown
+        if writer is not None:
+            writer.write_rows(decoded_images, start, stop)
+        done += stop - start
         if time.monotonic() - started > _PROGRESS_AFTER_SECONDS:
             shown = True
             print(f"\rreading {listing.root}: {done}/{len(missing)} pictures decoded", end="", file=progress,
                   flush=True)
 
-    decoded = decode_files(str(listing.root), [listing.relatives[index] for index in missing], workers, show,
-                           decoders)
+    try:
+        decoded = decode_files(str(listing.root), [listing.relatives[index] for index in missing], workers, landed,
+                               decoders)
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
     if shown:
         print(f" in {time.monotonic() - started:.1f} s", file=progress, flush=True)
     if len(missing) == len(listing):  # Every picture decoded (a first read): no copies.
@@ -526,8 +582,12 @@ def read_pictures(listing: FolderListing, progress: TextIO | None = None, worker
     failed = {relative for relative, _ in decoded.failures}
     empty = [listing.relatives[index] for index in missing if sizes[index] == 0]
     if failed or empty:
+        if writer is not None:
+            writer.abandon()
         good = [index for index, (relative, size, _) in enumerate(keys) if relative not in failed and size > 0]
         _write_cache(cache_file, [keys[index] for index in good], images[good])
+    elif writer is not None:
+        writer.finish(sizes, mtimes)
     else:
         _write_cache(cache_file, keys, images)
     if empty:

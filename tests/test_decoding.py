@@ -120,16 +120,19 @@ def test_pngs_decoded_here_give_read_picture_s_arrays(tmp_path):
                    extra=[_chunk(b"tEXt", b"Comment\x00hello"), _chunk(b"gAMA", struct.pack(">I", 45455))])
     (tmp_path / "chunks.png").write_bytes(written)
     pictures["chunks.png"] = None
-    broken = bytearray(written)
-    broken[29] ^= 0xFF  # The IHDR chunk's checksum.
-    (tmp_path / "broken_header.png").write_bytes(bytes(broken))
+    # The IHDR chunk's checksum broken, in that file and in one of the usual layout (IHDR, IDAT, IEND).
+    for name, whole in (("broken_header.png", written), ("broken_usual_header.png",
+                                                         (tmp_path / "small.png").read_bytes())):
+        broken = bytearray(whole)
+        broken[29] ^= 0xFF
+        (tmp_path / name).write_bytes(bytes(broken))
     # Interlaced (Pillow writes none): the header says so, with its checksum.
     header = written[12:28] + b"\x01"
     interlaced = written[:12] + header + struct.pack(">I", zlib.crc32(header)) + written[33:]
     assert decoding._plain_png(interlaced) is None and decoding._plain_png(written) is not None
     for name in pictures:
         assert decoding._plain_png((tmp_path / name).read_bytes()) is not None, name
-    for name in [*left_to_pillow, "broken_header.png"]:
+    for name in [*left_to_pillow, "broken_header.png", "broken_usual_header.png"]:
         assert decoding._plain_png((tmp_path / name).read_bytes()) is None, name
     names = [*pictures, *left_to_pillow]
     decoded = decoding.decode_batch(str(tmp_path), names)
@@ -138,10 +141,10 @@ def test_pngs_decoded_here_give_read_picture_s_arrays(tmp_path):
         np.testing.assert_array_equal(decoded.images[index], _expected(tmp_path / name), err_msg=name)
         assert decoded.sizes[index] == (tmp_path / name).stat().st_size
         assert decoded.mtimes[index] == (tmp_path / name).stat().st_mtime_ns
-    with pytest.raises(UsageError) as pillow_says:
-        _expected(tmp_path / "broken_header.png")
-    assert decoding.decode_batch(str(tmp_path), ["broken_header.png"]).failures == \
-        [("broken_header.png", str(pillow_says.value))]
+    for name in ("broken_header.png", "broken_usual_header.png"):
+        with pytest.raises(UsageError) as pillow_says:
+            _expected(tmp_path / name)
+        assert decoding.decode_batch(str(tmp_path), [name]).failures == [(name, str(pillow_says.value))]
     damaged = (tmp_path / "small.png").read_bytes()
     (tmp_path / "damaged.png").write_bytes(damaged[:60] + bytes(20) + damaged[80:])
     assert decoding.decode_batch(str(tmp_path), ["damaged.png"]).failures[0][0] == "damaged.png"
@@ -222,10 +225,11 @@ def test_worker_processes_decode_as_one_process_does(tmp_path, fork):
     if other:
         other.start()
     try:
-        progress = []
+        batches = []
         with decoding.DecoderPool(2) as pool:
             assert all((worker.process is None) == fork for worker in pool.workers)
-            pooled = pool.decode(str(tmp_path), names, progress.append)
+            pooled = pool.decode(str(tmp_path), names,
+                                 lambda images, start, stop: batches.append((start, stop, images[start:stop].copy())))
             again = pool.decode(str(tmp_path), names[:500])  # A pool serves many reads.
     finally:
         release.set()
@@ -235,4 +239,7 @@ def test_worker_processes_decode_as_one_process_does(tmp_path, fork):
     np.testing.assert_array_equal(pooled.mtimes, inline.mtimes)
     assert pooled.failures == inline.failures and [path for path, _ in inline.failures] == ["0/bad.png"]
     np.testing.assert_array_equal(again.images, inline.images[:500])
-    assert progress[-1] == len(names) and progress == sorted(progress)
+    # Each batch handed on as it landed, with its rows already in place; together, every row once.
+    assert sorted(row for start, stop, _ in batches for row in range(start, stop)) == list(range(len(names)))
+    for start, stop, rows in batches:
+        np.testing.assert_array_equal(rows, inline.images[start:stop])

@@ -217,6 +217,29 @@ def test_the_cache_is_per_folder(tmp_path):
     assert folders.read_pictures(folders.scan_folder(two)).decoded == 4
 
 
+def test_a_large_first_read_caches_what_it_decoded_as_the_batches_land(tmp_path):
+    """600 pictures: decoded by worker processes, written to the cache batch by
+    batch as they land; the cache gives the same arrays, and no partial file
+    stays behind, also when a file fails and the cache is written without it."""
+    root = _write_classes(tmp_path / "photos", {"a": 300, "b": 300})
+    first = folders.read_pictures(folders.scan_folder(root, sizes=False))
+    assert first.decoded == 600 and first.listing.sizes is not None
+    second = folders.read_pictures(folders.scan_folder(root))
+    assert second.decoded == 0
+    np.testing.assert_array_equal(second.images, first.images)
+    assert second.listing.keys() == first.listing.keys()
+    assert [path.name for path in folders.cache_path(root).parent.iterdir()] == [folders.cache_path(root).name]
+    folders.cache_path(root).unlink()
+    (root / "b" / "bad.png").write_bytes(b"not a picture")
+    with pytest.raises(UsageError, match=r"^1 file\(s\) with a picture's name cannot be read"):
+        folders.read_pictures(folders.scan_folder(root, sizes=False))
+    assert [path.name for path in folders.cache_path(root).parent.iterdir()] == [folders.cache_path(root).name]
+    (root / "b" / "bad.png").unlink()
+    third = folders.read_pictures(folders.scan_folder(root))
+    assert third.decoded == 0
+    np.testing.assert_array_equal(third.images, first.images)
+
+
 # --- bad input: one line, exit 2, nothing written ----------------------------
 
 def _train(capsys, tmp_path, data_dir: Path, *flags: str) -> str:
