@@ -1,20 +1,19 @@
 """Decoding a folder's pictures into the model's 28x28 inputs, on every core.
 
-The pictures are read by worker processes, one per core, started as plain
-`python -c` processes: they import NumPy and this module, never TensorFlow,
-so they are up within a fraction of a second while the parent may be importing
-TensorFlow (no fork of a process whose other threads hold locks). The parent
-hands each a batch of files at a time, sized to take about a quarter of a
-second, so that a slow file (a large JPEG) holds up nobody and the progress
-line moves.
+Worker processes, one per core, read the pictures; the parent hands each a
+batch of files at a time, sized to take about a quarter of a second, so that
+a slow file (a large JPEG) holds up nobody and the progress line moves, and
+reads each batch's pixels straight into its rows of the result. The workers
+never import TensorFlow: a training run forks them before it starts
+importing it (DecoderPool).
 
 Plain PNGs (8-bit grey or RGB, not interlaced, without transparency or EXIF:
 what a dataset saved as files nearly always is) are inflated with zlib and
-unfiltered in NumPy a whole batch of same-sized pictures at once, so that a
-28x28 digit costs a file read and an inflate in Python; a PNG's pixels are
+unfiltered in NumPy for a whole batch of same-sized pictures at once, so that
+a 28x28 digit costs a file read and an inflate in Python; a PNG's pixels are
 exact whoever decodes them. Every other file, and any PNG whose reading here
 finds anything unusual, is read by lenet_tf.images.read_picture (Pillow), with
-its limits and its messages. Both give the same arrays (tests/test_folders.py).
+its limits and its messages. Both give the same arrays (tests/test_decoding.py).
 
 Each file's size and modification time come from the descriptor the file was
 read through, so the folder's cache key describes exactly the bytes decoded.
@@ -58,8 +57,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PLAIN_PNG_MAX_PIXELS = 4096 * 4096
 # The cost model that picks, for a batch of same-sized PNGs whose rows use the
 # Average or Paeth filter (each pixel depends on its left neighbour), between one
-# NumPy loop over the columns of the whole batch and Pillow's decoder per picture,
-# in microseconds (2 cores of AMD EPYC; the choice changes the time, never the pixels).
+# NumPy loop over the columns of the whole batch and Pillow's decoder per picture:
+# rough costs in microseconds (the choice changes the time, never the pixels).
 _LOOP_MICROSECONDS_PER_COLUMN = 20.0
 _PILLOW_MICROSECONDS_PER_PICTURE = 20.0
 _PILLOW_MICROSECONDS_PER_BYTE = 0.01
@@ -415,9 +414,12 @@ class DecoderPool:
             raise errors[0]
         return result
 
-    def close(self) -> None:
-        """Ends the workers: each exits when its requests end."""
+    def close(self, stop_now: bool = False) -> None:
+        """Ends the workers: each exits when its requests end, or at once when `stop_now`
+        (the read was interrupted: a batch under way would otherwise be finished first)."""
         for worker in self.workers:
+            if stop_now:
+                _stop(worker)
             try:
                 worker.requests.close()
             except OSError:
@@ -432,8 +434,8 @@ class DecoderPool:
     def __enter__(self) -> "DecoderPool":
         return self
 
-    def __exit__(self, *exception) -> None:
-        self.close()
+    def __exit__(self, exception_type, *_) -> None:
+        self.close(stop_now=exception_type is not None)
 
 
 def _start_worker(fork: bool) -> _Worker:
@@ -521,6 +523,13 @@ def _wait(worker: _Worker) -> None:
             os.waitpid(worker.pid, 0)
             return
         time.sleep(0.002)
+
+
+def _stop(worker: _Worker) -> None:
+    try:
+        os.kill(worker.pid, signal.SIGKILL)  # Not yet waited for: the pid is still this worker's.
+    except ProcessLookupError:
+        pass
 
 
 def serve(requests: int, answers: int) -> None:

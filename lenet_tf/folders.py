@@ -26,6 +26,7 @@ NumPy and Pillow only: the folder is read while TensorFlow imports.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import operator
@@ -150,27 +151,24 @@ class FolderDataset:
 
     def load(self, data_dir: str | None = None):
         """The Datasets of this folder, or of `data_dir`, which must hold the same classes."""
-        root = self.root if data_dir is None else Path(data_dir).expanduser().resolve()
-        if self.listing is None or root != self.listing.root:
-            self.listing = scan_folder(root, sizes=False)
-        listing = self.listing
-        if listing.class_names != self.class_names:
-            raise UsageError(f"{listing.root} holds the classes {', '.join(listing.class_names)}, but the model "
-                             f"knows {', '.join(self.class_names)}; pass a folder with the model's classes")
-        if self.recorded_files is not None:
-            # Here, not when the folder was registered: asking for every file's size is what takes
-            # long in a large folder, and this runs while TensorFlow imports.
-            listing = listing.with_sizes()
-            changes = describe_changes(self.recorded_files, listing.fingerprint())
-            if changes:
-                raise UsageError(f"{listing.root} changed since the run read it ({changes}); restore it, or "
-                                 "train a new run (another --run-dir)")
-        decoders, self.decoders = self.decoders, None
-        try:
+        decoders, self.decoders = self.decoders, None  # Used or not, ended before this returns.
+        with decoders if decoders is not None else contextlib.nullcontext():
+            root = self.root if data_dir is None else Path(data_dir).expanduser().resolve()
+            if self.listing is None or root != self.listing.root:
+                self.listing = scan_folder(root, sizes=False)
+            listing = self.listing
+            if listing.class_names != self.class_names:
+                raise UsageError(f"{listing.root} holds the classes {', '.join(listing.class_names)}, but the "
+                                 f"model knows {', '.join(self.class_names)}; pass a folder with the model's classes")
+            if self.recorded_files is not None:
+                # Here, not when the folder was registered: asking for every file's size is what takes
+                # long in a large folder, and this runs while TensorFlow imports.
+                listing = listing.with_sizes()
+                changes = describe_changes(self.recorded_files, listing.fingerprint())
+                if changes:
+                    raise UsageError(f"{listing.root} changed since the run read it ({changes}); restore it, or "
+                                     "train a new run (another --run-dir)")
             images, self.decoded, self.listing = read_pictures(listing, decoders=decoders)
-        finally:
-            if decoders is not None:
-                decoders.close()
         return self._datasets(self.listing, images)
 
     def _datasets(self, listing: FolderListing, images: np.ndarray):

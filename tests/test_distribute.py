@@ -133,15 +133,47 @@ def test_multi_worker_without_cluster_is_one_line(tmp_path):
     assert completed.returncode == 2 and "--task-index 5 is outside --worker-hosts" in completed.stderr
 
 
+@pytest.mark.slow
+def test_two_workers_on_loopback_train_on_a_folder_of_pictures(tmp_path, fashion_mnist_dir):
+    """Each worker reads the same folder of PNG files (real Fashion-MNIST, three
+    classes in train/ and test/); one run, the folder's classes and model name."""
+    from PIL import Image
+
+    from lenet_tf.data import load_idx_dir
+
+    data = load_idx_dir(fashion_mnist_dir)
+    folder = tmp_path / "garments"
+    names = {0: "t-shirt", 1: "trouser", 8: "bag"}
+    for split, images, labels, count in (("train", data.train_images, data.train_labels, 1500),
+                                         ("test", data.test_images, data.test_labels, 300)):
+        for label, name in names.items():
+            (folder / split / name).mkdir(parents=True)
+            for index in [row for row in range(len(labels)) if labels[row] == label][:count // 3]:
+                Image.fromarray(images[index, ..., 0]).save(folder / split / name / f"{index:05d}.png")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    run_dir = tmp_path / "run"
+    results = _finish(_start_workers(run_dir, scratch, limit_train=1500, epochs=2, data=("--data-dir", str(folder)),
+                                     environment={"XDG_CACHE_HOME": str(tmp_path / "cache")}))
+    assert [returncode for returncode, _, _ in results] == [0, 0], "\n".join(err[-2000:] for _, _, err in results)
+    metrics = _metrics(run_dir)
+    assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2
+    assert metrics["class_names"] == ["bag", "t-shirt", "trouser"]
+    assert metrics["history"]["loss"][1] < metrics["history"]["loss"][0]
+    assert sorted(path.name for path in (tmp_path / "exports").iterdir()) == ["lenet_garments"]
+    assert len(list((tmp_path / "cache" / "lenet_tf" / "folders").iterdir())) == 1  # One cache, for both.
+
+
 def _start_workers(run_dir: Path, scratch: Path, run_dirs: list[Path] | None = None,
                    limit_train: int = 8192, epochs: int = 4, image_every_epochs: int = 0,
-                   formats: str = "saved_model") -> list[subprocess.Popen]:
+                   formats: str = "saved_model", data: tuple[str, ...] = ("--dataset", "fashion_mnist"),
+                   environment: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """Two workers on fresh loopback ports, exporting beside `run_dir`; `run_dirs` gives each its own --run-dir."""
     hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
-    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch))
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch), **(environment or {}))
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "lenet_tf", "train", "--dataset", "fashion_mnist", "--limit-train", str(limit_train),
+            [sys.executable, "-m", "lenet_tf", "train", *data, "--limit-train", str(limit_train),
              "--limit-test", "512", "--epochs", str(epochs), "--batch-size", "64",
              "--activation", "relu", "--learning-rate", "0.1", "--image-every-epochs", str(image_every_epochs),
              "--strategy", "multi_worker", "--worker-hosts", hosts, "--task-index", str(index),
