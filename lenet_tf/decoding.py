@@ -16,7 +16,8 @@ finds anything unusual, is read by lenet_tf.images.read_picture (Pillow), with
 its limits and its messages. Both give the same arrays (tests/test_decoding.py).
 
 Each file's size and modification time come from the descriptor the file was
-read through, so the folder's cache key describes exactly the bytes decoded.
+read through (read_picture opens a file it reads once more), so the folder's
+cache key describes the bytes read, not those of an earlier look.
 """
 
 from __future__ import annotations
@@ -53,8 +54,11 @@ _SMALLEST_BATCH_FILES = 64
 _MAX_BATCH_FILES = 8192
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Larger plain PNGs are read by read_picture, with its limits.
-_PLAIN_PNG_MAX_PIXELS = 4096 * 4096
+# Larger plain PNGs are read by read_picture (Pillow), one at a time: a batch of
+# them would hold many large pictures in memory at once, and batching helps small ones.
+_PLAIN_PNG_MAX_PIXELS = 256 * 256
+# A batch's plain PNGs are unfiltered whenever this many of their bytes wait.
+_PENDING_BYTES = 32 * 2**20
 # The cost model that picks, for a batch of same-sized PNGs whose rows use the
 # Average or Paeth filter (each pixel depends on its left neighbour), between one
 # NumPy loop over the columns of the whole batch and Pillow's decoder per picture:
@@ -77,11 +81,17 @@ class Decoded(NamedTuple):
 # --- one batch, in one process --------------------------------------------------
 
 def decode_batch(root: str, relatives: list[str]) -> Decoded:
-    """The pictures root/relative, each by the folder recipe (read_picture's arrays)."""
+    """The pictures root/relative, each by the folder recipe (read_picture's arrays).
+
+    A file that cannot be opened or read has size -1 and a failure; an empty
+    file has size 0 and is left as zeros, for the caller to refuse by its size.
+    """
     count = len(relatives)
-    sizes, mtimes = [0] * count, [0] * count
+    images = np.zeros((count, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    sizes, mtimes = [-1] * count, [0] * count
     failures: list[tuple[str, str]] = []
     plain: dict[tuple[int, int, int], list[tuple[int, bytes, bytes]]] = {}  # Shape -> (index, inflated, IDAT).
+    pending = 0  # Inflated bytes in `plain`.
     others = []
     prefix = f"{root}/"
     for index, relative in enumerate(relatives):
@@ -99,24 +109,39 @@ def decode_batch(root: str, relatives: list[str]) -> Decoded:
             continue
         sizes[index], mtimes[index] = details.st_size, details.st_mtime_ns
         if not details.st_size:
-            continue  # Left as zeros: the caller refuses an empty file by its size.
+            continue
         png = _plain_png(data) if data else None
         if png is None:
             others.append(index)
-        else:
-            shape, inflated, compressed = png
-            plain.setdefault(shape, []).append((index, inflated, compressed))
-    images = np.zeros((count, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    for shape, members in plain.items():
-        indices, pixels, damaged = _unfilter_group(shape, members)
-        images[indices] = _recipe_for_grey(_grey_levels(pixels))
-        others += damaged
+            continue
+        shape, inflated, compressed = png
+        plain.setdefault(shape, []).append((index, inflated, compressed))
+        pending += len(inflated)
+        if pending > _PENDING_BYTES:
+            others += _unfilter_into(images, plain)
+            plain, pending = {}, 0
+    others += _unfilter_into(images, plain)
     for index in others:
         try:
             images[index] = read_picture(prefix + relatives[index], FOLDER_FRAMING)[..., 0]
         except UsageError as error:
             failures.append((relatives[index], str(error)))
+        except Exception as error:  # A decoder's own failure on a strange file: that file's, not the run's.
+            failures.append((relatives[index], f"{prefix + relatives[index]}: cannot decode the image "
+                                               f"({type(error).__name__}: {error})"))
     return Decoded(images, np.array(sizes, np.int64), np.array(mtimes, np.int64), failures)
+
+
+def _unfilter_into(images: np.ndarray, plain: dict[tuple[int, int, int], list[tuple[int, bytes, bytes]]]) \
+        -> list[int]:
+    """Unfilters the waiting plain PNGs into their rows of `images`, by the
+    recipe; returns the indices of those whose rows are damaged."""
+    damaged = []
+    for shape, members in plain.items():
+        indices, pixels, broken = _unfilter_group(shape, members)
+        images[indices] = _recipe_for_grey(_grey_levels(pixels))
+        damaged += broken
+    return damaged
 
 
 def _plain_png(data: bytes) -> tuple[tuple[int, int, int], bytes, bytes] | None:
@@ -137,13 +162,16 @@ def _plain_png(data: bytes) -> tuple[tuple[int, int, int], bytes, bytes] | None:
         compressed = _idat_data(data)
         if compressed is None:
             return None
+    channels = 1 if colour_type == 0 else 3
+    expected = height * (1 + width * channels)
+    inflater = zlib.decompressobj()
     try:
-        inflated = zlib.decompress(compressed)
+        # No more than the rows need: a small file claiming huge pixels is not inflated whole.
+        inflated = inflater.decompress(compressed, expected + 1)
     except zlib.error:
         return None
-    channels = 1 if colour_type == 0 else 3
-    if len(inflated) != height * (1 + width * channels):
-        return None
+    if len(inflated) != expected or not inflater.eof:
+        return None  # Too much, or cut short: Pillow says what is wrong.
     return (height, width, channels), inflated, compressed
 
 
@@ -154,29 +182,32 @@ _IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 def _idat_data(data: bytes) -> bytes | None:
-    """A PNG's IDAT chunks' data joined, walking every chunk; None if a chunk
-    before the pixels is broken, one is cut off, or the picture has transparency or EXIF."""
-    # Transparency or an EXIF rotation anywhere (or these letters inside the compressed pixels,
-    # rarely): Pillow's whole reading.
-    if b"tRNS" in data or b"eXIf" in data:
-        return None
+    """The data of a PNG's IDAT chunks, joined, for a file whose other chunks
+    Pillow reads without complaint: before the pixels, whole chunks from a short
+    list (text, gamma, chromaticities, sRGB, resolution, time), each of its
+    length; then the IDAT chunks one after another, then IEND. None for any
+    other file: Pillow reads it, and says what is wrong with it, if anything."""
     position, pieces, end = len(_PNG_SIGNATURE), [], len(data)
-    while True:
-        if position + 12 > end:
-            return None  # No IEND: truncated, and Pillow says so.
+    while position + 12 <= end:
         length, kind = _CHUNK_START.unpack_from(data, position)
         following = position + 12 + length
         if following > end:
             return None
         if kind == b"IDAT":
             pieces.append(data[position + 8:following - 4])
-        elif kind == b"IEND":
-            break
-        elif not pieces and zlib.crc32(data[position + 4:following - 4]) != \
-                struct.unpack_from(">I", data, following - 4)[0]:
+        elif pieces:
+            return b"".join(pieces) if kind == b"IEND" else None
+        elif _PLAIN_CHUNK_LENGTHS.get(kind, -1) not in (length, None) or length > _PLAIN_CHUNK_MAX_BYTES or \
+                zlib.crc32(data[position + 4:following - 4]) != _CHECKSUM.unpack_from(data, following - 4)[0]:
             return None
         position = following
-    return b"".join(pieces) if pieces else None
+    return None
+
+
+# The chunks a plain PNG may hold before its pixels, with their lengths (None: any length).
+_PLAIN_CHUNK_LENGTHS = {b"IHDR": 13, b"tEXt": None, b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9, b"tIME": 7}
+_PLAIN_CHUNK_MAX_BYTES = 2**16  # Far below Pillow's limit on text chunks.
+_CHECKSUM = struct.Struct(">I")
 
 
 def _unfilter_group(shape: tuple[int, int, int], members: list[tuple[int, bytes, bytes]]) \
@@ -348,9 +379,10 @@ class _Worker(NamedTuple):
 class DecoderPool:
     """Worker processes that decode batches of pictures.
 
-    Forked when this process runs no other thread (then a worker starts in
-    milliseconds, with NumPy already imported, and no lock can be held by a
-    thread that does not exist in the copy); otherwise started as a fresh
+    Forked when this process runs no other Python thread (then a worker starts
+    in milliseconds, with NumPy already imported, and no Python lock can be held
+    by a thread missing from the copy; native libraries such as OpenBLAS
+    prepare their own threads for a fork); otherwise started as a fresh
     interpreter, which takes a fraction of a second. A training run makes its
     pool before it starts reading in the background and importing TensorFlow
     (lenet_tf.folders.FolderDataset.start_decoders).
@@ -398,7 +430,7 @@ class DecoderPool:
                         result.sizes[start:start + size] = sizes
                         result.mtimes[start:start + size] = mtimes
                         result.failures.extend(failures)
-                        if on_batch:
+                        if on_batch and not errors:
                             on_batch(result.images, start, start + size)
             except BaseException as error:  # Raised again by decode(), in the caller's thread.
                 with lock:
@@ -408,8 +440,17 @@ class DecoderPool:
                    for worker in self.workers]
         for feeder in feeders:
             feeder.start()
-        for feeder in feeders:
-            feeder.join()
+        try:
+            for feeder in feeders:
+                feeder.join()
+        except BaseException as interruption:  # Ctrl-C in this thread: no batch lands after this returns.
+            with lock:
+                errors.append(interruption)
+            for worker in self.workers:
+                _stop(worker)
+            for feeder in feeders:
+                feeder.join()
+            raise
         if errors:
             raise errors[0]
         return result
@@ -453,7 +494,10 @@ def _start_worker(fork: bool) -> _Worker:
             package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {package_parent!r}); "
                        f"from lenet_tf.decoding import serve; serve({to_worker}, {from_worker})"]
-            process = subprocess.Popen(command, pass_fds=worker_ends, stdin=subprocess.DEVNULL)
+            # Its own session: Ctrl-C reaches the parent, which ends the workers, and not a
+            # worker still importing NumPy, which would print a traceback.
+            process = subprocess.Popen(command, pass_fds=worker_ends, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
     except BaseException:
         for descriptor in (to_worker, from_parent, to_parent, from_worker):
             os.close(descriptor)
@@ -473,6 +517,7 @@ def _forked_worker(requests: int, answers: int) -> None:
     """A forked worker's life; never returns into the parent's code."""
     code = 1
     try:
+        os.setsid()  # Its own session, as a fresh interpreter's: Ctrl-C reaches the parent only.
         # Every other descriptor closed: another worker's pipe kept open here would hide the
         # end of its requests, and a run folder's lock must go with the parent.
         os.closerange(3, min(requests, answers))
@@ -486,7 +531,7 @@ def _forked_worker(requests: int, answers: int) -> None:
 
 _MAX_DESCRIPTORS = 65536
 _SET_PIPE_SIZE = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's fcntl command (Python 3.10+ names it).
-_PIPE_BYTES = 1 << 20  # Linux's default limit for a user.
+_PIPE_BYTES = 1 << 20  # The most one pipe may have by default (/proc/sys/fs/pipe-max-size).
 
 
 def _ask(worker: _Worker, root: str, relatives: list[str], images: np.ndarray):
@@ -494,7 +539,11 @@ def _ask(worker: _Worker, root: str, relatives: list[str], images: np.ndarray):
     try:
         pickle.dump((root, relatives), worker.requests, protocol=pickle.HIGHEST_PROTOCOL)
         worker.requests.flush()
-        sizes, mtimes, failures = pickle.load(worker.answers)
+        answer = pickle.load(worker.answers)
+        if isinstance(answer, str):
+            raise RuntimeError(f"decoding {len(relatives)} pictures from {os.path.join(root, relatives[0])} on "
+                               f"failed: {answer}")
+        sizes, mtimes, failures = answer
         pixels, received = memoryview(images).cast("B"), 0
         while received < len(pixels):
             count = worker.answers.readinto(pixels[received:])
@@ -552,7 +601,12 @@ def serve(requests: int, answers: int) -> None:
             except EOFError:
                 return
             try:
-                decoded = decode_batch(root, relatives)
+                try:
+                    decoded = decode_batch(root, relatives)
+                except Exception as error:  # Not a picture's fault (those are failures): told to the parent.
+                    pickle.dump(f"{type(error).__name__}: {error}", outbox)
+                    outbox.flush()
+                    continue
                 pickle.dump((decoded.sizes, decoded.mtimes, decoded.failures), outbox,
                             protocol=pickle.HIGHEST_PROTOCOL)
                 outbox.write(memoryview(decoded.images).cast("B"))

@@ -26,6 +26,7 @@ NumPy and Pillow only: the folder is read while TensorFlow imports.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -36,6 +37,7 @@ import stat
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
@@ -431,17 +433,19 @@ def _read_cache(path: Path) -> tuple[list[tuple[str, int, int]], np.ndarray | No
             arrays = [np.load(handle, allow_pickle=False) for _ in _CACHE_ARRAYS]
     except (OSError, ValueError, EOFError):
         return [], None  # No cache yet, or a damaged one: decode again.
-    recipe, paths, images, sizes, mtimes = arrays
+    recipe, paths, images, sizes, mtimes, checksum = arrays
     if str(recipe) != RECIPE_VERSION or not len(paths) == len(sizes) == len(mtimes) == len(images) \
-            or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.dtype != np.uint8:
-        return [], None
+            or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.dtype != np.uint8 \
+            or checksum.shape != () or int(checksum) != zlib.crc32(images):
+        return [], None  # Another recipe's, or pixels not as written (a crash before they reached the disk).
     return list(zip(paths.tolist(), sizes.tolist(), mtimes.tolist())), images
 
 
-# The cache file: these arrays, one after the other, each in NumPy's .npy format (not an .npz:
-# its zip layer computes a checksum of every byte, which costs as much as the rest of the read).
-# The pixels come before the sizes and times, which a first read learns only at its end.
-_CACHE_ARRAYS = ("recipe", "paths", "images", "sizes", "mtimes")
+# The cache file: these arrays, one after the other, each in NumPy's .npy format (an .npz's
+# zip layer would cost more than the reading itself). The pixels come before the sizes and
+# times, which a first read learns only at its end; the CRC-32 of the pixels, last, shows
+# they are what was written, without the cost of forcing them to the disk before the rename.
+_CACHE_ARRAYS = ("recipe", "paths", "images", "sizes", "mtimes", "checksum")
 
 
 class _CacheWriter:
@@ -456,7 +460,9 @@ class _CacheWriter:
         self.handle = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_abandoned(path)
             self.handle = open(self.temporary, "wb")
+            _UNFINISHED.add(self.temporary)
             np.save(self.handle, np.array(RECIPE_VERSION), allow_pickle=False)
             np.save(self.handle, np.array(relatives, str), allow_pickle=False)
             np.lib.format.write_array_header_1_0(self.handle, {"descr": "|u1", "fortran_order": False,
@@ -470,21 +476,25 @@ class _CacheWriter:
     def write_rows(self, images: np.ndarray, start: int, stop: int) -> None:
         if self.handle is None:
             return
+        pixels = memoryview(images[start:stop]).cast("B")
+        offset, written = self.pixels_at + start * IMAGE_SIZE * IMAGE_SIZE, 0
         try:
-            os.pwrite(self.handle.fileno(), memoryview(images[start:stop]).cast("B"),
-                      self.pixels_at + start * IMAGE_SIZE * IMAGE_SIZE)
+            while written < len(pixels):
+                written += os.pwrite(self.handle.fileno(), pixels[written:], offset + written)
         except OSError:
             self.abandon()  # A full disk: no cache this time.
 
-    def finish(self, sizes: list[int], mtimes: list[int]) -> None:
+    def finish(self, images: np.ndarray, sizes: list[int], mtimes: list[int]) -> None:
         if self.handle is None:
             return
         try:
             self.handle.seek(0, os.SEEK_END)
-            np.save(self.handle, np.array(sizes, np.int64), allow_pickle=False)
-            np.save(self.handle, np.array(mtimes, np.int64), allow_pickle=False)
+            for array in (np.array(sizes, np.int64), np.array(mtimes, np.int64), np.array(zlib.crc32(images))):
+                np.save(self.handle, array, allow_pickle=False)
             self.handle.close()
             os.replace(self.temporary, self.path)
+            _UNFINISHED.discard(self.temporary)
+            self.path.with_suffix(".npz").unlink(missing_ok=True)  # The cache as versions before 2026-12 kept it.
         except OSError:
             self.abandon()
         self.handle = None
@@ -494,6 +504,30 @@ class _CacheWriter:
             self.handle.close()
             self.handle = None
         self.temporary.unlink(missing_ok=True)
+        _UNFINISHED.discard(self.temporary)
+
+
+# The cache files being written: removed if the process exits first (a stop
+# during the read ends the thread that reads without letting it clean up).
+_UNFINISHED: set[Path] = set()
+
+
+@atexit.register
+def _remove_unfinished() -> None:
+    for path in list(_UNFINISHED):
+        path.unlink(missing_ok=True)
+
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Removes the unfinished cache files of `path` whose process is gone (killed, say)."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            os.kill(int(leftover.name.split(".")[-3]), 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            leftover.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # Another user's process, alive.
 
 
 def _write_cache(path: Path, keys: list[tuple[str, int, int]], images: np.ndarray) -> None:
@@ -501,7 +535,7 @@ def _write_cache(path: Path, keys: list[tuple[str, int, int]], images: np.ndarra
     paths, sizes, mtimes = (list(column) for column in zip(*keys)) if keys else ([], [], [])
     writer = _CacheWriter(path, paths)
     writer.write_rows(images, 0, len(images))
-    writer.finish(sizes, mtimes)
+    writer.finish(images, sizes, mtimes)
 
 
 class FolderPictures(NamedTuple):
@@ -578,14 +612,14 @@ def read_pictures(listing: FolderListing, progress: TextIO | None = None, worker
     listing = listing.sized(sizes, mtimes)
     keys = listing.keys()
     failed = {relative for relative, _ in decoded.failures}
-    empty = [listing.relatives[index] for index in missing if sizes[index] == 0]
+    empty = [listing.relatives[index] for index in missing if sizes[index] == 0]  # -1: could not be read.
     if failed or empty:
         if writer is not None:
             writer.abandon()
         good = [index for index, (relative, size, _) in enumerate(keys) if relative not in failed and size > 0]
         _write_cache(cache_file, [keys[index] for index in good], images[good])
     elif writer is not None:
-        writer.finish(sizes, mtimes)
+        writer.finish(images, sizes, mtimes)
     else:
         _write_cache(cache_file, keys, images)
     if empty:

@@ -130,6 +130,18 @@ def test_pngs_decoded_here_give_read_picture_s_arrays(tmp_path):
     header = written[12:28] + b"\x01"
     interlaced = written[:12] + header + struct.pack(">I", zlib.crc32(header)) + written[33:]
     assert decoding._plain_png(interlaced) is None and decoding._plain_png(written) is not None
+    # Left to Pillow too: a chunk it might refuse (a compressed profile), IDAT chunks apart,
+    # and pixels that inflate to more than the header's rows need.
+    pixels = _shape(size=(28, 28))[..., np.newaxis]
+    with_profile = _png(pixels, [0] * 28, extra=[_chunk(b"iCCP", b"name\x00\x00" + zlib.compress(b"x"))])
+    split = _png(pixels, [0] * 28, idat_pieces=2)
+    apart = split[:split.rindex(b"IDAT") - 4] + _chunk(b"tEXt", b"a\x00b") + split[split.rindex(b"IDAT") - 4:]
+    too_much = _png(_shape(size=(29, 28))[..., np.newaxis], [0] * 29)
+    header = too_much[12:16] + struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0)
+    too_much = too_much[:12] + header + struct.pack(">I", zlib.crc32(header)) + too_much[33:]
+    for data in (with_profile, apart, too_much):
+        assert decoding._plain_png(data) is None
+    assert decoding._plain_png(split) is not None
     for name in pictures:
         assert decoding._plain_png((tmp_path / name).read_bytes()) is not None, name
     for name in [*left_to_pillow, "broken_header.png", "broken_usual_header.png"]:

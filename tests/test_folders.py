@@ -240,6 +240,35 @@ def test_a_large_first_read_caches_what_it_decoded_as_the_batches_land(tmp_path)
     np.testing.assert_array_equal(third.images, first.images)
 
 
+def test_a_damaged_or_abandoned_cache_is_not_used(tmp_path):
+    """Pixels changed after the cache was written (a crash before they reached
+    the disk) are decoded again; an unfinished cache file of a process that is
+    gone is removed by the next write."""
+    root = _write_classes(tmp_path / "photos", {"a": 3, "b": 3})
+    first = folders.read_pictures(folders.scan_folder(root))
+    cache = folders.cache_path(root)
+    data = bytearray(cache.read_bytes())
+    data[data.index(first.images.tobytes()) + 100] ^= 1
+    cache.write_bytes(bytes(data))
+    again = folders.read_pictures(folders.scan_folder(root))
+    assert again.decoded == 6
+    np.testing.assert_array_equal(again.images, first.images)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = cache.with_name(f".{cache.name}.{int(dead.stdout)}.1.tmp")
+    leftover.write_bytes(b"half a cache")
+    cache.unlink()
+    folders.read_pictures(folders.scan_folder(root))
+    assert sorted(path.name for path in cache.parent.iterdir()) == [cache.name]
+
+
+def test_a_picture_removed_after_the_listing_is_named_as_unreadable(tmp_path):
+    root = _write_classes(tmp_path / "photos", {"a": 3, "b": 3})
+    listing = folders.scan_folder(root, sizes=False)
+    (root / "a" / "001.png").unlink()
+    with pytest.raises(UsageError, match=r"^1 file\(s\) .* the first: .*a/001.png: cannot read \(No such file"):
+        folders.read_pictures(listing)
+
+
 # --- bad input: one line, exit 2, nothing written ----------------------------
 
 def _train(capsys, tmp_path, data_dir: Path, *flags: str) -> str:
