@@ -1,21 +1,24 @@
 """Reading a folder of pictures: the package's first read and cached start
-against one pass of Keras's image_dataset_from_directory, side by side.
+against one pass of Keras's image_dataset_from_directory, side by side; and
+training images/s from the folder against the IDX files of the same digits.
 
-    LENET_TF_DATA_DIR=DIR python -m benchmarks.folders [--repeats 3] [--limit N]
+    LENET_TF_DATA_DIR=DIR python -m benchmarks.folders [--repeats 3] [--limit N] [--training-rounds 2]
 
 DIR is a folder holding mnist/ (the four IDX files).
 
 Writes the 70,000 MNIST digits as PNG files into train/<digit>/ and
 test/<digit>/ of a temporary folder (so the files are in the page cache, as
 a folder that was just copied or read is), then, in rounds that alternate
-the order, times: the package's first read (listing and decoding on every
-core, with an empty cache); one pass of
-`keras.utils.image_dataset_from_directory(color_mode="grayscale",
+the order, each after 2 s for the machine to settle, times: the package's
+first read, as a training run does it (from --data-dir to the arrays of
+both splits: listing, decoding on every core, caching), with an empty cache;
+one pass of `keras.utils.image_dataset_from_directory(color_mode="grayscale",
 image_size=(28, 28))` over train/ and over test/; the package's cached start
 (listing, then every array from the cache); and reading the same digits
 from the four IDX files, for scale. Prints medians with the range, the
-ratio of Keras's time to the first read, and the machine.
-"""
+ratio of Keras's time to the first read, and the machine. Then trains in
+fresh processes on the folder and on the IDX files, in pairs, and prints
+the training images/s of each and their ratio."""
 
 from __future__ import annotations
 
