@@ -388,11 +388,12 @@ class DecoderPool:
     (lenet_tf.folders.FolderDataset.start_decoders).
     """
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, fork: bool | None = None):
+        """`fork`: True or False to choose; None forks when this process runs no other Python thread."""
         self.workers: list[_Worker] = []
         try:
             for _ in range(workers):
-                self.workers.append(_start_worker(fork=threading.active_count() == 1))
+                self.workers.append(_start_worker(threading.active_count() == 1 if fork is None else fork))
         except BaseException:
             self.close()
             raise

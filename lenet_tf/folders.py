@@ -550,7 +550,8 @@ class FolderPictures(NamedTuple):
 def read_pictures(listing: FolderListing, progress: TextIO | None = None, workers: int | None = None,
                   decoders: DecoderPool | None = None) -> FolderPictures:
     """Every picture of `listing` as uint8 (N, 28, 28), from the cache where it
-    has them, decoding the rest on every core (lenet_tf.decoding).
+    has them, decoding the rest on every core (lenet_tf.decoding): on
+    `decoders` when a pool was started earlier, else on `workers` processes.
 
     A listing without sizes is sized here: by asking the file system when
     there is a cache to compare with, else by the decoding itself, which reads

@@ -4,7 +4,10 @@ read_picture (Pillow) gives, and the worker processes give what one process give
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -16,6 +19,8 @@ from PIL import Image
 from lenet_tf import decoding
 from lenet_tf.errors import UsageError
 from lenet_tf.images import border_level, read_picture
+
+from conftest import REPO_ROOT
 
 
 def _expected(path: Path) -> np.ndarray:
@@ -220,10 +225,27 @@ def test_files_past_the_size_limit_and_empty_ones_are_left_to_the_caller(tmp_pat
     assert decoded.sizes.tolist() == [limit + 1, 0]  # An empty file is refused by its caller, by its size.
 
 
+def test_workers_are_forked_only_where_no_other_thread_runs():
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        with decoding.DecoderPool(1) as pool:
+            assert pool.workers[0].process is not None  # A fresh interpreter.
+    finally:
+        release.set()
+        other.join()
+    single = subprocess.run(
+        [sys.executable, "-c", "from lenet_tf.decoding import DecoderPool\n"
+                               "with DecoderPool(1) as pool:\n    print(pool.workers[0].process is None)"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert single.stdout.strip() == "True", single.stderr[-2000:]  # Forked.
+
+
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh_interpreters"])
 def test_worker_processes_decode_as_one_process_does(tmp_path, fork):
-    """Forked where no other thread runs, fresh interpreters where one does
-    (here, a thread that waits): the same arrays, sizes and failures, in order."""
+    """Forked workers and fresh interpreters: the same arrays, sizes and
+    failures as one process, in order; with the pool's other thread running."""
     rng = np.random.default_rng(0)
     names = []
     for index in range(900):
@@ -233,18 +255,18 @@ def test_worker_processes_decode_as_one_process_does(tmp_path, fork):
     (tmp_path / "0" / "bad.png").write_bytes(b"not a picture")
     names.insert(450, "0/bad.png")
     release = threading.Event()
-    other = None if fork else threading.Thread(target=release.wait)
-    if other:
-        other.start()
+    other = threading.Thread(target=release.wait)
+    other.start()
     try:
         batches = []
-        with decoding.DecoderPool(2) as pool:
+        with decoding.DecoderPool(2, fork=fork) as pool:
             assert all((worker.process is None) == fork for worker in pool.workers)
             pooled = pool.decode(str(tmp_path), names,
                                  lambda images, start, stop: batches.append((start, stop, images[start:stop].copy())))
             again = pool.decode(str(tmp_path), names[:500])  # A pool serves many reads.
     finally:
         release.set()
+        other.join()
     inline = decoding.decode_batch(str(tmp_path), names)
     np.testing.assert_array_equal(pooled.images, inline.images)
     np.testing.assert_array_equal(pooled.sizes, inline.sizes)
