@@ -329,7 +329,7 @@ def _recipe_for_grey(grey: np.ndarray) -> np.ndarray:
     # A 28x28 picture is used as it is, inverted when its border is light: when the median of
     # its border's 4 x 28 levels (corners twice, as border_level counts them), the mean of the
     # two middle ones, is above LIGHT_BORDER. Counted for every picture at once; sorted only
-    # where the count leaves it open (tests/test_folders.py checks this against border_level).
+    # where the count leaves it open (tests/test_decoding.py checks this against border_level).
     sides = (grey[:, 0], grey[:, -1], grey[:, :, 0], grey[:, :, -1])
     half = 2 * IMAGE_SIZE  # Of the 112 levels, the middle two are the 56th and 57th smallest.
     above = sum((side > LIGHT_BORDER).sum(axis=1) for side in sides)

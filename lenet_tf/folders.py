@@ -494,7 +494,7 @@ class _CacheWriter:
             self.handle.close()
             os.replace(self.temporary, self.path)
             _UNFINISHED.discard(self.temporary)
-            self.path.with_suffix(".npz").unlink(missing_ok=True)  # The cache as versions before 2026-12 kept it.
+            self.path.with_suffix(".npz").unlink(missing_ok=True)  # The cache as earlier versions kept it.
         except OSError:
             self.abandon()
         self.handle = None
@@ -516,7 +516,6 @@ _UNFINISHED: set[Path] = set()
 def _remove_unfinished() -> None:
     for path in list(_UNFINISHED):
         path.unlink(missing_ok=True)
-
 
 
 def _remove_abandoned(path: Path) -> None:

@@ -244,8 +244,8 @@ def test_workers_are_forked_only_where_no_other_thread_runs():
 
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh_interpreters"])
 def test_worker_processes_decode_as_one_process_does(tmp_path, fork):
-    """Forked workers and fresh interpreters: the same arrays, sizes and
-    failures as one process, in order; with the pool's other thread running."""
+    """Forked workers and fresh interpreters, with another thread running
+    beside them: the same arrays, sizes and failures as one process, in order."""
     rng = np.random.default_rng(0)
     names = []
     for index in range(900):
