@@ -7,13 +7,13 @@ reads each batch's pixels straight into its rows of the result. The workers
 never import TensorFlow: a training run forks them before it starts
 importing it (DecoderPool).
 
-Plain PNGs (8-bit grey or RGB, not interlaced, without transparency or EXIF:
-what a dataset saved as files nearly always is) are inflated with zlib and
-unfiltered in NumPy for a whole batch of same-sized pictures at once, so that
-a 28x28 digit costs a file read and an inflate in Python; a PNG's pixels are
-exact whoever decodes them. Every other file, and any PNG whose reading here
-finds anything unusual, is read by lenet_tf.images.read_picture (Pillow), with
-its limits and its messages. Both give the same arrays (tests/test_decoding.py).
+Plain PNGs (8-bit grey or RGB, without transparency or EXIF: what a dataset
+saved as files nearly always is) are decoded by libspng (pyspng), which reads
+a 28x28 digit in about a third of Pillow's time, and the recipe's inversion
+of 28x28 pictures is decided for a whole batch at once; a PNG's pixels are
+exact whoever decodes them. Every other file, and any PNG libspng refuses, is
+read by lenet_tf.images.read_picture (Pillow), with its limits and its
+messages. Both give the same arrays (tests/test_decoding.py).
 
 Each file's size and modification time come from the descriptor the file was
 read through (read_picture opens a file it reads once more), so the folder's
@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
+import pyspng
 
 from lenet_tf.errors import UsageError
 from lenet_tf.images import LIGHT_BORDER, MAX_FILE_BYTES, border_level, prepare, read_picture
@@ -54,18 +55,8 @@ _SMALLEST_BATCH_FILES = 64
 _MAX_BATCH_FILES = 8192
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Larger plain PNGs are read by read_picture (Pillow), one at a time: a batch of
-# them would hold many large pictures in memory at once, and batching helps small ones.
-_PLAIN_PNG_MAX_PIXELS = 256 * 256
-# A batch's plain PNGs are unfiltered whenever this many of their bytes wait.
-_PENDING_BYTES = 32 * 2**20
-# The cost model that picks, for a batch of same-sized PNGs whose rows use the
-# Average or Paeth filter (each pixel depends on its left neighbour), between one
-# NumPy loop over the columns of the whole batch and Pillow's decoder per picture:
-# rough costs in microseconds (the choice changes the time, never the pixels).
-_LOOP_MICROSECONDS_PER_COLUMN = 20.0
-_PILLOW_MICROSECONDS_PER_PICTURE = 20.0
-_PILLOW_MICROSECONDS_PER_BYTE = 0.01
+# Larger PNGs go to read_picture, whose Pillow refuses decompression bombs with its own message.
+_FAST_PNG_MAX_PIXELS = 4096 * 4096
 
 
 class Decoded(NamedTuple):
@@ -90,8 +81,7 @@ def decode_batch(root: str, relatives: list[str]) -> Decoded:
     images = np.zeros((count, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     sizes, mtimes = [-1] * count, [0] * count
     failures: list[tuple[str, str]] = []
-    plain: dict[tuple[int, int, int], list[tuple[int, bytes, bytes]]] = {}  # Shape -> (index, inflated, IDAT).
-    pending = 0  # Inflated bytes in `plain`.
+    model_sized: list[tuple[int, np.ndarray]] = []  # (index, grey levels) of 28x28 PNGs, prepared together.
     others = []
     prefix = f"{root}/"
     for index, relative in enumerate(relatives):
@@ -110,17 +100,16 @@ def decode_batch(root: str, relatives: list[str]) -> Decoded:
         sizes[index], mtimes[index] = details.st_size, details.st_mtime_ns
         if not details.st_size:
             continue
-        png = _plain_png(data) if data else None
-        if png is None:
+        grey = _plain_png_levels(data) if data else None
+        if grey is None:
             others.append(index)
-            continue
-        shape, inflated, compressed = png
-        plain.setdefault(shape, []).append((index, inflated, compressed))
-        pending += len(inflated)
-        if pending > _PENDING_BYTES:
-            others += _unfilter_into(images, plain)
-            plain, pending = {}, 0
-    others += _unfilter_into(images, plain)
+        elif grey.shape == (IMAGE_SIZE, IMAGE_SIZE):
+            model_sized.append((index, grey))
+        else:
+            images[index] = _recipe_for_grey(grey[np.newaxis])[0]
+    if model_sized:
+        rows = [index for index, _ in model_sized]
+        images[rows] = _recipe_for_grey(np.stack([grey for _, grey in model_sized]))
     for index in others:
         try:
             images[index] = read_picture(prefix + relatives[index], FOLDER_FRAMING)[..., 0]
@@ -132,178 +121,44 @@ def decode_batch(root: str, relatives: list[str]) -> Decoded:
     return Decoded(images, np.array(sizes, np.int64), np.array(mtimes, np.int64), failures)
 
 
-def _unfilter_into(images: np.ndarray, plain: dict[tuple[int, int, int], list[tuple[int, bytes, bytes]]]) \
-        -> list[int]:
-    """Unfilters the waiting plain PNGs into their rows of `images`, by the
-    recipe; returns the indices of those whose rows are damaged."""
-    damaged = []
-    for shape, members in plain.items():
-        indices, pixels, broken = _unfilter_group(shape, members)
-        images[indices] = _recipe_for_grey(_grey_levels(pixels))
-        damaged += broken
-    return damaged
+def _plain_png_levels(data: bytes) -> np.ndarray | None:
+    """The grey levels (height, width) of a plain PNG, decoded by libspng
+    (pyspng), as read_picture's Pillow makes them; None for any other file,
+    left to read_picture.
 
-
-def _plain_png(data: bytes) -> tuple[tuple[int, int, int], bytes, bytes] | None:
-    """(height, width, channels), the inflated rows and the compressed IDAT data
-    of an 8-bit grey or RGB, non-interlaced PNG without transparency or EXIF whose
-    header chunks are whole; None for any other file (read_picture reads it)."""
-    if data[8:16] != _IHDR_START or not data.startswith(_PNG_SIGNATURE) or len(data) < 57:
+    Plain: 8-bit grey or RGB (the header's bit depth and colour type), no
+    transparency (Pillow composites it) and no EXIF (Pillow turns the picture
+    by its orientation). A chunk name found in the compressed data by chance
+    only sends the file to Pillow, which gives the same pixels, slower.
+    """
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" \
+            or data[24] != 8 or data[25] not in (0, 2) or b"tRNS" in data or b"eXIf" in data:
         return None
-    width, height, depth, colour_type, compression, filter_method, interlace, checksum = \
-        _IHDR_FIELDS.unpack_from(data, 16)
-    if depth != 8 or colour_type not in (0, 2) or compression or filter_method or interlace \
-            or not 0 < width * height <= _PLAIN_PNG_MAX_PIXELS or zlib.crc32(data[12:29]) != checksum:
-        return None  # Pillow checks the chunks before the pixels: a broken one is its message.
-    length, kind = _CHUNK_START.unpack_from(data, 33)
-    if kind == b"IDAT" and data[45 + length:] == _IEND_CHUNK:
-        compressed = data[41:41 + length]  # The usual file: IHDR, one IDAT, IEND and nothing else.
-    else:
-        compressed = _idat_data(data)
-        if compressed is None:
-            return None
-    channels = 1 if colour_type == 0 else 3
-    expected = height * (1 + width * channels)
-    inflater = zlib.decompressobj()
+    width, height = struct.unpack(">II", data[16:24])
+    if width * height > _FAST_PNG_MAX_PIXELS or not _checksums_hold(data):
+        return None  # Damaged: read_picture refuses it, in Pillow's words.
     try:
-        # No more than the rows need: a small file claiming huge pixels is not inflated whole.
-        inflated = inflater.decompress(compressed, expected + 1)
-    except zlib.error:
+        pixels = pyspng.load(data)
+    except Exception:  # Damaged: read_picture says how, in Pillow's words.
         return None
-    if len(inflated) != expected or not inflater.eof:
-        return None  # Too much, or cut short: Pillow says what is wrong.
-    return (height, width, channels), inflated, compressed
+    if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
+        return None
+    return pixels if pixels.ndim == 2 else _grey_levels(pixels[np.newaxis])[0]
 
 
-_IHDR_START = b"\x00\x00\x00\x0dIHDR"
-_IHDR_FIELDS = struct.Struct(">IIBBBBBI")
-_CHUNK_START = struct.Struct(">I4s")
-_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-
-
-def _idat_data(data: bytes) -> bytes | None:
-    """The data of a PNG's IDAT chunks, joined, for a file whose other chunks
-    Pillow reads without complaint: before the pixels, whole chunks from a short
-    list (text, gamma, chromaticities, sRGB, resolution, time), each of its
-    length; then the IDAT chunks one after another, then IEND. None for any
-    other file: Pillow reads it, and says what is wrong with it, if anything."""
-    position, pieces, end = len(_PNG_SIGNATURE), [], len(data)
+def _checksums_hold(data: bytes) -> bool:
+    """Whether every chunk of a PNG has its CRC-32 and the file ends with its
+    last chunk. pyspng tells libspng to ignore the checksums (a choice of
+    its own, for speed), so a damaged file would decode to wrong pixels
+    without a word; zlib's CRC-32, in C, costs a fraction of the decoding."""
+    position, end = len(_PNG_SIGNATURE), len(data)
     while position + 12 <= end:
-        length, kind = _CHUNK_START.unpack_from(data, position)
-        following = position + 12 + length
-        if following > end:
-            return None
-        if kind == b"IDAT":
-            pieces.append(data[position + 8:following - 4])
-        elif pieces:
-            return b"".join(pieces) if kind == b"IEND" else None
-        elif _PLAIN_CHUNK_LENGTHS.get(kind, -1) not in (length, None) or length > _PLAIN_CHUNK_MAX_BYTES or \
-                zlib.crc32(data[position + 4:following - 4]) != _CHECKSUM.unpack_from(data, following - 4)[0]:
-            return None
-        position = following
-    return None
-
-
-# The chunks a plain PNG may hold before its pixels, with their lengths (None: any length).
-_PLAIN_CHUNK_LENGTHS = {b"IHDR": 13, b"tEXt": None, b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9, b"tIME": 7}
-_PLAIN_CHUNK_MAX_BYTES = 2**16  # Far below Pillow's limit on text chunks.
-_CHECKSUM = struct.Struct(">I")
-
-
-def _unfilter_group(shape: tuple[int, int, int], members: list[tuple[int, bytes, bytes]]) \
-        -> tuple[list[int], np.ndarray, list[int]]:
-    """The members' pixels, uint8 (M, height, width, channels), with the index
-    of each; and the indices of the members whose rows are damaged."""
-    height, width, channels = shape
-    rows = np.frombuffer(b"".join(inflated for _, inflated, _ in members), np.uint8) \
-        .reshape(len(members), height, 1 + width * channels)
-    filters = rows[:, :, 0]
-    damaged = (filters > 4).any(axis=1)
-    # Average and Paeth need a loop along each row; Pillow's decoder per picture is quicker for a few.
-    sequential = ~damaged & (filters >= 3).any(axis=1)
-    loop_columns = int(((filters >= 3) & ~damaged[:, None]).any(axis=0).sum()) * width * channels
-    picture_bytes = height * width * channels
-    by_pillow = sequential & (loop_columns * _LOOP_MICROSECONDS_PER_COLUMN
-                              > sequential.sum() * (_PILLOW_MICROSECONDS_PER_PICTURE
-                                                    + picture_bytes * _PILLOW_MICROSECONDS_PER_BYTE))
-    batched = np.flatnonzero(~damaged & ~by_pillow)
-    indices = [members[row][0] for row in batched]
-    pixels = [unfilter(rows[batched], channels)]
-    for row in np.flatnonzero(by_pillow):
-        one = _pillow_unfilter(members[row][2], shape)
-        if one is None:
-            damaged[row] = True
-        else:
-            indices.append(members[row][0])
-            pixels.append(one[np.newaxis])
-    return indices, np.concatenate(pixels), [members[row][0] for row in np.flatnonzero(damaged)]
-
-
-def unfilter(rows: np.ndarray, channels: int) -> np.ndarray:
-    """PNG's five row filters undone for a batch of same-sized pictures:
-    uint8 (N, height, 1 + width * channels), each row led by its filter type
-    (0-4), to uint8 (N, height, width, channels). Row by row, each filter for
-    every picture that uses it on that row at once."""
-    count, height, stride = rows.shape
-    width = (stride - 1) // channels
-    filters = rows[:, :, 0]
-    out = rows[:, :, 1:].copy()  # Filter 0 (None): the bytes as they are.
-    used = [(filters == kind).any(axis=0) for kind in range(5)]  # Per row: does any picture use the filter?
-    no_prior = np.zeros((count, stride - 1), np.uint8)
-    for row in range(height):
-        kinds, current = filters[:, row], out[:, row]
-        prior = out[:, row - 1] if row else no_prior
-        if used[1][row]:  # Sub: each byte adds the decoded one a pixel to its left; a running sum, modulo 256.
-            chosen = np.flatnonzero(kinds == 1)
-            current[chosen] = np.cumsum(current[chosen].reshape(len(chosen), width, channels), axis=1,
-                                        dtype=np.uint8).reshape(len(chosen), stride - 1)
-        if used[2][row] and row:  # Up: adds the decoded byte above.
-            chosen = np.flatnonzero(kinds == 2)
-            current[chosen] += prior[chosen]
-        if used[3][row]:  # Average: adds the floor of the mean of the left and upper bytes.
-            chosen = np.flatnonzero(kinds == 3)
-            # Column by column (each needs the decoded byte to its left), columns laid out contiguously.
-            decoded, above = current[chosen].T.astype(np.int16), prior[chosen].T.astype(np.int16)
-            decoded[:channels] += above[:channels] >> 1  # No left: half the upper byte.
-            decoded[:channels] &= 255
-            for column in range(channels, stride - 1):
-                decoded[column] += (decoded[column - channels] + above[column]) >> 1
-                decoded[column] &= 255
-            current[chosen] = decoded.T
-        if used[4][row]:  # Paeth: adds whichever of left, upper, upper-left is nearest to left + upper - upper-left.
-            chosen = np.flatnonzero(kinds == 4)
-            decoded, above = current[chosen].T.astype(np.int16), prior[chosen].T.astype(np.int16)
-            decoded[:channels] += above[:channels]  # No left, no upper-left: the upper byte.
-            decoded[:channels] &= 255
-            corner = np.zeros_like(above)
-            corner[channels:] = above[:-channels]
-            up_step = above - corner
-            # With prediction = left + upper - corner: |prediction - left| = |upper - corner|,
-            # known for the whole row before the loop; the other two need the decoded left byte.
-            to_left = np.abs(up_step)
-            for column in range(channels, stride - 1):
-                left = decoded[column - channels]
-                left_step = left - corner[column]
-                to_upper, to_corner = np.abs(left_step), np.abs(left_step + up_step[column])
-                pick_left = (to_left[column] <= to_upper) & (to_left[column] <= to_corner)
-                decoded[column] += np.where(pick_left, left,
-                                            np.where(to_upper <= to_corner, above[column], corner[column]))
-                decoded[column] &= 255
-            current[chosen] = decoded.T
-    return out.reshape(count, height, width, channels)
-
-
-def _pillow_unfilter(compressed: bytes, shape: tuple[int, int, int]) -> np.ndarray | None:
-    """One PNG's pixels by Pillow's decoder (inflate and unfilter, in C); None if it finds them damaged."""
-    from PIL import Image
-
-    height, width, channels = shape
-    mode = "L" if channels == 1 else "RGB"
-    try:
-        image = Image.frombytes(mode, (width, height), compressed, "zip", mode)
-    except (ValueError, OSError):
-        return None
-    return np.asarray(image).reshape(height, width, channels)
+        length = int.from_bytes(data[position:position + 4], "big")
+        stop = position + 8 + length
+        if stop + 4 > end or zlib.crc32(data[position + 4:stop]) != int.from_bytes(data[stop:stop + 4], "big"):
+            return False
+        position = stop + 4
+    return position == end
 
 
 def _grey_levels(pixels: np.ndarray) -> np.ndarray:

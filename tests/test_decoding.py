@@ -68,36 +68,32 @@ def _png(pixels: np.ndarray, filters: list[int], idat_pieces: int = 1, extra: li
 
 
 @pytest.mark.parametrize("channels", [1, 3], ids=["grey", "rgb"])
-def test_every_png_filter_is_undone_as_pillow_undoes_it(channels):
-    """Rows written with each of PNG's five filters, in many pictures at once
-    (NumPy, row by row) and one by one (Pillow's decoder, which the cost model
-    picks for a few pictures that use Average or Paeth): Pillow's pixels."""
+def test_every_png_filter_is_undone_as_pillow_undoes_it(tmp_path, channels):
+    """Rows written with each of PNG's five filters, decoded here (libspng):
+    Pillow's pixels, through the recipe as read_picture applies it."""
     rng = np.random.default_rng(7)
-    for height, width, count in ((28, 28, 60), (5, 7, 40), (1, 1, 5), (9, 3, 1)):
+    names = []
+    for height, width, count in ((28, 28, 30), (5, 7, 10), (1, 1, 3), (9, 3, 1)):
         pixels = rng.integers(0, 256, (count, height, width, channels), dtype=np.uint8)
-        files = [_png(picture, [int(kind) for kind in rng.integers(0, 5, height)]) for picture in pixels]
-        for data, picture in zip(files, pixels):
+        for index, picture in enumerate(pixels):
+            data = _png(picture, [int(kind) for kind in rng.integers(0, 5, height)])
             np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))).reshape(picture.shape), picture)
-        members = []
-        for index, data in enumerate(files):
-            shape, inflated, compressed = decoding._plain_png(data)
-            assert shape == (height, width, channels)
-            members.append((index, inflated, compressed))
-        rows = np.frombuffer(b"".join(inflated for _, inflated, _ in members), np.uint8).reshape(count, height, -1)
-        np.testing.assert_array_equal(decoding.unfilter(rows, channels), pixels)
-        for index, _, compressed in members:
-            np.testing.assert_array_equal(decoding._pillow_unfilter(compressed, (height, width, channels)),
-                                          pixels[index])
-        indices, decoded, damaged = decoding._unfilter_group((height, width, channels), members)
-        assert sorted(indices) == list(range(count)) and damaged == []
-        np.testing.assert_array_equal(decoded, pixels[indices])
+            levels = decoding._plain_png_levels(data)
+            assert levels is not None and levels.shape == (height, width)
+            if channels == 1:
+                np.testing.assert_array_equal(levels, picture[..., 0])
+            names.append(f"{height}x{width}_{index}.png")
+            (tmp_path / names[-1]).write_bytes(data)
+    decoded = decoding.decode_batch(str(tmp_path), names)
+    assert decoded.failures == []
+    np.testing.assert_array_equal(decoded.images, np.stack([_expected(tmp_path / name) for name in names]))
 
 
 def test_pngs_decoded_here_give_read_picture_s_arrays(tmp_path):
     """Grey and RGB, 28x28 and other sizes, light on dark and dark on light,
-    several IDAT chunks, ancillary chunks: the array read_picture makes; palette,
-    alpha, 16-bit, transparent and interlaced PNGs are left to Pillow, and so
-    is a file whose header chunk is broken, which fails as Pillow fails it."""
+    several IDAT chunks, ancillary chunks: the array read_picture makes;
+    palette, alpha, 16-bit and transparent PNGs are left to Pillow, and so is
+    a file whose header chunk is broken, which fails as Pillow fails it."""
     rng = np.random.default_rng(1)
     pictures = {
         "small.png": Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
@@ -131,26 +127,34 @@ def test_pngs_decoded_here_give_read_picture_s_arrays(tmp_path):
         broken = bytearray(whole)
         broken[29] ^= 0xFF
         (tmp_path / name).write_bytes(bytes(broken))
-    # Interlaced (Pillow writes none): the header says so, with its checksum.
-    header = written[12:28] + b"\x01"
-    interlaced = written[:12] + header + struct.pack(">I", zlib.crc32(header)) + written[33:]
-    assert decoding._plain_png(interlaced) is None and decoding._plain_png(written) is not None
-    # Left to Pillow too: a chunk it might refuse (a compressed profile), IDAT chunks apart,
-    # and pixels that inflate to more than the header's rows need.
+    # A header that says interlaced over rows that are not (with its checksum), a chunk Pillow might refuse (a compressed profile), IDAT chunks apart, and pixels that
+    # inflate to more than the header's rows need: whoever reads them, read_picture's arrays or its error.
     pixels = _shape(size=(28, 28))[..., np.newaxis]
-    with_profile = _png(pixels, [0] * 28, extra=[_chunk(b"iCCP", b"name\x00\x00" + zlib.compress(b"x"))])
     split = _png(pixels, [0] * 28, idat_pieces=2)
-    apart = split[:split.rindex(b"IDAT") - 4] + _chunk(b"tEXt", b"a\x00b") + split[split.rindex(b"IDAT") - 4:]
     too_much = _png(_shape(size=(29, 28))[..., np.newaxis], [0] * 29)
     header = too_much[12:16] + struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0)
-    too_much = too_much[:12] + header + struct.pack(">I", zlib.crc32(header)) + too_much[33:]
-    for data in (with_profile, apart, too_much):
-        assert decoding._plain_png(data) is None
-    assert decoding._plain_png(split) is not None
+    interlaced_header = written[12:28] + b"\x01"
+    unusual = {
+        "interlaced.png": written[:12] + interlaced_header + struct.pack(">I", zlib.crc32(interlaced_header))
+        + written[33:],
+        "profile.png": _png(pixels, [0] * 28, extra=[_chunk(b"iCCP", b"name\x00\x00" + zlib.compress(b"x"))]),
+        "apart.png": split[:split.rindex(b"IDAT") - 4] + _chunk(b"tEXt", b"a\x00b") + split[split.rindex(b"IDAT") - 4:],
+        "too_much.png": too_much[:12] + header + struct.pack(">I", zlib.crc32(header)) + too_much[33:],
+    }
+    for name, data in unusual.items():
+        (tmp_path / name).write_bytes(data)
     for name in pictures:
-        assert decoding._plain_png((tmp_path / name).read_bytes()) is not None, name
+        assert decoding._plain_png_levels((tmp_path / name).read_bytes()) is not None, name
     for name in [*left_to_pillow, "broken_header.png", "broken_usual_header.png"]:
-        assert decoding._plain_png((tmp_path / name).read_bytes()) is None, name
+        assert decoding._plain_png_levels((tmp_path / name).read_bytes()) is None, name
+    for name in unusual:
+        try:
+            expected = _expected(tmp_path / name)
+        except UsageError as pillow_says:
+            assert decoding.decode_batch(str(tmp_path), [name]).failures == [(name, str(pillow_says))]
+        else:
+            np.testing.assert_array_equal(decoding.decode_batch(str(tmp_path), [name]).images[0], expected,
+                                          err_msg=name)
     names = [*pictures, *left_to_pillow]
     decoded = decoding.decode_batch(str(tmp_path), names)
     assert decoded.failures == []
@@ -184,7 +188,7 @@ def test_real_pictures_as_grey_and_rgb_pngs_give_read_picture_s_arrays(tmp_path,
                                     .clip(0, 255).astype(np.uint8))
         names.append(f"{index:03d}_{kind}.png")
         image.save(tmp_path / names[-1])
-    assert all(decoding._plain_png((tmp_path / name).read_bytes()) is not None for name in names)
+    assert all(decoding._plain_png_levels((tmp_path / name).read_bytes()) is not None for name in names)
     decoded = decoding.decode_batch(str(tmp_path), names)
     assert decoded.failures == []
     expected = np.stack([_expected(tmp_path / name) for name in names])
