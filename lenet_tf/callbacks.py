@@ -225,14 +225,65 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not _finite_loss(logs):
             return  # Keep the last good checkpoint.
-        temporary = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.keras")
-        with reporting_full_disk(self.path):
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.model.save(temporary)
-                os.replace(temporary, self.path)
-            finally:
-                temporary.unlink(missing_ok=True)
+        save_atomically(self.model, self.path)
+
+
+def save_atomically(model: keras.Model, path: Path) -> None:
+    """model.save (or save_weights, for a .weights.h5 path) to a temporary
+    file renamed over `path`: a kill mid-save leaves the old file whole."""
+    weights_only = path.name.endswith(".weights.h5")
+    suffix = ".weights.h5" if weights_only else path.suffix
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    with reporting_full_disk(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (model.save_weights if weights_only else model.save)(temporary)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Keeps the weights of the epoch with the best validation accuracy (the
+    later of equals: its learning rate has decayed further) in `path`, and
+    stops training once `patience` epochs in a row did no better.
+
+    The best epoch so far is read from the run's history, which EpochHistory
+    (before this callback) has already written for this epoch, so a resumed
+    run goes on with the best epoch of the whole run, not of this session.
+    """
+
+    def __init__(self, path: Path, history: "EpochHistory", patience: int):
+        super().__init__()
+        self.path = Path(path)
+        self.history = history
+        self.patience = patience
+
+    def best_epoch(self) -> int | None:
+        """The index of the best epoch recorded, or None before the first."""
+        epochs = self.history.as_history().get("val_accuracy", [])
+        if not epochs:
+            return None
+        best = max(epochs)
+        return max(index for index, accuracy in enumerate(epochs) if accuracy == best)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _finite_loss(logs):
+            return
+        best = self.best_epoch()
+        if best == epoch:
+            save_atomically(self.model, self.path)
+        elif best is not None and epoch - best >= self.patience:
+            self.model.stop_training = True
+
+    def restore_best(self, model: keras.Model) -> int | None:
+        """Loads the best epoch's weights into `model` when it is not the last
+        epoch trained; returns its index, or None when the last is best."""
+        best, last = self.best_epoch(), len(self.history.as_history().get("val_accuracy", [])) - 1
+        if best is None or best == last or not self.path.is_file():
+            return None
+        model.load_weights(self.path)
+        return best
 
 
 class EpochHistory(keras.callbacks.Callback):

@@ -15,8 +15,8 @@ import sys
 from typing import Sequence
 
 from lenet_tf.config import (
-    ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, OPTIMIZERS, POOLINGS, PRESETS, SCHEDULES, STRATEGIES, TrainConfig,
-    preset,
+    ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, FOLDER_SETTINGS, OPTIMIZERS, POOLINGS, PRESETS, SCHEDULES,
+    STRATEGIES, TrainConfig, folder_preset, power_of_two_at_most, preset,
 )
 from lenet_tf.data import BackgroundLoad
 from lenet_tf.errors import ParityError, StoppedError, UsageError
@@ -94,7 +94,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N examples only (default: all)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", choices=PRESETS, default="classic", help="named configuration: classic = the book's LeNet-5 and training; modern = ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation; fast = the shortest wait for a good model; best = the most accurate under 100,000 parameters; their times and accuracies are in docs/results.md (default: %(default)s)")
+    model.add_argument("--preset", choices=PRESETS, help="named configuration: classic = the book's LeNet-5 and training; modern = ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation; fast = the shortest wait for a good model; best = the most accurate under 100,000 parameters; their times and accuracies are in docs/results.md (default: classic; for a --data-dir of pictures, the folder recipe: modern, its batch and length sized by the folder, early stopping on a validation part, docs/folders.md)")
     model.add_argument("--activation", choices=ACTIVATIONS, help=_defaults("activation"))
     model.add_argument("--pooling", choices=POOLINGS, help=_defaults("pooling"))
     model.add_argument("--conv-filters", type=_int_list, help=f"filters per conv layer, comma-separated ({_defaults('conv_filters')})")
@@ -124,7 +124,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     optimisation.add_argument("--lr-schedule", choices=SCHEDULES, help=f"after the warm-up: constant, cosine or linear decay to 0 ({_defaults('lr_schedule')})")
     optimisation.add_argument("--warmup-epochs", type=float, help=f"linear learning-rate warm-up, in epochs ({_defaults('warmup_epochs')})")
     optimisation.add_argument("--augment", choices=AUGMENTATIONS, help=f"training-time shifts and/or left-right flips in the pipeline; flips only where the class survives them ({_defaults('augment')})")
-    optimisation.add_argument("--validation-split", type=float, help=f"hold out this fraction of the training split for validation; 0 = validate on the test split ({_defaults('validation_split')})")
+    optimisation.add_argument("--validation-split", type=float, help=f"hold out this fraction of the training split for validation; 0 = validate on the test split ({_defaults('validation_split')}; a folder of pictures: {FOLDER_SETTINGS['validation_split']})")
+    optimisation.add_argument("--early-stopping-patience", type=int, help=f"with --validation-split: stop after N epochs without a better validation accuracy and keep the best epoch's weights; 0 = train every epoch, keep the last ({_defaults('early_stopping_patience')}; a folder of pictures: {FOLDER_SETTINGS['early_stopping_patience']})")
 
     runtime = parser.add_argument_group("runtime and outputs")
     runtime.add_argument("--steps-per-execution", type=int, help=f"training steps per call into TensorFlow (default: {defaults.steps_per_execution})")
@@ -147,23 +148,72 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Starts from the preset and overrides every field the user gave."""
+    """Starts from the preset (for a folder of pictures without --preset, the
+    folder recipe sized by the folder) and overrides every field the user gave."""
     folder = _folder_dataset(args)
     if folder and args.dataset:
         raise UsageError(f"--dataset {args.dataset} does not apply to --data-dir {args.data_dir}, a folder of pictures "
                          "(it is its own dataset); drop --dataset")
-    config = preset(args.preset, folder or args.dataset or TrainConfig().dataset)
+    training_pictures = _training_pictures(args.limit_train) if folder else 0
+    if folder and args.preset is None:
+        config = folder_preset(folder, training_pictures)
+    else:
+        config = preset(args.preset or "classic", folder or args.dataset or TrainConfig().dataset)
     for name in TrainConfig.__dataclass_fields__:
         if name == "preset" or (folder and name == "dataset"):  # A folder of pictures is its own dataset.
             continue
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)
+    if folder:
+        _fit_the_batch_to_the_folder(config, args, training_pictures)
     if args.run_dir is None:
         from lenet_tf.folders import default_name
 
         config.run_dir = f"runs/{default_name(config.dataset)}"
     return config.validate()
+
+
+def _training_pictures(limit_train: int | None) -> int:
+    """The registered folder's training pictures, as many as --limit-train keeps."""
+    from lenet_tf.folders import registered_folder
+
+    count = registered_folder().training_count()
+    return count if limit_train is None else min(count, limit_train)
+
+
+def _fit_the_batch_to_the_folder(config: TrainConfig, args: argparse.Namespace, training_pictures: int) -> None:
+    """A preset's batch larger than a small folder's training part becomes the
+    largest power of two it holds, rather than an error asking for
+    --limit-train; a --batch-size the user gave is theirs to change."""
+    kept = training_pictures - round(training_pictures * config.validation_split)
+    if args.batch_size is None and kept > 0 and config.batch_size > kept:
+        config.batch_size = power_of_two_at_most(kept)
+
+
+def folder_first_lines(config: TrainConfig) -> list[str]:
+    """The first lines of a run on a folder of pictures: what was chosen and
+    why, and the pictures that were not read."""
+    from lenet_tf.folders import registered_folder
+
+    unread = registered_folder().listing.unread_note()
+    return [_folder_recipe_note(config, _training_pictures(config.limit_train))] + ([unread] if unread else [])
+
+
+def _folder_recipe_note(config: TrainConfig, training_pictures: int) -> str:
+    validation = round(training_pictures * config.validation_split)
+    kept = training_pictures - validation
+    steps = -(-kept // config.batch_size) * config.epochs
+    if config.preset == "folder":
+        why = (f"the folder recipe for {kept} training pictures: batch {config.batch_size}, up to "
+               f"{config.epochs} epochs ({steps} steps)")
+    else:
+        why = f"the {config.preset} preset: batch {config.batch_size}, {config.epochs} epochs ({steps} steps)"
+    held_out = (f"; {validation} pictures held out for validation"
+                + (f", stopping after {config.early_stopping_patience} epochs without a better accuracy and "
+                   "keeping the best epoch" if config.early_stopping_patience else "")
+                if validation else "")
+    return f"{why}{held_out}; any flag overrides (docs/folders.md)"
 
 
 def _folder_dataset(args: argparse.Namespace) -> str | None:
@@ -253,6 +303,10 @@ def _check_flags_and_start_reading_data(args) -> None:
     args.config = config_from_args(args) if args.command in ("train", "summary") else None
     args.background_load = None
     if args.command == "train" and not args.summary:
+        from lenet_tf.folders import FOLDER_DATASET
+
+        if args.config.dataset == FOLDER_DATASET:
+            print("\n".join(folder_first_lines(args.config)), flush=True)
         args.background_load = BackgroundLoad(args.config.dataset, args.config.data_dir)
 
 

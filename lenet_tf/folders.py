@@ -53,6 +53,8 @@ from lenet_tf.run_dir import RunDir
 FOLDER_DATASET = "folder"
 # The names of the picture formats read here (Pillow reads each), any case.
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+# Phones' own format, which neither Pillow nor libspng reads: counted and named, not skipped in silence.
+UNREAD_SUFFIXES = frozenset({".heic", ".heif"})
 DEFAULT_TEST_SPLIT = 0.1
 # Changes whenever the recipe does, so that no cache made by another recipe is used.
 RECIPE_VERSION = "1"
@@ -74,6 +76,8 @@ class FolderListing:
     # Each file's size and modification time (ns); None until asked (with_sizes) or read (read_pictures).
     sizes: list[int] | None = None
     mtimes: list[int] | None = None
+    # Pictures in a format that is not read (UNREAD_SUFFIXES), below the folder.
+    unread: list[str] = field(default_factory=list)
 
     def with_sizes(self) -> "FolderListing":
         """This listing with every file's size and modification time, asked of the file system now."""
@@ -94,7 +98,7 @@ class FolderListing:
 
     def sized(self, sizes: list[int], mtimes: list[int]) -> "FolderListing":
         return FolderListing(self.root, self.layout, self.class_names, self.relatives, self.labels,
-                             self.in_test_folder, sizes, mtimes)
+                             self.in_test_folder, sizes, mtimes, self.unread)
 
     def keys(self) -> list[tuple[str, int, int]]:
         """(path, size, modification time) of each file: what the cache is keyed by."""
@@ -108,6 +112,13 @@ class FolderListing:
         kind = "train/ and test/ with one subfolder per class" if self.layout == "train_test" \
             else "one subfolder per class"
         return f"{kind}: {len(self.class_names)} classes, {len(self.relatives)} pictures"
+
+    def unread_note(self) -> str | None:
+        """One line naming the pictures that were not read, or None when every picture was."""
+        if not self.unread:
+            return None
+        return (f"{len(self.unread)} HEIC picture(s) were not read (for example {self.unread[0]}): "
+                "export them from the phone as JPEG to train on them")
 
     def __len__(self) -> int:
         return len(self.relatives)
@@ -177,12 +188,9 @@ class FolderDataset:
         from lenet_tf.data import Datasets
 
         labels = listing.labels
-        if listing.layout == "train_test":
-            is_test = listing.in_test_folder
-            split = "test/ holds the test split"
-        else:
-            is_test = held_out_split(labels, self.test_split, self.seed)
-            split = f"{self.test_split:.0%} of each class held out for testing (seed {self.seed})"
+        is_test = self._test_mask(listing)
+        split = "test/ holds the test split" if listing.layout == "train_test" \
+            else f"{self.test_split:.0%} of each class held out for testing (seed {self.seed})"
         self.held_out = [listing.relatives[row] for row in np.flatnonzero(is_test)]
         if self.recorded_held_out is not None and held_out_digest(self.held_out) != self.recorded_held_out:
             # The split is drawn by position in the folder's file list: a picture added or removed
@@ -198,6 +206,17 @@ class FolderDataset:
         return Datasets(images[train_rows][..., np.newaxis], labels[train_rows], images[test_rows][..., np.newaxis],
                         labels[test_rows], source=str(listing.root),
                         layout=f"{listing.describe()} ({', '.join(listing.class_names)}); {split}")
+
+    def _test_mask(self, listing: FolderListing) -> np.ndarray:
+        """Which of the listing's pictures form the test split."""
+        if listing.layout == "train_test":
+            return listing.in_test_folder
+        return held_out_split(listing.labels, self.test_split, self.seed)
+
+    def training_count(self) -> int:
+        """How many pictures the training split holds, counted from the listing (nothing decoded)."""
+        assert self.listing is not None, "training_count() of a folder registered without its listing"
+        return int(np.count_nonzero(~self._test_mask(self.listing)))
 
     def card(self) -> dict[str, Any]:
         """What a model card keeps: enough to name the classes, frame new pictures and find the test split."""
@@ -239,6 +258,10 @@ def picture_recipe() -> dict[str, Any]:
             f"{FOLDER_FRAMING.longest_side} pixels (Lanczos, aspect kept), centre its box on a black 28x28 canvas",
         ],
     }
+
+
+def _is_unread_name(name: str) -> bool:
+    return not name.startswith(".") and name[name.rfind("."):].lower() in UNREAD_SUFFIXES
 
 
 def is_picture_name(name: str) -> bool:
@@ -315,17 +338,18 @@ def scan_folder(path: str | os.PathLike, sizes: bool = True) -> FolderListing:
         _check_classes(class_names, root / "train")
         class_folders = [(f"{split}/{name}", label, split == "test")
                          for split in ("train", "test") for label, name in enumerate(class_names)]
-    relatives, labels, in_test, file_sizes, mtimes = [], [], [], [], []
+    relatives, labels, in_test, file_sizes, mtimes, unread = [], [], [], [], [], []
     for class_folder, label, is_test in class_folders:
         found = _pictures(root, class_folder, sizes)
         relatives += found.relatives
+        unread += found.unread
         labels.append(np.full(len(found.relatives), label, np.int32))
         in_test.append(np.full(len(found.relatives), is_test))
         if sizes:
             file_sizes += found.sizes
             mtimes += found.mtimes
     return FolderListing(root, layout, class_names, relatives, np.concatenate(labels), np.concatenate(in_test),
-                         file_sizes if sizes else None, mtimes if sizes else None)
+                         file_sizes if sizes else None, mtimes if sizes else None, unread)
 
 
 def _check_classes(class_names: tuple[str, ...], folder: Path) -> None:
@@ -341,11 +365,12 @@ class _Found(NamedTuple):
     relatives: list[str]
     sizes: list[int]  # Empty when not asked for.
     mtimes: list[int]
+    unread: list[str]  # Pictures in a format that is not read (UNREAD_SUFFIXES).
 
 
 def _pictures(root: Path, class_folder: str, sizes: bool = True) -> _Found:
     """The pictures below root/class_folder, sorted by path; follows symbolic links, refusing loops."""
-    found = _Found([], [], [])
+    found = _Found([], [], [], [])
     seen_folders: set[tuple[int, int]] = set()
 
     def walk(folder: Path, relative: str) -> None:
@@ -366,12 +391,15 @@ def _pictures(root: Path, class_folder: str, sizes: bool = True) -> _Found:
         if not sizes and all(entry.is_file(follow_symlinks=False) for entry in entries):
             # Plain files only, the usual class folder: the pictures by name, no folder to walk, nothing to ask.
             found.relatives.extend([prefix + entry.name for entry in entries if is_picture_name(entry.name)])
+            found.unread.extend([prefix + entry.name for entry in entries if _is_unread_name(entry.name)])
             seen_folders.discard(key)
             return
         for entry in entries:
             name = entry.name
             picture = is_picture_name(name)
             if not picture and (name.startswith(".") or not entry.is_dir()):
+                if _is_unread_name(name):
+                    found.unread.append(prefix + name)
                 continue  # Hidden, or a file that is not a picture by its name: no need to ask for more.
             if picture and not sizes and entry.is_file(follow_symlinks=False):  # The entry says so, no stat.
                 found.relatives.append(prefix + name)
@@ -396,8 +424,9 @@ def _pictures(root: Path, class_folder: str, sizes: bool = True) -> _Found:
 
     walk(root / class_folder, class_folder)
     if not found.relatives:
+        heic = " (only HEIC pictures, which are not read: export them as JPEG)" if found.unread else ""
         raise UsageError(f"class folder {root / class_folder} holds no pictures "
-                         f"({', '.join(sorted(PICTURE_SUFFIXES))}); add some or remove the folder")
+                         f"({', '.join(sorted(PICTURE_SUFFIXES))}){heic}; add some or remove the folder")
     return found
 
 
@@ -452,7 +481,8 @@ class _CacheWriter:
     """Writes a folder's cache while its pictures are decoded: the pixels of
     each batch as it lands (os.pwrite, beside the decoding workers), the keys
     at the end, then renames the file into place, so that a reader sees the
-    old cache or the new one. A cache that cannot be written is skipped."""
+    old cache or the new one. A cache that cannot be written (its folder not
+    writable, a full disk) is skipped, and the run says so in one line."""
 
     def __init__(self, path: Path, relatives: list[str]):
         self.path, self.count = path, len(relatives)
@@ -470,8 +500,8 @@ class _CacheWriter:
             self.handle.flush()
             self.pixels_at = self.handle.tell()
             self.handle.truncate(self.pixels_at + self.count * IMAGE_SIZE * IMAGE_SIZE)
-        except OSError:
-            self.abandon()
+        except OSError as error:
+            self.abandon(error)
 
     def write_rows(self, images: np.ndarray, start: int, stop: int) -> None:
         if self.handle is None:
@@ -481,8 +511,8 @@ class _CacheWriter:
         try:
             while written < len(pixels):
                 written += os.pwrite(self.handle.fileno(), pixels[written:], offset + written)
-        except OSError:
-            self.abandon()  # A full disk: no cache this time.
+        except OSError as error:
+            self.abandon(error)  # A full disk: no cache this time.
 
     def finish(self, images: np.ndarray, sizes: list[int], mtimes: list[int]) -> None:
         if self.handle is None:
@@ -495,16 +525,22 @@ class _CacheWriter:
             os.replace(self.temporary, self.path)
             _UNFINISHED.discard(self.temporary)
             self.path.with_suffix(".npz").unlink(missing_ok=True)  # The cache as earlier versions kept it.
-        except OSError:
-            self.abandon()
+        except OSError as error:
+            self.abandon(error)
         self.handle = None
 
-    def abandon(self) -> None:
+    def abandon(self, error: OSError | None = None) -> None:
+        """Drops the unfinished file; with the error that made it fail, says so."""
         if self.handle is not None:
             self.handle.close()
             self.handle = None
-        self.temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # Not a folder, say: then there is no file either.
+            self.temporary.unlink(missing_ok=True)
         _UNFINISHED.discard(self.temporary)
+        if error is not None:
+            print(f"cannot keep the decoded pictures in {self.path.parent} ({error.strerror or error}); training "
+                  "on without that cache, so the next run decodes them again (point $XDG_CACHE_HOME at a "
+                  "writable folder to keep it)", flush=True)  # stdout: stderr is silenced while TensorFlow imports.
 
 
 # The cache files being written: removed if the process exits first (a stop

@@ -60,6 +60,11 @@ class RunDir:
         return self.root / "checkpoints" / "last.keras"
 
     @property
+    def best_weights(self) -> Path:
+        """With early stopping: the weights of the best epoch so far (by validation accuracy)."""
+        return self.root / "checkpoints" / "best.weights.h5"
+
+    @property
     def backup(self) -> Path:
         return self.root / "backup"
 

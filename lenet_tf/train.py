@@ -27,8 +27,8 @@ import tensorflow as tf
 
 from lenet_tf import dashboards
 from lenet_tf.callbacks import (
-    AtomicCheckpoint, Backup, BackupCallback, EpochHistory, EpochTensorBoard, StopOnNonFiniteLoss,
-    ThroughputCallback, check_workers_resume_together,
+    AtomicCheckpoint, Backup, BackupCallback, BestEpoch, EpochHistory, EpochTensorBoard, StopOnNonFiniteLoss,
+    ThroughputCallback, check_workers_resume_together, save_atomically,
 )
 from lenet_tf.config import TrainConfig
 from lenet_tf.data import (
@@ -175,11 +175,13 @@ def _run(config: TrainConfig, datasets: Datasets | BackgroundLoad | None, placem
     clock.mark("pipelines and model")
     throughput = ThroughputCallback(pipelines.train_count)
     callbacks = make_callbacks(config, write_to, datasets, throughput, placement.is_chief)
-    history, epochs_run = _fit(config, model, pipelines, epochs_done, callbacks, write_to, out)
+    history, epochs_run, kept_epoch = _fit(config, model, pipelines, epochs_done, callbacks, write_to, out)
     clock.mark("fit (training, validation, checkpoints, epoch dashboards)")
-    evaluation = _evaluate(config, model, pipelines, history, epochs_run, clock)
+    evaluation = _evaluate(config, model, pipelines, history, epochs_run, clock, kept_epoch)
     clock.mark("test evaluation")
     metrics = _metrics(config, placement, datasets, pipelines, history, epochs_run, evaluation, throughput)
+    if config.early_stopping_patience:
+        metrics["kept_epoch"] = len(history.get("loss", [])) if kept_epoch is None else kept_epoch + 1
     _write_results_and_export(config, model, datasets, metrics, write_to, callbacks, clock,
                               export=placement.is_chief and bool(config.export_formats))
     metrics["wall_seconds"] = clock.seconds()
@@ -342,13 +344,17 @@ def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, th
                    is_chief: bool = True) -> list[keras.callbacks.Callback]:
     """Every callback of a training run, in the order they must run (only the chief backs up)."""
     info = dataset_info(config.dataset)
+    history = EpochHistory(write_to.history)
     callbacks = [
         throughput,  # First, so the others see examples_per_sec in the logs.
         StopOnNonFiniteLoss(),
         # An epoch's history, checkpoint and dashboards are written before its
         # backup, so a kill in between never leaves a backed-up epoch unrecorded.
-        EpochHistory(write_to.history),
+        history,
         AtomicCheckpoint(write_to.checkpoint),
+        # After the history, which it reads the best epoch from.
+        *([BestEpoch(write_to.best_weights, history, config.early_stopping_patience)]
+          if config.early_stopping_patience else []),
         dashboards.ImageDashboardsCallback(
             write_to.logs, datasets.test_images, datasets.test_labels, info.class_names,
             config.image_every_epochs, config.activation_indices, seed=config.seed,
@@ -367,10 +373,12 @@ def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, th
 
 
 def _fit(config: TrainConfig, model: keras.Model, pipelines: Pipelines, epochs_done: int,
-         callbacks: list[keras.callbacks.Callback], write_to: RunDir, out: TextIO) -> tuple[dict[str, list[float]], int]:
+         callbacks: list[keras.callbacks.Callback], write_to: RunDir,
+         out: TextIO) -> tuple[dict[str, list[float]], int, int | None]:
     """Runs model.fit from the first epoch not yet done; returns the whole run's
-    history (every epoch, including those before an interruption) and how many
-    epochs this session ran."""
+    history (every epoch, including those before an interruption), how many
+    epochs this session ran, and the index of the epoch whose weights the
+    model holds when that is not the last (early stopping keeps the best)."""
     dashboards.write_hparams_start(write_to.logs, config, run_name=config.run_dir)
     # Again here: a multi-worker runtime may install its own SIGTERM handler
     # after the strategy was created, and a stop must still stop the run.
@@ -393,7 +401,15 @@ def _fit(config: TrainConfig, model: keras.Model, pipelines: Pipelines, epochs_d
             f"(was {config.learning_rate}). The last good checkpoint is in {RunDir(config.run_dir).checkpoint}"
         )
     history = _callback_of_type(callbacks, EpochHistory).as_history()
-    return history, epochs_run
+    best = next((callback for callback in callbacks if isinstance(callback, BestEpoch)), None)
+    kept = best.restore_best(model) if best else None
+    if kept is not None:
+        print(f"kept the weights of epoch {kept + 1} of {len(history['loss'])}, the best on the validation split "
+              f"(accuracy {history['val_accuracy'][kept]:.3f}, against {history['val_accuracy'][-1]:.3f} for the "
+              "last)", file=out, flush=True)
+        # The run's checkpoint is what `lenet-tf export --run-dir` exports: the kept weights too.
+        save_atomically(model, write_to.checkpoint)
+    return history, epochs_run, kept
 
 
 def _callback_of_type(callbacks: list[keras.callbacks.Callback], kind: type):
@@ -410,12 +426,13 @@ def _lost_worker_message(error: tf.errors.OpError, config: TrainConfig) -> str:
 
 
 def _evaluate(config: TrainConfig, model: keras.Model, pipelines: Pipelines, history: dict[str, list[float]],
-              epochs_run: int, clock: Clock) -> dict[str, float]:
+              epochs_run: int, clock: Clock, kept_epoch: int | None = None) -> dict[str, float]:
     """The test split, evaluated once; the validation split too when there is one."""
-    # fit has just evaluated these weights on its validation data after the
-    # last epoch; a second pass over the same data would compute the same numbers.
-    last_validation = (history["val_loss"][-1], history["val_accuracy"][-1]) if epochs_run and "val_loss" in history \
-        else None
+    # fit has already evaluated these weights on its validation data, after
+    # the last epoch or the kept one; a second pass would compute the same numbers.
+    epoch = -1 if kept_epoch is None else kept_epoch
+    last_validation = (history["val_loss"][epoch], history["val_accuracy"][epoch]) \
+        if epochs_run and "val_loss" in history else None
     if config.validation_split or last_validation is None:
         test_loss, test_accuracy = model.evaluate(pipelines.test, verbose=0)
     else:
