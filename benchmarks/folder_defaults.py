@@ -97,21 +97,21 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="lenet-folder-defaults-") as scratch_name:
         scratch = Path(scratch_name)
-        folders = [folder.resolve() for folder in args.folders]
+        folders = {folder.name: folder.resolve() for folder in args.folders}
         if args.mnist_png:
             write_png_folder(scratch / "mnist_png")
-            folders.append(scratch / "mnist_png")
+            folders["MNIST as PNG"] = scratch / "mnist_png" / "pictures"
         rows = []
-        for index, folder in enumerate(folders):
+        for index, (name, folder) in enumerate(folders.items()):
             split, small = scratch / f"split-{index}", scratch / f"small-{index}"
             train_count, test_count = split_folder(folder, split)
             split_folder(folder, small, per_class=args.per_class)
             ours_seconds, ours = package_run(split, scratch, f"full-{index}")
             peer_seconds, peer_accuracy = tutorial_run(split)
             small_seconds, small_run = package_run(small, scratch, f"small-{index}")
-            rows.append((folder.name, train_count, test_count, ours, ours_seconds, peer_accuracy, peer_seconds,
+            rows.append((name, train_count, test_count, ours, ours_seconds, peer_accuracy, peer_seconds,
                          small_run, small_seconds))
-            print(f"{folder.name}: {train_count} training, {test_count} test pictures; no-flag run: test accuracy "
+            print(f"{name}: {train_count} training, {test_count} test pictures; no-flag run: test accuracy "
                   f"{ours['test_accuracy']:.4f} in {ours_seconds:.1f} s (batch {ours['global_batch_size']}, "
                   f"{len(ours['history']['loss'])} of {ours['epochs']} epochs, kept epoch {ours.get('kept_epoch')}); "
                   f"tutorial CNN: {peer_accuracy:.4f} in {peer_seconds:.1f} s; accuracy difference "

@@ -165,6 +165,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)
+    if args.warmup_epochs is None and config.warmup_epochs >= config.epochs:
+        # A preset's warm-up longer than the --epochs the user asked for is
+        # shortened to half the run, rather than refused over a flag they
+        # never gave.
+        config.warmup_epochs = config.epochs / 2
     if folder:
         _fit_the_batch_to_the_folder(config, args, training_pictures)
     if args.run_dir is None:

@@ -78,7 +78,7 @@ def train_and_evaluate(
     config: TrainConfig,
     datasets: Datasets | None = None,
     placement: Placement | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     started: float | None = None,
     background_load: BackgroundLoad | None = None,
 ) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def train_and_evaluate(
         config: the run configuration (validated here).
         datasets: in-memory splits to use instead of loading `config.dataset`.
         placement: the strategy to train under; created from the config if None.
-        out: where progress lines go.
+        out: where progress lines go (default: sys.stdout as it is at the call).
         started: when the user started waiting (`time.time()`), for the
             metrics' wall times; the CLI passes its process's start. Default: now.
         background_load: the data, if already being read (the CLI starts
@@ -96,6 +96,7 @@ def train_and_evaluate(
             `config.dataset` and `config.data_dir`.
     """
     clock = Clock(time.time() if started is None else started)
+    out = out or sys.stdout
     config.validate()
     # The strategy comes first: multi-worker collectives must be set up before
     # any other TensorFlow op runs in this process.
