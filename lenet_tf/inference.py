@@ -213,7 +213,7 @@ def _tflite_predictor(path: Path, micro_runtime: str = "tflm") -> Predictor:
     input_details = runner.get_input_details()[INPUT_KEY]
     output_details = runner.get_output_details()
     if "probabilities" not in output_details and _is_micro(interpreter):
-        return _micro_predictor(path, interpreter, micro_runtime)
+        return _micro_predictor(path, micro_runtime)
 
     def probabilities(images):
         result = runner(**{INPUT_KEY: _quantize(np.asarray(images), input_details)})["probabilities"]
@@ -228,11 +228,19 @@ def _is_micro(interpreter) -> bool:
     return len(inputs) == 1 and inputs[0]["dtype"] == np.int8 and int(inputs[0]["shape_signature"][0]) == 1
 
 
-def _micro_predictor(path: Path, interpreter, micro_runtime: str) -> Predictor:
-    """A micro file run one picture a call: on TFLM's interpreter, or on `interpreter` (LiteRT)."""
+def _micro_predictor(path: Path, micro_runtime: str) -> Predictor:
+    """A micro file run one picture a call: on TFLM's interpreter, or on LiteRT's."""
     from lenet_tf.micro import micro_predictor_function, softmax
 
     if micro_runtime == "litert":
+        # TFLite's own int8 kernels, whose arithmetic TFLM's were ported from (XNNPACK,
+        # the default, rounds some requantisations differently: 0.1 % of top classes).
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        with native_stderr_silenced():
+            interpreter = Interpreter(model_path=str(path),
+                                      experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            interpreter.allocate_tensors()
         input_details = interpreter.get_input_details()[0]
         output_details = interpreter.get_output_details()[0]
 
