@@ -26,6 +26,7 @@ def measure(dataset: str, preset_name: str) -> dict:
     from lenet_tf import micro
     from lenet_tf.config import preset
     from lenet_tf.data import load_datasets
+    from lenet_tf.inference import load_predictor
     from lenet_tf.model import build_model
 
     data = load_datasets(dataset).limited(TRAIN_PICTURES, 10)
@@ -38,9 +39,9 @@ def measure(dataset: str, preset_name: str) -> dict:
         path = Path(scratch) / micro.MICRO_FILE
         path.write_bytes(model_bytes)
         arena = micro.measure_arena_in_child(path)
-        probabilities = micro.micro_predictor_function(path)
+        predictor = load_predictor(path, verify=False)
         started = time.perf_counter()
-        probabilities(data.train_images[:TIMED_INVOKES])
+        predictor.predict(data.train_images[:TIMED_INVOKES])
         invoke_ms = (time.perf_counter() - started) / TIMED_INVOKES * 1000
     return {"arena": arena, "bytes": len(model_bytes), "multiply_adds": micro.multiply_adds(model_bytes),
             "invoke_ms": invoke_ms}

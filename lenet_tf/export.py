@@ -398,11 +398,12 @@ def _write_artifacts(model, config, datasets, staging) -> tuple[dict[str, Path],
     artifacts, micro_entry = {}, {}
     write_saved_model(model, staging)
     artifacts["saved_model"] = staging
-    write_labels(class_names(config), staging / LABELS_FILE)
+    names = class_names(config)
+    write_labels(names, staging / LABELS_FILE)
     calibration = calibration_images(datasets, config.seed)
     if "micro" in config.export_formats:
         # First: a model TFLM cannot run is refused before the longer conversions.
-        artifacts["micro"], micro_entry = write_micro_export(model, class_names(config), calibration, staging)
+        artifacts["micro"], micro_entry = write_micro_export(model, names, calibration, staging)
     if "onnx" in config.export_formats:
         artifacts["onnx"] = convert_onnx(staging, staging / ONNX_FILE)
     if "web" in config.export_formats:

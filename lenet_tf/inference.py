@@ -2,8 +2,9 @@
 
 One entry point, `load_predictor(path)`, for a Keras checkpoint (`.keras`), a
 SavedModel folder (a version folder, or a model folder whose newest version is
-taken), a `.tflite` file (the micro one runs in TFLM's interpreter) or an `.onnx` file. Evaluate, predict and the export parity check
-all go through it, so they exercise exactly what a user deploys.
+taken), a `.tflite` file (a micro one runs in TFLM's interpreter) or an
+`.onnx` file. Evaluate, predict and the export parity check all go through
+it, so they exercise exactly what a user deploys.
 
 An exported version carries a model card (metadata.json) with every file's
 SHA-256; files loaded from such a version are checked against it first, so a
@@ -229,8 +230,9 @@ def _is_micro(interpreter) -> bool:
 
 
 def _micro_predictor(path: Path, micro_runtime: str) -> Predictor:
-    """A micro file run one picture a call: on TFLM's interpreter, or on LiteRT's."""
-    from lenet_tf.micro import micro_predictor_function, softmax
+    """A micro file run one picture a call, on TFLM's interpreter or on LiteRT's:
+    the int8 class scores dequantised and put through a softmax."""
+    from lenet_tf.micro import RUN_ARENA, softmax
 
     if micro_runtime == "litert":
         # TFLite's own int8 kernels, whose arithmetic TFLM's were ported from (XNNPACK,
@@ -241,24 +243,40 @@ def _micro_predictor(path: Path, micro_runtime: str) -> Predictor:
             interpreter = Interpreter(model_path=str(path),
                                       experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
             interpreter.allocate_tensors()
-        input_details = interpreter.get_input_details()[0]
-        output_details = interpreter.get_output_details()[0]
+        input_details, output_details = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
 
-        def probabilities(images):
-            scores = []
-            for picture in np.asarray(images):
-                interpreter.set_tensor(input_details["index"], _quantize(picture[np.newaxis], input_details))
-                interpreter.invoke()
-                scores.append(_dequantize(interpreter.get_tensor(output_details["index"]), output_details)[0])
-            return softmax(np.array(scores, np.float32).reshape(len(scores), -1))
+        def invoke(picture: np.ndarray) -> np.ndarray:
+            interpreter.set_tensor(input_details["index"], picture)
+            interpreter.invoke()
+            return interpreter.get_tensor(output_details["index"])
 
-        return Predictor("tflite-micro on litert", path, probabilities)
-    try:
-        import tflite_micro  # noqa: F401
-    except ImportError:
-        raise UsageError(f"{path} is a micro model; running it in TFLM's interpreter needs tflite-micro: "
-                         "pip install 'lenet-tf[micro]'") from None
-    return Predictor("tflite-micro", path, micro_predictor_function(path))
+        kind = "tflite-micro on litert"
+    else:
+        try:
+            from tflite_micro import runtime
+        except ImportError:
+            raise UsageError(f"{path} is a micro model; running it in TFLM's interpreter needs tflite-micro: "
+                             "pip install 'lenet-tf[micro]'") from None
+        micro_interpreter = runtime.Interpreter.from_file(str(path), arena_size=RUN_ARENA)
+        # TFLM's details name the quantisation as LiteRT's per-channel form does.
+        input_details, output_details = [
+            {"dtype": details["dtype"], "quantization": (float(details["quantization_parameters"]["scales"][0]),
+                                                         int(details["quantization_parameters"]["zero_points"][0]))}
+            for details in (micro_interpreter.get_input_details(0), micro_interpreter.get_output_details(0))]
+
+        def invoke(picture: np.ndarray) -> np.ndarray:
+            micro_interpreter.set_input(picture, 0)
+            micro_interpreter.invoke()
+            return micro_interpreter.get_output(0)
+
+        kind = "tflite-micro"
+
+    def probabilities(images):
+        scores = [_dequantize(invoke(_quantize(picture[np.newaxis], input_details)), output_details)[0]
+                  for picture in np.asarray(images)]
+        return softmax(np.array(scores, np.float32).reshape(len(scores), -1))
+
+    return Predictor(kind, path, probabilities)
 
 
 def _quantize(images: np.ndarray, details: dict) -> np.ndarray:

@@ -316,34 +316,6 @@ def smallest_arena(model_bytes: bytes) -> int:
     return high
 
 
-def micro_predictor_function(path: Path, arena_bytes: int = RUN_ARENA):
-    """`probabilities(images)` for uint8 (N, 28, 28, 1) pictures, one TFLM invoke
-    each: the int8 scores dequantised and put through a softmax."""
-    from tflite_micro import runtime
-
-    interpreter = runtime.Interpreter.from_file(str(path), arena_size=arena_bytes)
-    input_details = interpreter.get_input_details(0)
-    output_details = interpreter.get_output_details(0)
-    if input_details["dtype"] != np.int8 or list(input_details["shape"][:1]) != [1]:
-        raise ValueError("not a micro model: its input is not int8 with a batch of 1")
-    input_scale = float(input_details["quantization_parameters"]["scales"][0])
-    input_zero_point = int(input_details["quantization_parameters"]["zero_points"][0])
-    scale = float(output_details["quantization_parameters"]["scales"][0])
-    zero_point = int(output_details["quantization_parameters"]["zero_points"][0])
-
-    def probabilities(images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images)
-        scores = np.zeros((len(images), int(output_details["shape"][-1])), np.float32)
-        for index, picture in enumerate(images):
-            quantised = np.clip(np.round(picture.astype(np.float32) / input_scale + input_zero_point), -128, 127)
-            interpreter.set_input(quantised.astype(np.int8)[np.newaxis], 0)
-            interpreter.invoke()
-            scores[index] = (interpreter.get_output(0)[0].astype(np.float32) - zero_point) * scale
-        return softmax(scores)
-
-    return probabilities
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
