@@ -19,7 +19,7 @@ from lenet_tf.registry import IMAGE_SIZE, dataset_info, dataset_names
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 ACTIVATIONS = ("sigmoid", "relu")
 POOLINGS = ("avg", "max")
-EXPORT_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx", "web")
+EXPORT_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8", "micro", "onnx", "web")
 PRESETS = ("classic", "modern", "fast", "best")
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("sgd", "muon")

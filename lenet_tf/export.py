@@ -5,6 +5,8 @@ Layout, one folder per version, never overwritten:
     <export_dir>/<model_name>/<version>/
         saved_model.pb, variables/, fingerprint.pb   the SavedModel (TF Serving loads this)
         lenet.float32.tflite, lenet.int8.tflite ...  TFLite variants converted from it
+        lenet.micro.tflite, lenet_micro_model.{h,cc} the TFLM model and its C source (lenet_tf.micro)
+        labels.txt                                   the class names, one a line, in output order
         metadata.json                                the model card
 
 A version is assembled in a hidden temporary folder beside the versions and
@@ -30,12 +32,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lenet_tf import webpage
+from lenet_tf import micro, webpage
 from lenet_tf.config import TrainConfig
 from lenet_tf.data import Datasets, load_datasets
 from lenet_tf.errors import ParityError, StoppedError, UsageError
 from lenet_tf.folders import FOLDER_DATASET, default_name, register_recorded_run, registered_folder
-from lenet_tf.inference import INPUT_KEY, METADATA_FILE, SIGNATURE_KEY, latest_version_dir, sha256_of
+from lenet_tf.inference import (
+    INPUT_KEY, LITERT_PREFIX, METADATA_FILE, SIGNATURE_KEY, latest_version_dir, sha256_of,
+)
 from lenet_tf.io_utils import (
     child_environment, ensure_writable_dir, is_full_disk_error, run_module_in_child, write_json_atomic,
 )
@@ -57,6 +61,14 @@ ONNX_OPSET = 17
 # Parity bounds against the Keras model on the same images.
 FLOAT_MAX_ABS_DIFF = 1e-4
 QUANTISED_MAX_ACCURACY_DROP = 0.01  # 1.0 accuracy point.
+# The micro model in TFLM: its accuracy within 0.5 points of Keras's, and its
+# top class that of LiteRT running the same file with TFLite's own int8
+# kernels (lenet_tf.inference) on nearly every picture.
+MICRO_MAX_ACCURACY_DROP = 0.005
+MICRO_MIN_LITERT_AGREEMENT = 0.999
+# The parity entry of the micro file run by LiteRT, against which TFLM's answers are checked.
+MICRO_ON_LITERT = "micro_litert"
+LABELS_FILE = "labels.txt"
 CALIBRATION_EXAMPLES = 500
 STAGING_PREFIX = ".staging-"
 
@@ -192,6 +204,9 @@ def check_can_export(config: TrainConfig) -> None:
             raise UsageError(f"--format {export_format} needs tf2onnx and onnxruntime: pip install 'lenet-tf[onnx]'")
     if "web" in config.export_formats:
         webpage.runtime_dir()
+    if "micro" in config.export_formats and not importlib.util.find_spec("tflite_micro"):
+        raise UsageError("--format micro needs tflite-micro, whose interpreter proves and measures the model: "
+                         "pip install 'lenet-tf[micro]'")
     ensure_writable_dir(Path(config.export_dir), "export directory")
 
 
@@ -251,6 +266,18 @@ def parity_report(
     return report
 
 
+def add_micro_agreement(report: dict[str, dict[str, float]], exported: dict[str, np.ndarray]) -> None:
+    """Adds to the micro entry how often TFLM's top class is LiteRT's on the same
+    file (bounded), and the int8 file's, when there is one (for information:
+    the two files quantise the input differently)."""
+    if "micro" not in exported:
+        return
+    for other, key in ((MICRO_ON_LITERT, "litert_top1_agreement"), ("int8", "int8_file_top1_agreement")):
+        if other in exported:
+            same = exported["micro"].argmax(axis=1) == exported[other].argmax(axis=1)
+            report["micro"][key] = float(same.mean())
+
+
 def check_parity(report: dict[str, dict[str, float]]) -> list[str]:
     """Returns one message per broken bound (empty when every variant passes)."""
     failures = []
@@ -258,7 +285,16 @@ def check_parity(report: dict[str, dict[str, float]]) -> list[str]:
     for name, numbers in report.items():
         if name == "keras":
             continue
-        if name in FLOAT_VARIANTS:
+        if name == "micro":
+            agreement = numbers.get("litert_top1_agreement", 0.0)
+            if agreement < MICRO_MIN_LITERT_AGREEMENT:
+                failures.append(f"micro: TFLM's top class agrees with LiteRT's on the same file for "
+                                f"{agreement:.4f} of the pictures (bound {MICRO_MIN_LITERT_AGREEMENT})")
+            if float_accuracy - numbers["test_accuracy"] > MICRO_MAX_ACCURACY_DROP + 1e-9:
+                failures.append(
+                    f"micro: test accuracy {numbers['test_accuracy']:.4f} in TFLM is more than "
+                    f"{MICRO_MAX_ACCURACY_DROP * 100:.1f} points below the float model's {float_accuracy:.4f}")
+        elif name in FLOAT_VARIANTS:
             if numbers["max_abs_probability_diff"] > FLOAT_MAX_ABS_DIFF or numbers["top1_agreement"] < 1.0:
                 failures.append(
                     f"{name}: max |Δp| {numbers['max_abs_probability_diff']:.2e} (bound {FLOAT_MAX_ABS_DIFF:.0e}), "
@@ -296,13 +332,17 @@ def export_model(
     staging = model_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     try:
         staging.mkdir()
-        artifacts = _write_artifacts(model, config, datasets, staging)
+        artifacts, micro_entry = _write_artifacts(model, config, datasets, staging)
         images, labels = datasets.test_images, datasets.test_labels
         keras_probabilities = predict_probabilities(model, images)
-        exported = (parity_worker or ParityWorker()).run(artifacts, images)
+        checked = dict(artifacts)
+        if "micro" in artifacts:
+            checked[MICRO_ON_LITERT] = f"{LITERT_PREFIX}{artifacts['micro']}"
+        exported = (parity_worker or ParityWorker()).run(checked, images)
         report = parity_report(keras_probabilities, exported, labels)
+        add_micro_agreement(report, exported)
         failures = check_parity(report)
-        card = _model_card(config, metrics or {}, artifacts, report, staging)
+        card = _model_card(config, metrics or {}, artifacts, report, staging, micro_entry)
         write_json_atomic(staging / METADATA_FILE, card)
         if failures:
             raise ParityError("exported models disagree with the Keras model: " + "; ".join(failures))
@@ -318,11 +358,52 @@ def export_model(
     return ExportResult(version_dir, final_artifacts, report)
 
 
-def _write_artifacts(model, config, datasets, staging) -> dict[str, Path]:
-    artifacts = {}
+def class_names(config: TrainConfig) -> list[str]:
+    """The model's class names in output order: a built-in dataset's, or the
+    folder's classes for a model trained on a folder of pictures."""
+    return list(dataset_info(config.dataset).class_names)
+
+
+def write_labels(names: list[str], path: Path) -> Path:
+    """labels.txt: one class name a line (UTF-8), in output order, as mobile and
+    embedded runtimes read labels."""
+    for name in names:
+        if not name.strip() or any(character in name for character in "\r\n"):
+            raise UsageError(f"the class name {name!r} cannot be one line of {LABELS_FILE}; rename its folder")
+    path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    return path
+
+
+def write_micro_export(model: keras.Model, names: list[str], calibration: np.ndarray,
+                       staging: Path) -> tuple[Path, dict[str, Any]]:
+    """Converts `model` for TFLM and writes the micro file and its C source
+    into `staging`; returns the file's path and its model card entry (arena,
+    bytes, multiply-adds). Refuses a model with an operator TFLM lacks
+    (UsageError), before the version is published."""
+    model_bytes = micro.convert_micro(model, calibration)
+    missing = micro.unsupported_operators(model_bytes)
+    if missing:
+        raise UsageError(f"--format micro: the converted model uses {', '.join(missing)}, which TensorFlow Lite "
+                         "for Microcontrollers does not implement; export it without micro")
+    path = staging / micro.MICRO_FILE
+    path.write_bytes(model_bytes)
+    arena = micro.measure_arena_in_child(path)
+    micro.write_c_source(model_bytes, names, arena, staging)
+    return path, micro.card_entry(model_bytes, arena, len(names))
+
+
+def _write_artifacts(model, config, datasets, staging) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Writes every format of the config; returns the models the parity proof
+    runs, and the micro model's card entry ({} without micro)."""
+    artifacts, micro_entry = {}, {}
     write_saved_model(model, staging)
     artifacts["saved_model"] = staging
+    names = class_names(config)
+    write_labels(names, staging / LABELS_FILE)
     calibration = calibration_images(datasets, config.seed)
+    if "micro" in config.export_formats:
+        # First: a model TFLM cannot run is refused before the longer conversions.
+        artifacts["micro"], micro_entry = write_micro_export(model, names, calibration, staging)
     if "onnx" in config.export_formats:
         artifacts["onnx"] = convert_onnx(staging, staging / ONNX_FILE)
     if "web" in config.export_formats:
@@ -343,7 +424,7 @@ def _write_artifacts(model, config, datasets, staging) -> dict[str, Path]:
             else:
                 path.write_bytes(convert_tflite(staging, variant, calibration))
             artifacts[variant] = path
-    return artifacts
+    return artifacts, micro_entry
 
 
 def calibration_images(datasets: Datasets, seed: int) -> np.ndarray:
@@ -417,18 +498,19 @@ def _publish(staging: Path, model_dir: Path) -> Path:
     raise RuntimeError(f"could not find a free version number under {model_dir}")
 
 
-def _model_card(config, metrics, artifacts, report, staging) -> dict[str, Any]:
+def _model_card(config, metrics, artifacts, report, staging, micro_entry) -> dict[str, Any]:
     files = {}
     for path in sorted(staging.rglob("*")):
         if path.is_file() and path.name != METADATA_FILE:
             files[str(path.relative_to(staging))] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
     final_metrics = {key: value for key, value in metrics.items() if key not in ("history", "exports")}
-    class_names = list(dataset_info(config.dataset).class_names)
+    names = class_names(config)
     folder = registered_folder() if config.dataset == FOLDER_DATASET else None
     return {
         "model_name": model_name(config),
         "dataset": config.dataset,
-        "class_names": class_names,
+        "class_names": names,
+        "labels": LABELS_FILE,
         # A folder of pictures: where, its test split, and the recipe that turned its pictures into inputs.
         **({"folder": folder.card()} if folder else {}),
         "input": {
@@ -440,10 +522,12 @@ def _model_card(config, metrics, artifacts, report, staging) -> dict[str, Any]:
             f"the model multiplies by {PIXEL_SCALE:.10f} (1/255) itself",
         },
         "outputs": {
-            "probabilities": f"float32 [batch, {len(class_names)}], softmax over class_names",
+            "probabilities": f"float32 [batch, {len(names)}], softmax over class_names",
             "class_id": "int64 [batch], index into class_names",
-            "logits": f"float32 [batch, {len(class_names)}]",
+            "logits": f"float32 [batch, {len(names)}]",
         },
+        # The TFLM model: the arena it needs, its bytes and multiply-adds, its input and output.
+        **({"micro": micro_entry} if micro_entry else {}),
         "signatures": [SIGNATURE_KEY, "serving_hw"],
         "artifacts": {name: str(path.relative_to(staging)) or "." for name, path in artifacts.items()},
         "files": files,
@@ -452,6 +536,8 @@ def _model_card(config, metrics, artifacts, report, staging) -> dict[str, Any]:
             "float_max_abs_probability_diff": FLOAT_MAX_ABS_DIFF,
             "float_top1_agreement": 1.0,
             "quantised_max_accuracy_drop": QUANTISED_MAX_ACCURACY_DROP,
+            "micro_max_accuracy_drop": MICRO_MAX_ACCURACY_DROP,
+            "micro_min_litert_top1_agreement": MICRO_MIN_LITERT_AGREEMENT,
         },
         "training_config": config.to_json_dict(),
         "metrics": final_metrics,

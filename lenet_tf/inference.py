@@ -2,8 +2,9 @@
 
 One entry point, `load_predictor(path)`, for a Keras checkpoint (`.keras`), a
 SavedModel folder (a version folder, or a model folder whose newest version is
-taken), a `.tflite` file or an `.onnx` file. Evaluate, predict and the export parity check
-all go through it, so they exercise exactly what a user deploys.
+taken), a `.tflite` file (a micro one runs in TFLM's interpreter) or an
+`.onnx` file. Evaluate, predict and the export parity check all go through
+it, so they exercise exactly what a user deploys.
 
 An exported version carries a model card (metadata.json) with every file's
 SHA-256; files loaded from such a version are checked against it first, so a
@@ -27,13 +28,15 @@ from lenet_tf.quiet import native_stderr_silenced
 SIGNATURE_KEY = "serving_default"
 INPUT_KEY = "image"
 METADATA_FILE = "metadata.json"
+# Before a micro file's path (parity worker arguments): run it on LiteRT rather than TFLM.
+LITERT_PREFIX = "litert:"
 
 
 @dataclass
 class Predictor:
     """`predict(images)` maps uint8 (N, 28, 28, 1) images to (N, 10) probabilities."""
 
-    kind: str  # "keras", "saved_model", "tflite" or "onnx"
+    kind: str  # "keras", "saved_model", "tflite", "tflite-micro" or "onnx"
     path: Path
     predict: Callable[[np.ndarray], np.ndarray]
 
@@ -110,15 +113,21 @@ def verify_model_files(path: str | Path) -> None:
                 "the model, or pass --no-verify to load it anyway")
 
 
-def load_predictor(path: str | Path, batch_size: int = 1024, verify: bool = True) -> Predictor:
-    """Loads any model this package writes; `verify` checks it against its model card first."""
+def load_predictor(path: str | Path, batch_size: int = 1024, verify: bool = True,
+                   micro_runtime: str = "tflm") -> Predictor:
+    """Loads any model this package writes; `verify` checks it against its model card first.
+
+    `micro_runtime`: what runs a micro file (int8 input, batch of 1): "tflm",
+    TensorFlow Lite for Microcontrollers' interpreter, the runtime it is made
+    for, or "litert", LiteRT's, one picture a call.
+    """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"model path {path} does not exist; pass a .keras file, a SavedModel folder or a .tflite file")
     if verify:
         verify_model_files(path)
     if path.is_file() and path.suffix == ".tflite":
-        return _tflite_predictor(path)
+        return _tflite_predictor(path, micro_runtime)
     if path.is_file() and path.suffix == ".onnx":
         return _onnx_predictor(path, batch_size)
     if path.is_file() and path.suffix == ".keras":
@@ -191,7 +200,7 @@ def _onnx_predictor(path: Path, batch_size: int) -> Predictor:
     return Predictor("onnx", path, probabilities)
 
 
-def _tflite_predictor(path: Path) -> Predictor:
+def _tflite_predictor(path: Path, micro_runtime: str = "tflm") -> Predictor:
     # LiteRT's interpreter, the supported successor of tf.lite.Interpreter.
     from ai_edge_litert.interpreter import Interpreter
 
@@ -204,12 +213,70 @@ def _tflite_predictor(path: Path) -> Predictor:
         raise UsageError(f"cannot load TFLite model {path}: {str(error).splitlines()[0]}") from None
     input_details = runner.get_input_details()[INPUT_KEY]
     output_details = runner.get_output_details()
+    if "probabilities" not in output_details and _is_micro(interpreter):
+        return _micro_predictor(path, micro_runtime)
 
     def probabilities(images):
         result = runner(**{INPUT_KEY: _quantize(np.asarray(images), input_details)})["probabilities"]
         return _dequantize(result, output_details["probabilities"])
 
     return Predictor("tflite", path, probabilities)
+
+
+def _is_micro(interpreter) -> bool:
+    """Whether a LiteRT interpreter holds a micro export: one int8 input with a batch of 1."""
+    inputs = interpreter.get_input_details()
+    return len(inputs) == 1 and inputs[0]["dtype"] == np.int8 and int(inputs[0]["shape_signature"][0]) == 1
+
+
+def _micro_predictor(path: Path, micro_runtime: str) -> Predictor:
+    """A micro file run one picture a call, on TFLM's interpreter or on LiteRT's:
+    the int8 class scores dequantised and put through a softmax."""
+    from lenet_tf.micro import RUN_ARENA, softmax
+
+    if micro_runtime == "litert":
+        # TFLite's own int8 kernels, whose arithmetic TFLM's were ported from (XNNPACK,
+        # the default, rounds some requantisations differently: 0.1 % of top classes).
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        with native_stderr_silenced():
+            interpreter = Interpreter(model_path=str(path),
+                                      experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            interpreter.allocate_tensors()
+        input_details, output_details = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+        def invoke(picture: np.ndarray) -> np.ndarray:
+            interpreter.set_tensor(input_details["index"], picture)
+            interpreter.invoke()
+            return interpreter.get_tensor(output_details["index"])
+
+        kind = "tflite-micro on litert"
+    else:
+        try:
+            from tflite_micro import runtime
+        except ImportError:
+            raise UsageError(f"{path} is a micro model; running it in TFLM's interpreter needs tflite-micro: "
+                             "pip install 'lenet-tf[micro]'") from None
+        micro_interpreter = runtime.Interpreter.from_file(str(path), arena_size=RUN_ARENA)
+        # TFLM's details name the quantisation as LiteRT's per-channel form does.
+        input_details, output_details = [
+            {"dtype": details["dtype"], "quantization": (float(details["quantization_parameters"]["scales"][0]),
+                                                         int(details["quantization_parameters"]["zero_points"][0]))}
+            for details in (micro_interpreter.get_input_details(0), micro_interpreter.get_output_details(0))]
+
+        def invoke(picture: np.ndarray) -> np.ndarray:
+            micro_interpreter.set_input(picture, 0)
+            micro_interpreter.invoke()
+            return micro_interpreter.get_output(0)
+
+        kind = "tflite-micro"
+
+    def probabilities(images):
+        scores = [_dequantize(invoke(_quantize(picture[np.newaxis], input_details)), output_details)[0]
+                  for picture in np.asarray(images)]
+        return softmax(np.array(scores, np.float32).reshape(len(scores), -1))
+
+    return Predictor(kind, path, probabilities)
 
 
 def _quantize(images: np.ndarray, details: dict) -> np.ndarray:

@@ -1,13 +1,15 @@
 """Runs exported models on saved images in a process of its own (see export.py).
 
 Usage: python -m lenet_tf.parity_worker IMAGES.npy OUT.npz NAME=PATH [NAME=PATH ...]
+
+A micro file runs in TFLM's interpreter; NAME=litert:PATH runs it in LiteRT's.
 """
 
 import sys
 
 import numpy as np
 
-from lenet_tf.inference import load_predictor
+from lenet_tf.inference import LITERT_PREFIX, load_predictor
 
 
 def main(argv: list[str]) -> int:
@@ -16,7 +18,8 @@ def main(argv: list[str]) -> int:
     probabilities = {}
     for entry in models:
         name, path = entry.split("=", 1)
-        probabilities[name] = load_predictor(path).predict(images)
+        runtime = "litert" if path.startswith(LITERT_PREFIX) else "tflm"
+        probabilities[name] = load_predictor(path.removeprefix(LITERT_PREFIX), micro_runtime=runtime).predict(images)
     np.savez(output_path, **probabilities)
     return 0
 
