@@ -222,6 +222,10 @@ def check_options(options: TuneOptions, count_parameters: bool = True) -> None:
     """Raises UsageError for a search that cannot run: no trials, a bad value in
     the space, or (with `count_parameters`, which imports TensorFlow to build
     the models) no setting small enough for --max-params."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UsageError("lenet-tf tune needs Optuna: pip install 'lenet-tf[tune]' (or pip install optuna)") from None
     if options.trials < 1:
         raise UsageError(f"--trials must be a positive integer (got {options.trials})")
     if options.parallel < 1:

@@ -23,7 +23,7 @@ from lenet_tf.tune import (
 from conftest import REPO_ROOT, backed_up_epochs, read_event_tags, run_cli, wait_for
 
 # Small and quick: about two seconds a trial on two cores.
-SMALL_SEARCH = ["--limit-train", "2048", "--limit-test", "256", "--image-every-epochs", "0",
+SMALL_SEARCH = ["--limit-train", "1024", "--limit-test", "256", "--image-every-epochs", "0",
                 "--search", "batch-size=128|256", "--search", "conv-filters=6,16|16,32", "--search", "dense-units=64"]
 
 
