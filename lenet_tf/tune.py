@@ -132,13 +132,51 @@ class TuneOptions:
 
 
 def default_space(base: TrainConfig, fixed: set[str] = frozenset()) -> dict[str, Range | Choice]:
-    """The default search space for `base`'s dataset, without the settings the user fixed with a flag."""
+    """The default search space for `base`'s dataset, without the settings the
+    user fixed with a flag, and holding `base`'s own values (the starting
+    settings are the search's first trial, which the others must beat)."""
     from lenet_tf.registry import dataset_info
 
     space = {name: spec for name, spec in DEFAULT_SPACE.items() if name not in fixed}
     if "augment" in space and not dataset_info(base.dataset).flip_keeps_class:
         space["augment"] = Choice(tuple(value for value in space["augment"].values if "flip" not in value))
+    for name, spec in space.items():
+        value = getattr(base, name)
+        if isinstance(spec, Choice) and _flag_text(value) not in spec.values:
+            space[name] = Choice((*spec.values, _flag_text(value)))
+        elif isinstance(spec, Range) and not spec.low <= value <= spec.high and (value > 0 or not spec.log):
+            space[name] = Range(min(spec.low, value), max(spec.high, value), spec.log)
     return space
+
+
+def _flag_text(value: Any) -> str:
+    """A setting's value as a Choice holds it ("6,16", "on", "0.0005")."""
+    return ("on" if value else "off") if isinstance(value, bool) else _flag_value(value)
+
+
+def starting_params(options: TuneOptions, structures: list[str]) -> dict[str, Any] | None:
+    """The Optuna parameters of the starting settings (the preset and the
+    flags, unsearched), or None when the space cannot express them (a --search that leaves them out)."""
+    params: dict[str, Any] = {}
+    structural = [name for name in STRUCTURAL if isinstance(options.space.get(name), Choice)]
+    if structures:
+        key = " ".join(f"{name}={_flag_text(getattr(options.base, name))}" for name in structural)
+        if key not in structures:
+            return None
+        params[STRUCTURE_PARAMETER] = key
+    for name, spec in options.space.items():
+        value = getattr(options.base, name)
+        if name in structural:
+            continue
+        if isinstance(spec, Choice):
+            if _flag_text(value) not in spec.values:
+                return None
+            params[name] = _flag_text(value)
+        elif not spec.low <= value <= spec.high:
+            return None
+        else:
+            params[name] = value
+    return params
 
 
 def parse_search(specs: list[str], space: dict[str, Range | Choice], fixed: set[str]) -> dict[str, Range | Choice]:
@@ -513,9 +551,14 @@ def run_worker(options: TuneOptions, datasets=None, out: TextIO = sys.stdout) ->
     options.run_dir.mkdir(parents=True, exist_ok=True)
     seed = _worker_seed(options.base.seed)
     study = _open_study(options, seed)
+    structures = allowed_structures(options)
     with _locked(options.run_dir / "study.lock"):
         _check_same_study(study, options)
-    structures = allowed_structures(options)
+        if not study.get_trials(deepcopy=False):
+            # The first trial trains the starting settings: the search says whether it beat them.
+            params = starting_params(options, structures)
+            if params is not None:
+                study.enqueue_trial(params, user_attrs={"starting_settings": True})
     if datasets is None:
         datasets = load_datasets(options.base.dataset, options.base.data_dir)
     trained = 0
@@ -574,10 +617,25 @@ def finish(options: TuneOptions, datasets=None, out: TextIO = sys.stdout) -> dic
             if written.get("trial") == best.number and written.get("trials") == finished:
                 return written  # Finished by another worker, or by an earlier run of this command.
         result = _test_and_export(options, study, best, finished, datasets)
+        start = next((trial for trial in study.get_trials(deepcopy=False)
+                      if trial.user_attrs.get("starting_settings")), None)
+        if start is not None and start.value is not None:
+            result["starting_settings"] = {"trial": start.number, "validation_accuracy": start.value,
+                                           "state": start.state.name.lower()}
+            result["improved"] = best.value > start.value
         write_json_atomic(best_path, result)
     print(f"tune: best of {finished} trials: trial {best.number}, validation accuracy "
           f"{result['validation_accuracy']:.4f}, test accuracy {result['test_accuracy']:.4f}: {result['settings']}",
           file=out, flush=True)
+    start = result.get("starting_settings")
+    if start and result["improved"]:
+        print(f"tune: the starting settings (trial {start['trial']}) reached validation accuracy "
+              f"{start['validation_accuracy']:.4f}; the best trial improves it by "
+              f"{result['validation_accuracy'] - start['validation_accuracy']:+.4f}", file=out, flush=True)
+    elif start:
+        print(f"tune: no trial improved on the starting settings (trial {start['trial']}, validation accuracy "
+              f"{start['validation_accuracy']:.4f}); search more --trials or another space (--search)",
+              file=out, flush=True)
     if result.get("export"):
         print(f"tune: exported trial {best.number} to {result['export']}", file=out, flush=True)
     return result

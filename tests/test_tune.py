@@ -188,3 +188,19 @@ def test_two_workers_at_once_share_one_study_and_train_each_trial_once(tmp_path,
 def test_the_docs_show_the_tune_sbatch_script():
     page = (REPO_ROOT / "docs" / "tuning.md").read_text()
     assert f"```bash\n{(REPO_ROOT / 'slurm' / 'tune.sbatch').read_text()}```" in page
+
+
+def test_the_starting_settings_are_in_the_space_and_are_the_first_trial():
+    """A preset's values outside the default space join it, so that the search's
+    first trial trains the starting settings, which the others must beat."""
+    from lenet_tf.tune import allowed_structures, starting_params
+
+    base = TrainConfig(batch_size=32, learning_rate=2.0, dense_units=(100,), validation_split=0.1)
+    space = default_space(base)
+    assert "32" in space["batch_size"].values and space["learning_rate"] == Range(0.003, 2.0, log=True)
+    options = TuneOptions(base, 8, space)
+    params = starting_params(options, allowed_structures(options))
+    assert params["batch_size"] == "32" and params["learning_rate"] == 2.0
+    assert params["structure"] == "conv_filters=6,16 dense_units=100 batch_norm=off"
+    narrowed = TuneOptions(base, 8, parse_search(["batch-size=64|128"], space, fixed=set()))
+    assert starting_params(narrowed, allowed_structures(narrowed)) is None  # Not in the space: not compared.
