@@ -3,6 +3,7 @@
     python -m benchmarks.tune                       # both parts, about 15 minutes on 2 cores
     python -m benchmarks.tune --part search --trials 8 --epochs 5 --parallel 2
     python -m benchmarks.tune --part parallel --parallel-trials 4 --parallel-epochs 2
+    python -m benchmarks.tune --part folder --folder PHOTOS --folder-trials 8
 
 search: `lenet-tf tune --preset classic --epochs 5 --trials 8` (the classic
 preset untuned reaches about 0.81 test accuracy after 10 epochs,
@@ -15,6 +16,11 @@ a trial's cost (widths, batch size, batch norm, augmentation, activation,
 pooling) fixed, so that both runs train the same amount: only the speed
 differs. Prints both wall times and their ratio. Target: --parallel 2
 finishes in at most 0.8 of --parallel 1's time on 2 cores.
+
+folder: `lenet-tf tune --data-dir PHOTOS --trials 8`, from the folder's
+defaults (the preset a folder of pictures gets, no other flag): the first
+trial trains those defaults; prints its validation accuracy, the best
+trial's, and whether the search improved on it (best.json says so).
 
 Each run is `python -m lenet_tf tune ...` in a process of its own; the
 numbers come from its best.json and its wall time, with the machine.
@@ -69,14 +75,22 @@ def parallel_speedup(trials: int, epochs: int) -> dict[str, Any]:
             "ratio": runs[2]["wall_seconds"] / runs[1]["wall_seconds"]}
 
 
+def folder_search(folder: str, trials: int, parallel: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as scratch:
+        return run_tune(["--data-dir", folder, "--trials", str(trials), "--parallel", str(parallel), "--format", ""],
+                        Path(scratch))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("search", "parallel", "both"), default="both")
+    parser.add_argument("--part", choices=("search", "parallel", "both", "folder"), default="both")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--parallel", type=int, default=2, help="workers for the search part")
     parser.add_argument("--parallel-trials", type=int, default=4)
     parser.add_argument("--parallel-epochs", type=int, default=2)
+    parser.add_argument("--folder", help="a folder of photos, one subfolder per class (the folder part)")
+    parser.add_argument("--folder-trials", type=int, default=8)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     result: dict[str, Any] = {"machine": machine_description()}
@@ -92,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         one, two = result["parallel"]["parallel_1"], result["parallel"]["parallel_2"]
         print(f"parallel: {one['command']}: {one['wall_seconds']:.0f} s; with --parallel 2: {two['wall_seconds']:.0f} s "
               f"(ratio {result['parallel']['ratio']:.2f})", flush=True)
+    if args.part == "folder":
+        if not args.folder:
+            parser.error("--part folder needs --folder PHOTOS")
+        result["folder"] = folder_search(args.folder, args.folder_trials, args.parallel)
+        best = result["folder"]["best"]
+        start = best.get("starting_settings")
+        verdict = ("no starting settings to compare (outside the space)" if start is None else
+                   f"starting settings (trial {start['trial']}) validation accuracy {start['validation_accuracy']:.4f}; "
+                   + ("improved" if best["improved"] else "not improved"))
+        print(f"folder: {result['folder']['command']}: {verdict}; best trial {best['trial']} validation accuracy "
+              f"{best['validation_accuracy']:.4f}, test accuracy {best['test_accuracy']:.4f} in "
+              f"{result['folder']['wall_seconds']:.0f} s; settings {best['settings']}", flush=True)
     machine = result["machine"]
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, TensorFlow {machine['tensorflow']}, "
           f"Keras {machine['keras']}, {machine['date']}")
