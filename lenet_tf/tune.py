@@ -76,7 +76,7 @@ class Choice:
 # The default search space: what moves accuracy most for a LeNet in a few
 # epochs. Widths stay LeNet-sized; --max-params bounds them further.
 DEFAULT_SPACE: dict[str, Range | Choice] = {
-    "learning_rate": Range(0.003, 1.0, log=True),
+    "learning_rate": Range(0.01, 1.0, log=True),
     "batch_size": Choice(("64", "128", "256")),
     "momentum": Choice(("0", "0.9")),
     "weight_decay": Choice(("0", "0.0001", "0.0005", "0.002")),
@@ -300,6 +300,8 @@ def _structure_parameter_counts(options: TuneOptions) -> dict[str, int]:
 
     choices = [[(name, value) for value in options.space[name].values] for name in STRUCTURAL
                if isinstance(options.space.get(name), Choice)]
+    if not choices:
+        return {}  # Every structural setting fixed: --max-params is checked on each trial's model.
     counts = {}
     for combination in itertools.product(*choices):
         config = dataclasses.replace(options.base, **{name: setting_value(name, value) for name, value in combination})
@@ -335,10 +337,17 @@ def _open_study(options: TuneOptions, seed: int):
 
 
 def _sampler(options: TuneOptions, seed: int):
+    import warnings
+
     import optuna
 
-    # Random trials first, then TPE; constant_liar keeps parallel workers from asking for the same settings.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, options.trials // 3), constant_liar=True)
+    # Random trials first, then TPE over the settings jointly (multivariate:
+    # a good learning rate depends on the momentum and the activation);
+    # constant_liar keeps parallel workers from asking for the same settings.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, options.trials // 3), multivariate=True,
+                                          constant_liar=True)
 
 
 def _study_record(options: TuneOptions) -> dict[str, Any]:

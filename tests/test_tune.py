@@ -197,7 +197,7 @@ def test_the_starting_settings_are_in_the_space_and_are_the_first_trial():
 
     base = TrainConfig(batch_size=32, learning_rate=2.0, dense_units=(100,), validation_split=0.1)
     space = default_space(base)
-    assert "32" in space["batch_size"].values and space["learning_rate"] == Range(0.003, 2.0, log=True)
+    assert "32" in space["batch_size"].values and space["learning_rate"] == Range(0.01, 2.0, log=True)
     options = TuneOptions(base, 8, space)
     params = starting_params(options, allowed_structures(options))
     assert params["batch_size"] == "32" and params["learning_rate"] == 2.0
