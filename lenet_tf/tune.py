@@ -427,6 +427,7 @@ def _next_trial(study, options: TuneOptions, seed: int):
         for frozen in running:
             claim = _Claim(options.run_dir, frozen.number)
             if claim.take():
+                # FrozenTrial has no public trial id; Trial(study, id) continues the running trial.
                 return optuna.trial.Trial(study, frozen._trial_id), claim, True
         if _finished_count(study) + len(running) >= options.trials:
             return None
@@ -718,7 +719,3 @@ def run_parallel(options: TuneOptions, argv: list[str], out: TextIO = sys.stdout
             worker.wait()
         raise
     return next((code for code in codes if code != 0), 0)
-
-
-def describe_space(space: dict[str, Range | Choice]) -> str:
-    return "; ".join(f"{name.replace('_', '-')} {spec.describe()}" for name, spec in space.items())
