@@ -1,6 +1,6 @@
 """The `lenet-tf` command line: the only module that knows about flags.
 
-Subcommands: train (the default of train.py), summary, export, evaluate,
+Subcommands: train (the default of train.py), tune, summary, export, evaluate,
 predict, serve-web, tensorboard. Every mistake a user can make ends in one line on
 stderr and exit code 2.
 """
@@ -147,6 +147,41 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--activation-indices", type=_int_list, help="test-set indices whose conv activations are shown (default: first of each class)")
 
 
+def _add_tune_flags(parser: argparse.ArgumentParser) -> None:
+    from lenet_tf.tune import DEFAULT_MAX_PARAMS, DEFAULT_VALIDATION_SPLIT
+
+    search = parser.add_argument_group("search (the flags above fix a setting for every trial; the rest is searched)")
+    search.add_argument("--trials", type=int, required=True, help="how many trials in all, complete or pruned, "
+                        "across every worker and every restart")
+    search.add_argument("--parallel", type=int, default=1, help="trials trained at once on this machine, each on "
+                        "its share of the cores (default: %(default)s)")
+    search.add_argument("--max-params", type=int, default=DEFAULT_MAX_PARAMS,
+                        help="the largest model a trial may train (default: %(default)s)")
+    search.add_argument("--search", action="append", default=[], metavar="NAME=SPEC",
+                        help="narrow or widen the search: learning-rate=0.01..0.5 (a range), conv-filters=6,16|16,32 "
+                        "(choices), activation=relu (fixed); repeatable (default space: docs/tuning.md)")
+    search.add_argument("--no-prune", dest="prune", action="store_false",
+                        help="train every trial to its last epoch (default: stop hopeless trials early)")
+    parser.set_defaults(tune_validation_split=DEFAULT_VALIDATION_SPLIT)
+
+
+def _tune_options(args: argparse.Namespace):
+    """The search a `tune` command asks for: its flags on top of the preset fix settings, the rest is searched."""
+    from lenet_tf.tune import SEARCHABLE, TuneOptions, check_options, default_space, parse_search
+
+    if args.validation_split is None:
+        args.validation_split = args.tune_validation_split
+    user_run_dir = args.run_dir
+    base = config_from_args(args)
+    if user_run_dir is None:
+        base.run_dir += "-tune"
+    fixed = {name for name in SEARCHABLE if getattr(args, name, None) is not None}
+    space = parse_search(args.search, default_space(base, fixed), fixed)
+    options = TuneOptions(base, args.trials, space, args.max_params, args.parallel, args.prune)
+    check_options(options, count_parameters=False)
+    return options
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Starts from the preset (for a folder of pictures without --preset, the
     folder recipe sized by the folder) and overrides every field the user gave."""
@@ -247,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(train)
     train.add_argument("--summary", action="store_true", help="print the layer summary and exit without training")
 
+    tune = commands.add_parser("tune", help="search the training settings: many small trials, one study (docs/tuning.md)")
+    _add_train_flags(tune)
+    _add_tune_flags(tune)
+
     summary = commands.add_parser("summary", help="print each layer's output shape and parameters")
     _add_train_flags(summary)
 
@@ -299,6 +338,27 @@ def _train(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from lenet_tf.tune import WORKER_VARIABLE, check_options, finish, run_parallel, run_worker
+
+    options = args.tune_options
+    in_a_parallel_run = bool(os.environ.get(WORKER_VARIABLE))
+    if not in_a_parallel_run:
+        check_options(options)  # With --max-params against the models' parameter counts.
+    if options.parallel > 1:
+        code = run_parallel(options, args.argv)
+        if code:
+            return code
+    else:
+        run_worker(options)
+    if in_a_parallel_run:
+        return 0  # The parent finishes.
+    if finish(options) is None:
+        print("tune: the remaining trials are in other workers' hands; the last one to finish writes best.json",
+              flush=True)
+    return 0
+
+
 def _check_flags_and_start_reading_data(args) -> None:
     """Before TensorFlow's import, for `train` and `summary`: turns the flags
     into `args.config`, so that a mistake is reported at once rather than
@@ -306,6 +366,7 @@ def _check_flags_and_start_reading_data(args) -> None:
     reading its data into `args.background_load`, which the import does not
     need (None when nothing is read)."""
     args.config = config_from_args(args) if args.command in ("train", "summary") else None
+    args.tune_options = _tune_options(args) if args.command == "tune" else None
     args.background_load = None
     if args.command == "train" and not args.summary:
         from lenet_tf.folders import FOLDER_DATASET
@@ -432,7 +493,7 @@ def _serve_web(args) -> int:
 
 
 HANDLERS = {
-    "train": _train, "summary": _summary, "export": _export, "evaluate": _evaluate,
+    "train": _train, "tune": _tune, "summary": _summary, "export": _export, "evaluate": _evaluate,
     "predict": _predict, "tensorboard": _tensorboard, "serve-web": _serve_web,
 }
 # Servers of files already written: they start at once, without TensorFlow's import.
@@ -442,6 +503,10 @@ WITHOUT_TENSORFLOW = ("serve-web", "tensorboard")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A `tune --parallel K` starts its workers with the same arguments.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.argv[:1] == [args.command]:
+        args.argv = args.argv[1:]
     try:
         _check_flags_and_start_reading_data(args)
     except UsageError as error:

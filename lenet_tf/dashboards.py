@@ -34,7 +34,8 @@ HPARAM_KEYS = ("preset", "activation", "pooling", "learning_rate", "batch_size",
                "batch_norm", "dropout", "conv_filters", "dense_units", "strategy", "kernel_size", "crop",
                "whiten_first_conv", "optimizer", "momentum", "weight_decay", "label_smoothing", "lr_schedule",
                "warmup_epochs", "augment", "test_time_flip", "validation_split")
-FINAL_METRIC_TAGS = ("final/test_accuracy", "final/test_loss", "final/train_accuracy", "final/train_loss")
+FINAL_METRIC_TAGS = ("final/test_accuracy", "final/test_loss", "final/train_accuracy", "final/train_loss",
+                     "final/validation_accuracy", "final/validation_loss")
 
 
 def _figure_to_image(figure) -> np.ndarray:

@@ -10,6 +10,7 @@ tests pass small in-memory datasets and a strategy; the CLI passes neither.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import math
 import re
@@ -63,6 +64,9 @@ class Pipelines:
     train_images: np.ndarray
     global_batch_size: int
     replicas: int = 1
+    # The held-out validation split, when there is one (else None).
+    validation_images: np.ndarray | None = None
+    validation_labels: np.ndarray | None = None
 
     @property
     def train_count(self) -> int:
@@ -81,6 +85,8 @@ def train_and_evaluate(
     out: TextIO | None = None,
     started: float | None = None,
     background_load: BackgroundLoad | None = None,
+    extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
+    evaluate_test: bool = True,
 ) -> dict[str, Any]:
     """Trains, evaluates and exports one run; returns the metrics dict it writes.
 
@@ -94,10 +100,18 @@ def train_and_evaluate(
         background_load: the data, if already being read (the CLI starts
             reading before it imports TensorFlow); used when it is for
             `config.dataset` and `config.data_dir`.
+        extra_callbacks: Keras callbacks run after the run's own each epoch
+            (`lenet-tf tune` reports validation accuracy to its pruner).
+        evaluate_test: False for a run that must not see the test split (a
+            tuning trial, which chooses on its validation split): no test
+            evaluation, and the image dashboards show the validation split.
+            Needs `config.validation_split`.
     """
     clock = Clock(time.time() if started is None else started)
     out = out or sys.stdout
     config.validate()
+    if not evaluate_test and not config.validation_split:
+        raise UsageError("a run without the test split needs --validation-split to validate on")
     # The strategy comes first: multi-worker collectives must be set up before
     # any other TensorFlow op runs in this process.
     placement = placement or make_placement(config)
@@ -106,12 +120,12 @@ def train_and_evaluate(
     try:
         if placement.is_chief:
             with holding(run_dir, "training"):
-                return _run(config, data, placement, run_dir, run_dir, out, clock)
+                return _run(config, data, placement, run_dir, run_dir, out, clock, extra_callbacks, evaluate_test)
         # Non-chief workers write to a scratch folder that is removed
         # afterwards, so that only the chief's outputs exist.
         scratch = RunDir(worker_scratch_dir(run_dir.root, placement.task_index))
         try:
-            return _run(config, data, placement, run_dir, scratch, out, clock)
+            return _run(config, data, placement, run_dir, scratch, out, clock, extra_callbacks, evaluate_test)
         finally:
             shutil.rmtree(scratch.root, ignore_errors=True)
     except (UsageError, StoppedError):
@@ -153,10 +167,11 @@ class Clock:
 
 
 def _run(config: TrainConfig, datasets: Datasets | BackgroundLoad | None, placement: Placement, run_dir: RunDir,
-         write_to: RunDir, out: TextIO, clock: Clock) -> dict[str, Any]:
+         write_to: RunDir, out: TextIO, clock: Clock, extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
+         evaluate_test: bool = True) -> dict[str, Any]:
     """The stages of a run. `run_dir` is the run's folder (the chief's backup is
     read from it); `write_to` is where this process writes (a scratch folder on
-    non-chief workers)."""
+    non-chief workers). `extra_callbacks`, `evaluate_test`: as train_and_evaluate's."""
     clock.mark("start-up (interpreter, TensorFlow, strategy)")
     _prepare_outputs(config, placement, write_to)
     datasets = _load_data(config, datasets)
@@ -175,12 +190,15 @@ def _run(config: TrainConfig, datasets: Datasets | BackgroundLoad | None, placem
     config.write(write_to.config)
     clock.mark("pipelines and model")
     throughput = ThroughputCallback(pipelines.train_count)
-    callbacks = make_callbacks(config, write_to, datasets, throughput, placement.is_chief)
+    # A run kept from the test split shows its validation split in the image dashboards.
+    shown = datasets if evaluate_test else dataclasses.replace(
+        datasets, test_images=pipelines.validation_images, test_labels=pipelines.validation_labels)
+    callbacks = make_callbacks(config, write_to, shown, throughput, placement.is_chief) + list(extra_callbacks)
     history, epochs_run, kept_epoch = _fit(config, model, pipelines, epochs_done, callbacks, write_to, out)
     clock.mark("fit (training, validation, checkpoints, epoch dashboards)")
-    evaluation = _evaluate(config, model, pipelines, history, epochs_run, clock, kept_epoch)
+    evaluation = _evaluate(config, model, pipelines, history, epochs_run, clock, kept_epoch, evaluate_test)
     clock.mark("test evaluation")
-    metrics = _metrics(config, placement, datasets, pipelines, history, epochs_run, evaluation, throughput)
+    metrics = _metrics(config, placement, shown, pipelines, history, epochs_run, evaluation, throughput)
     if config.early_stopping_patience:
         metrics["kept_epoch"] = len(history.get("loss", [])) if kept_epoch is None else kept_epoch + 1
     _write_results_and_export(config, model, datasets, metrics, write_to, callbacks, clock,
@@ -237,13 +255,15 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
     test = make_dataset(datasets.test_images, datasets.test_labels, global_batch_size, False, config.seed,
                         replicas=replicas)
     validation = test
+    validation_images = validation_labels = None
     if config.validation_split:
         order = np.random.default_rng(config.seed).permutation(len(train_images))
         held_out = order[: int(round(len(order) * config.validation_split))]
         kept = order[len(held_out):]
         _check_enough_for_the_replicas("validation split", len(held_out), global_batch_size, replicas,
                                        "--validation-split")
-        validation = make_dataset(train_images[held_out], train_labels[held_out], global_batch_size, False,
+        validation_images, validation_labels = train_images[held_out], train_labels[held_out]
+        validation = make_dataset(validation_images, validation_labels, global_batch_size, False,
                                   config.seed, replicas=replicas)
         train_images, train_labels = train_images[kept], train_labels[kept]
     if global_batch_size > len(train_images):
@@ -254,7 +274,8 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
         )
     train = make_dataset(train_images, train_labels, global_batch_size, True, config.seed, augment=config.augment,
                          replicas=replicas)
-    return Pipelines(train, validation, test, train_images, global_batch_size, replicas)
+    return Pipelines(train, validation, test, train_images, global_batch_size, replicas, validation_images,
+                     validation_labels)
 
 
 def _check_enough_for_the_replicas(split: str, count: int, global_batch_size: int, replicas: int,
@@ -427,20 +448,23 @@ def _lost_worker_message(error: tf.errors.OpError, config: TrainConfig) -> str:
 
 
 def _evaluate(config: TrainConfig, model: keras.Model, pipelines: Pipelines, history: dict[str, list[float]],
-              epochs_run: int, clock: Clock, kept_epoch: int | None = None) -> dict[str, float]:
-    """The test split, evaluated once; the validation split too when there is one."""
+              epochs_run: int, clock: Clock, kept_epoch: int | None = None,
+              evaluate_test: bool = True) -> dict[str, float]:
+    """The test split, evaluated once (unless `evaluate_test` is False); the validation split too when there is one."""
     # fit has already evaluated these weights on its validation data, after
     # the last epoch or the kept one; a second pass would compute the same numbers.
     epoch = -1 if kept_epoch is None else kept_epoch
     last_validation = (history["val_loss"][epoch], history["val_accuracy"][epoch]) \
         if epochs_run and "val_loss" in history else None
-    if config.validation_split or last_validation is None:
-        test_loss, test_accuracy = model.evaluate(pipelines.test, verbose=0)
-    else:
-        test_loss, test_accuracy = last_validation  # Validation ran on the test split, as in the book.
-    evaluation = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy),
-                  # The time a user waits for a trained and tested model, before any export.
-                  "seconds_to_tested_model": clock.seconds()}
+    evaluation: dict[str, float] = {}
+    if evaluate_test:
+        if config.validation_split or last_validation is None:
+            test_loss, test_accuracy = model.evaluate(pipelines.test, verbose=0)
+        else:
+            test_loss, test_accuracy = last_validation  # Validation ran on the test split, as in the book.
+        evaluation.update(test_loss=float(test_loss), test_accuracy=float(test_accuracy))
+    # The time a user waits for a trained and tested model, before any export.
+    evaluation["seconds_to_tested_model"] = clock.seconds()
     if config.validation_split:
         validation_loss, validation_accuracy = last_validation or model.evaluate(pipelines.validation, verbose=0)
         evaluation.update(validation_loss=float(validation_loss), validation_accuracy=float(validation_accuracy))
@@ -467,7 +491,7 @@ def _metrics(config: TrainConfig, placement: Placement, datasets: Datasets, pipe
         "train_examples": pipelines.train_count,
         "validation": (f"{config.validation_split:.0%} of the training split" if config.validation_split
                        else "test split"),
-        "test_examples": len(datasets.test_images),
+        "test_examples": len(datasets.test_images) if "test_accuracy" in evaluation else 0,
         "history": history,
         "exports": {},
     }
@@ -522,9 +546,10 @@ def _export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics
 def _print_summary(metrics: dict[str, Any], placement: Placement, out: TextIO) -> None:
     """The book's summary lines, plus how long the user waited for a tested model."""
     device_kind = "GPU" if any("GPU" in device.upper() for device in placement.devices) else "CPU"
+    held_out = f"test acc {metrics['test_accuracy']:.3f}" if "test_accuracy" in metrics else \
+        f"validation acc {metrics['validation_accuracy']:.3f} (test split not used)"
     print(f"loss {metrics['train_loss']:.3f}, train acc {metrics['train_accuracy']:.3f}, "
-          f"test acc {metrics['test_accuracy']:.3f}, tested after {metrics['seconds_to_tested_model']:.1f} s",
-          file=out)
+          f"{held_out}, tested after {metrics['seconds_to_tested_model']:.1f} s", file=out)
     if metrics["examples_per_sec"] is None:
         print(f"no epochs left to train: the backup held all {metrics['epochs']}", file=out)
     else:

@@ -534,3 +534,25 @@ def test_a_stop_that_lands_while_tensorflow_raises_a_peers_loss_is_still_a_stop(
     assert _passed_on_stop(seen)
     assert not _passed_on_stop(RuntimeError("pybind11::error_already_set: MISMATCH of original and normalized "
                                             "active exception types: ORIGINAL ValueError REPLACED BY TypeError"))
+
+
+@pytest.mark.slow
+def test_the_tune_sbatch_script_runs_one_trial_worker_per_task_on_one_study(slurm_cluster, tmp_path):
+    """slurm/tune.sbatch on two tasks: each trial trained once by one of them, none lost, both trained."""
+    run_dir = tmp_path / "run"
+    job_id = slurm_cluster.run(
+        "sbatch", "--parsable", "--ntasks=2", f"--output={tmp_path / 'job-%j.out'}", f"--chdir={REPO_ROOT}",
+        str(REPO_ROOT / "slurm" / "tune.sbatch"), "--trials", "4", "--epochs", "1", "--limit-train", "1024",
+        "--limit-test", "256", "--image-every-epochs", "0", "--search", "batch-size=128|256", "--search",
+        "conv-filters=6,16|16,32", "--search", "dense-units=64", "--format", "", "--run-dir", str(run_dir)).strip()
+    output = tmp_path / f"job-{job_id}.out"
+    _wait(lambda: slurm_cluster.job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), "finished job",
+          timeout=900, details=lambda: _job_details(slurm_cluster, job_id, output))
+    log = output.read_text()
+    assert slurm_cluster.job_state(job_id) == "COMPLETED", log[-3000:]
+    started = re.findall(r"^tune: trial (\d+) \(SLURM task (\d)\)", log, re.MULTILINE)
+    assert sorted(int(number) for number, _ in started) == [0, 1, 2, 3], log[-3000:]  # Each once, none lost.
+    assert {task for _, task in started} == {"0", "1"}  # Both tasks trained.
+    assert sorted(path.name for path in (run_dir / "trials").iterdir()) == ["0", "1", "2", "3"]
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["trials"] == 4 and "Traceback" not in log

@@ -1,0 +1,206 @@
+"""`lenet-tf tune`: the search space and its flags, bad input, a small search end
+to end through a SIGTERM and its resume, and two workers sharing one study."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lenet_tf import cli
+from lenet_tf.config import TrainConfig
+from lenet_tf.errors import UsageError
+from lenet_tf.run_dir import RunDir
+from lenet_tf.tune import (
+    DEFAULT_SPACE, Choice, Range, TuneOptions, check_options, default_space, parse_search, setting_value,
+    settings_as_flags,
+)
+
+from conftest import REPO_ROOT, backed_up_epochs, read_event_tags, run_cli, wait_for
+
+# Small and quick: about two seconds a trial on two cores.
+SMALL_SEARCH = ["--limit-train", "1024", "--limit-test", "256", "--image-every-epochs", "0",
+                "--search", "batch-size=128|256", "--search", "conv-filters=6,16|16,32", "--search", "dense-units=64"]
+
+
+def test_the_search_flags_narrow_widen_and_fix_the_space():
+    space = parse_search(["learning-rate=0.01..0.5", "conv_filters=6,16|16,32", "activation=relu",
+                          "kernel-size=3|5", "epochs=2..4"], DEFAULT_SPACE, fixed=set())
+    assert space["learning_rate"] == Range(0.01, 0.5, log=True)  # The default's log scale is kept.
+    assert space["conv_filters"] == Choice(("6,16", "16,32"))
+    assert space["activation"] == Choice(("relu",))  # One value fixes it.
+    assert space["kernel_size"] == Choice(("3", "5"))  # A setting outside the default space joins it.
+    assert space["epochs"] == Range(2, 4) and isinstance(space["epochs"].low, int)
+    assert set(DEFAULT_SPACE) <= set(space)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("optimiser=sgd", "--optimiser is not a setting the search can vary"),
+    ("run-dir=x", "--run-dir is not a setting the search can vary"),
+    ("learning-rate", "must read NAME=LOW..HIGH"),
+    ("learning-rate=0.5..0.1", "low end must be below its high end"),
+    ("activation=a..b", "takes values, not a range"),
+    ("dropout=x..0.5", "must be numbers"),
+])
+def test_a_bad_search_flag_is_one_clear_error(spec, message):
+    with pytest.raises(UsageError, match=message):
+        parse_search([spec], DEFAULT_SPACE, fixed=set())
+
+
+def test_a_flag_fixes_its_setting_and_digits_are_never_flipped():
+    space = default_space(TrainConfig(dataset="mnist"), fixed={"activation"})
+    assert "activation" not in space and space["augment"] == Choice(("none", "shift"))
+    with pytest.raises(UsageError, match="--activation is both given as a flag"):
+        parse_search(["activation=relu"], space, fixed={"activation"})
+
+
+def test_settings_read_and_write_as_flags():
+    settings = {name: setting_value(name, text) for name, text in
+                (("conv_filters", "16,32"), ("batch_norm", "off"), ("learning_rate", "0.25"), ("batch_size", "64"),
+                 ("augment", "shift"))}
+    assert settings == {"conv_filters": (16, 32), "batch_norm": False, "learning_rate": 0.25, "batch_size": 64,
+                        "augment": "shift"}
+    assert settings_as_flags(settings) == ("--conv-filters 16,32 --no-batch-norm --learning-rate 0.25 "
+                                           "--batch-size 64 --augment shift")
+    with pytest.raises(UsageError, match="on or off"):
+        setting_value("batch_norm", "yes")
+
+
+def test_every_default_setting_is_a_valid_value_and_the_defaults_fit_max_params():
+    check_options(TuneOptions(TrainConfig(validation_split=0.1), 8, default_space(TrainConfig())))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--trials", "0"], "--trials must be a positive integer (got 0)"),
+    (["--trials", "3", "--search", "optimiser=sgd"], "--optimiser is not a setting the search can vary"),
+    (["--trials", "3", "--max-params", "5000"], "--max-params 5,000: no setting of the search space is that small"),
+    (["--trials", "3", "--search", "batch-size=0|64"], "--batch-size must be a positive integer (got 0)"),
+    (["--trials", "3", "--validation-split", "0"], "--validation-split must be above 0"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(arguments, message, capsys, tmp_path):
+    assert cli.main(["tune", "--run-dir", str(tmp_path / "run"), *arguments]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lenet-tf tune: error: ") and message in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def _tune_command(run_dir: Path, trials: int, epochs: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lenet_tf", "tune", *SMALL_SEARCH, "--trials", str(trials), "--epochs",
+            str(epochs), "--run-dir", str(run_dir), "--export-dir", str(run_dir.parent / "exports"), *extra]
+
+
+def _trial_metrics(run_dir: Path) -> dict[int, Path]:
+    return {int(path.parent.name): path for path in (run_dir / "trials").glob("*/metrics.json")}
+
+
+def _hparams(log_dir: Path) -> dict:
+    """The hyperparameters a run's TensorBoard logs record for the HParams dashboard."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    accumulator = read_event_tags(log_dir)
+    content = accumulator.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    data = plugin_data_pb2.HParamsPluginData.FromString(content)
+    return {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+            for name, value in data.session_start_info.hparams.items()}
+
+
+@pytest.mark.slow
+def test_a_small_search_stopped_by_sigterm_resumes_to_its_trials_best_and_export(tmp_path, fashion_mnist_dir):
+    """3 trials of 3 epochs; SIGTERM once the third trial has backed up an epoch:
+    the same command takes it over from its backup, and leaves the first two as they were."""
+    run_dir = tmp_path / "run"
+    command = _tune_command(run_dir, 3, 3, "--format", "saved_model")
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    first = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        wait_for(lambda: len(_trial_metrics(run_dir)) >= 2
+                 and backed_up_epochs(RunDir(run_dir / "trials" / "2").backup_metadata) >= 1, [first],
+                 "second trial finished and the third's first epoch backed up")
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "lenet-tf tune: terminated (SIGTERM); run the same command again to resume"
+    kept = {number: path.read_bytes() for number, path in _trial_metrics(run_dir).items()}
+    assert sorted(kept) == [0, 1] and not (run_dir / "best.json").exists()
+
+    second = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "tune: taking over trial 2, left unfinished" in second.stdout
+    assert re.findall(r"^tune: trial (\d+) \(", second.stdout, re.MULTILINE) == ["2"]  # Only trial 2 trained.
+    finished = _trial_metrics(run_dir)
+    assert sorted(finished) == [0, 1, 2]
+    assert {number: finished[number].read_bytes() for number in (0, 1)} == kept  # Untouched on disk.
+    resumed = json.loads(finished[2].read_text())
+    assert len(resumed["history"]["loss"]) == 3 and resumed["epochs_run_this_session"] < 3
+
+    best = json.loads((run_dir / "best.json").read_text())
+    assert set(best) >= {"trial", "settings", "validation_accuracy", "test_accuracy"} and best["trials"] == 3
+    trial = json.loads((run_dir / "trials" / str(best["trial"]) / "metrics.json").read_text())
+    assert best["validation_accuracy"] == pytest.approx(trial["validation_accuracy"])
+    assert 0.0 <= best["test_accuracy"] <= 1.0
+    for number in range(3):
+        metrics = json.loads(finished[number].read_text())
+        assert "test_accuracy" not in metrics and metrics["test_examples"] == 0  # Trials never see the test split.
+        config = TrainConfig.read(run_dir / "trials" / str(number) / "config.json")
+        hparams = _hparams(run_dir / "trials" / str(number) / "logs")
+        assert hparams["learning_rate"] == pytest.approx(config.learning_rate)
+        assert hparams["conv_filters"] == ",".join(map(str, config.conv_filters))
+        assert hparams["batch_size"] == config.batch_size
+    card = json.loads((Path(best["export"]) / "metadata.json").read_text())
+    assert card["metrics"]["tuning"]["trial"] == best["trial"]
+    assert card["metrics"]["tuning"]["settings"] == best["settings"]
+    assert card["metrics"]["test_accuracy"] == best["test_accuracy"]
+
+    # Run again once finished: nothing to train, nothing new exported.
+    again = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "tune: trial" not in again.stdout, again.stdout
+    assert json.loads((run_dir / "best.json").read_text()) == best
+    assert [path.name for path in Path(best["export"]).parent.iterdir()] == ["1"]
+
+
+@pytest.mark.slow
+def test_two_workers_at_once_share_one_study_and_train_each_trial_once(tmp_path, fashion_mnist_dir):
+    run_dir = tmp_path / "run"
+    command = _tune_command(run_dir, 4, 1, "--format", "")
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    started = [re.findall(r"^tune: trial (\d+) \(process (\d+)\)", stdout, re.MULTILINE) for stdout, _ in outputs]
+    numbers = sorted(int(number) for trials in started for number, _ in trials)
+    assert numbers == [0, 1, 2, 3]  # Each trained once, none lost.
+    assert all(started), "both workers trained"
+    assert sorted(_trial_metrics(run_dir)) == [0, 1, 2, 3]
+    assert json.loads((run_dir / "best.json").read_text())["trials"] == 4
+
+
+def test_the_docs_show_the_tune_sbatch_script():
+    page = (REPO_ROOT / "docs" / "tuning.md").read_text()
+    assert f"```bash\n{(REPO_ROOT / 'slurm' / 'tune.sbatch').read_text()}```" in page
+
+
+def test_the_starting_settings_are_in_the_space_and_are_the_first_trial():
+    """A preset's values outside the default space join it, so that the search's
+    first trial trains the starting settings, which the others must beat."""
+    from lenet_tf.tune import allowed_structures, starting_params
+
+    base = TrainConfig(batch_size=32, learning_rate=2.0, dense_units=(100,), validation_split=0.1)
+    space = default_space(base)
+    assert "32" in space["batch_size"].values and space["learning_rate"] == Range(0.01, 2.0, log=True)
+    options = TuneOptions(base, 8, space)
+    params = starting_params(options, allowed_structures(options))
+    assert params["batch_size"] == "32" and params["learning_rate"] == 2.0
+    assert params["structure"] == "conv_filters=6,16 dense_units=100 batch_norm=off"
+    narrowed = TuneOptions(base, 8, parse_search(["batch-size=64|128"], space, fixed=set()))
+    assert starting_params(narrowed, allowed_structures(narrowed)) is None  # Not in the space: not compared.
