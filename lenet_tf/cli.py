@@ -129,7 +129,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
     runtime = parser.add_argument_group("runtime and outputs")
     runtime.add_argument("--steps-per-execution", type=int, help=f"training steps per call into TensorFlow (default: {defaults.steps_per_execution})")
-    runtime.add_argument("--strategy", choices=STRATEGIES, help="tf.distribute strategy; auto = mirrored on GPUs, default on CPU (default: auto)")
+    runtime.add_argument("--strategy", choices=STRATEGIES, help="tf.distribute strategy; auto = multi_worker over the tasks of a SLURM step (srun -n N), else mirrored on GPUs, default on CPU; multi_worker takes --worker-hosts or TF_CONFIG (default: auto)")
     runtime.add_argument("--logical-cpus", type=int, help="split the CPU into N logical devices, e.g. for --strategy mirrored without GPUs (default: 0 = no split)")
     runtime.add_argument("--worker-hosts", type=_str_list, help="multi-worker: comma-separated host:port of every worker (default: use TF_CONFIG)")
     runtime.add_argument("--task-index", type=int, help="multi-worker: this worker's index in --worker-hosts")

@@ -201,12 +201,12 @@ def check_can_export(config: TrainConfig) -> None:
         if export_format in config.export_formats and not all(
             importlib.util.find_spec(name) for name in ("tf2onnx", "onnxruntime")
         ):
-            raise UsageError(f"--format {export_format} needs tf2onnx and onnxruntime: pip install 'lenet-tf[onnx]'")
+            raise UsageError(f"--format {export_format} needs tf2onnx and onnxruntime: pip install tf2onnx onnxruntime (or, in a clone, pip install -e '.[onnx]')")
     if "web" in config.export_formats:
         webpage.runtime_dir()
     if "micro" in config.export_formats and not importlib.util.find_spec("tflite_micro"):
         raise UsageError("--format micro needs tflite-micro, whose interpreter proves and measures the model: "
-                         "pip install 'lenet-tf[micro]'")
+                         "pip install tflite-micro (or, in a clone, pip install -e '.[micro]')")
     ensure_writable_dir(Path(config.export_dir), "export directory")
 
 

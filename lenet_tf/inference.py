@@ -182,7 +182,7 @@ def _onnx_predictor(path: Path, batch_size: int) -> Predictor:
     try:
         import onnxruntime
     except ImportError:
-        raise UsageError(f"{path} is an ONNX model; running it needs onnxruntime: pip install 'lenet-tf[onnx]'") from None
+        raise UsageError(f"{path} is an ONNX model; running it needs onnxruntime: pip install onnxruntime (or, in a clone, pip install -e '.[onnx]')") from None
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types for bad files.
@@ -256,7 +256,7 @@ def _micro_predictor(path: Path, micro_runtime: str) -> Predictor:
             from tflite_micro import runtime
         except ImportError:
             raise UsageError(f"{path} is a micro model; running it in TFLM's interpreter needs tflite-micro: "
-                             "pip install 'lenet-tf[micro]'") from None
+                             "pip install tflite-micro (or, in a clone, pip install -e '.[micro]')") from None
         micro_interpreter = runtime.Interpreter.from_file(str(path), arena_size=RUN_ARENA)
         # TFLM's details name the quantisation as LiteRT's per-channel form does.
         input_details, output_details = [

@@ -263,7 +263,7 @@ def check_options(options: TuneOptions, count_parameters: bool = True) -> None:
     try:
         import optuna  # noqa: F401
     except ImportError:
-        raise UsageError("lenet-tf tune needs Optuna: pip install 'lenet-tf[tune]' (or pip install optuna)") from None
+        raise UsageError("lenet-tf tune needs Optuna: pip install optuna (or, in a clone, pip install -e '.[tune]')") from None
     if options.trials < 1:
         raise UsageError(f"--trials must be a positive integer (got {options.trials})")
     if options.parallel < 1:
