@@ -267,13 +267,18 @@ class BestEpoch(keras.callbacks.Callback):
         best = max(epochs)
         return max(index for index, accuracy in enumerate(epochs) if accuracy == best)
 
+    def stopped(self) -> bool:
+        """Whether the epochs recorded already ran `patience` past the best:
+        a run resumed after it stopped early has nothing left to train."""
+        best, last = self.best_epoch(), len(self.history.as_history().get("val_accuracy", [])) - 1
+        return best is not None and last - best >= self.patience
+
     def on_epoch_end(self, epoch, logs=None):
         if not _finite_loss(logs):
             return
-        best = self.best_epoch()
-        if best == epoch:
+        if self.best_epoch() == epoch:
             save_atomically(self.model, self.path)
-        elif best is not None and epoch - best >= self.patience:
+        elif self.stopped():
             self.model.stop_training = True
 
     def restore_best(self, model: keras.Model) -> int | None:

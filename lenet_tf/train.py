@@ -405,6 +405,9 @@ def _fit(config: TrainConfig, model: keras.Model, pipelines: Pipelines, epochs_d
     # Again here: a multi-worker runtime may install its own SIGTERM handler
     # after the strategy was created, and a stop must still stop the run.
     take_back_sigterm()
+    best = next((callback for callback in callbacks if isinstance(callback, BestEpoch)), None)
+    if best and best.stopped():
+        epochs_done = config.epochs  # It stopped early: the same command again trains nothing more.
     session = model.fit(
         pipelines.train,
         epochs=config.epochs,
@@ -423,7 +426,6 @@ def _fit(config: TrainConfig, model: keras.Model, pipelines: Pipelines, epochs_d
             f"(was {config.learning_rate}). The last good checkpoint is in {RunDir(config.run_dir).checkpoint}"
         )
     history = _callback_of_type(callbacks, EpochHistory).as_history()
-    best = next((callback for callback in callbacks if isinstance(callback, BestEpoch)), None)
     kept = best.restore_best(model) if best else None
     if kept is not None:
         print(f"kept the weights of epoch {kept + 1} of {len(history['loss'])}, the best on the validation split "

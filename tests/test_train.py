@@ -165,3 +165,35 @@ def test_reported_test_metrics_are_a_fresh_evaluation_of_the_final_model(tmp_pat
     loss = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(small_real_datasets.test_labels, logits))
     assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert metrics["test_loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def test_best_epoch_keeps_the_best_weights_and_stops_after_the_patience(tmp_path):
+    """Validation accuracies 0.5, 0.7, 0.6, 0.7, 0.65, 0.6 with a patience of 2:
+    the later of the two 0.7 epochs (index 3) is kept, training stops at the
+    end of index 5, and a resumed run knows it has nothing left to train."""
+    import keras
+    import numpy as np
+
+    from lenet_tf.callbacks import BestEpoch, EpochHistory
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    history = EpochHistory(tmp_path / "history.json")
+    best = BestEpoch(tmp_path / "best.weights.h5", history, patience=2)
+    for callback in (history, best):
+        callback.set_model(model)
+    stopped_at = []
+    for epoch, accuracy in enumerate((0.5, 0.7, 0.6, 0.7, 0.65, 0.6)):
+        model.set_weights([np.full((2, 1), float(epoch), np.float32), np.zeros(1, np.float32)])
+        model.stop_training = False
+        history.on_epoch_begin(epoch)
+        history.on_epoch_end(epoch, {"loss": 1.0, "val_accuracy": accuracy})
+        best.on_epoch_end(epoch, {"loss": 1.0, "val_accuracy": accuracy})
+        if model.stop_training:
+            stopped_at.append(epoch)
+    assert stopped_at == [5] and best.stopped()
+    assert best.restore_best(model) == 3
+    np.testing.assert_array_equal(model.get_weights()[0], np.full((2, 1), 3.0))
+    # The same run read back from its files, as a resume reads it.
+    resumed = BestEpoch(tmp_path / "best.weights.h5", EpochHistory(tmp_path / "history.json"), patience=2)
+    assert resumed.stopped() and resumed.best_epoch() == 3
+    assert not BestEpoch(tmp_path / "best.weights.h5", EpochHistory(tmp_path / "history.json"), patience=3).stopped()
