@@ -43,6 +43,8 @@ from lenet_tf.errors import UsageError
 from lenet_tf.images import LIGHT_BORDER, MAX_FILE_BYTES, border_level, prepare, read_picture
 from lenet_tf.registry import IMAGE_SIZE, Framing
 
+# Changes whenever the recipe does, so that no cache made by another recipe is used.
+RECIPE_VERSION = "1"
 # Like Fashion-MNIST: the object's longer side fills the canvas, centred by its box.
 FOLDER_FRAMING = Framing(longest_side=IMAGE_SIZE, centre="box", keep_model_size=True)
 # Below this many pictures, starting worker processes costs more than it saves.

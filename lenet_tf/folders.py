@@ -16,17 +16,15 @@ the web page use (lenet_tf.images): grey, inverted when its border is light
 (dark on light becomes light on dark, as in the built-in datasets), the
 border's level taken as black, then cropped to the object and scaled so its
 longer side is 28 pixels, centred. A picture that is already 28x28 is used
-as it is. The decoded arrays are cached per folder under
-$XDG_CACHE_HOME/lenet_tf/folders/ (default ~/.cache), keyed by each file's
-path, size and modification time, so a second run decodes nothing and an
-edited file is decoded again.
+as it is. The decoded arrays are cached per folder (lenet_tf.folder_cache),
+keyed by each file's path, size and modification time, so a second run
+decodes nothing and an edited file is decoded again.
 
 NumPy and Pillow only: the folder is read while TensorFlow imports.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import json
@@ -35,16 +33,15 @@ import os
 import re
 import stat
 import sys
-import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
-from lenet_tf.decoding import FOLDER_FRAMING, POOL_MIN_FILES, DecoderPool, decode_files, usable_cores
+from lenet_tf.decoding import FOLDER_FRAMING, POOL_MIN_FILES, RECIPE_VERSION, DecoderPool, decode_files, usable_cores
+from lenet_tf.folder_cache import CacheWriter, cache_path, read_cache, write_cache
 from lenet_tf.errors import UsageError
 from lenet_tf.registry import IMAGE_SIZE, DatasetInfo, dataset_info, register_dataset
 from lenet_tf.run_dir import RunDir
@@ -56,8 +53,6 @@ PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".gif", ".bmp", "
 # Phones' own format, which neither Pillow nor libspng reads: counted and named, not skipped in silence.
 UNREAD_SUFFIXES = frozenset({".heic", ".heif"})
 DEFAULT_TEST_SPLIT = 0.1
-# Changes whenever the recipe does, so that no cache made by another recipe is used.
-RECIPE_VERSION = "1"
 # A read taking longer than this shows its progress on stderr.
 _PROGRESS_AFTER_SECONDS = 2.0
 
@@ -446,132 +441,7 @@ def held_out_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray
     return is_test
 
 
-# --- the cache, and reading through it ---------------------------------------
-
-def cache_path(root: Path) -> Path:
-    """Where the decoded arrays of the folder `root` are kept: one file per folder, named by its absolute path."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]
-    return base / "lenet_tf" / "folders" / f"{digest}.npy"
-
-
-def _read_cache(path: Path) -> tuple[list[tuple[str, int, int]], np.ndarray | None]:
-    """The cached pictures' keys (path, size, mtime) and arrays; no keys when there is no usable cache."""
-    try:
-        with open(path, "rb") as handle:
-            arrays = [np.load(handle, allow_pickle=False) for _ in _CACHE_ARRAYS]
-    except (OSError, ValueError, EOFError):
-        return [], None  # No cache yet, or a damaged one: decode again.
-    recipe, paths, images, sizes, mtimes, checksum = arrays
-    if str(recipe) != RECIPE_VERSION or not len(paths) == len(sizes) == len(mtimes) == len(images) \
-            or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.dtype != np.uint8 \
-            or checksum.shape != () or int(checksum) != zlib.crc32(images):
-        return [], None  # Another recipe's, or pixels not as written (a crash before they reached the disk).
-    return list(zip(paths.tolist(), sizes.tolist(), mtimes.tolist())), images
-
-
-# The cache file: these arrays, one after the other, each in NumPy's .npy format (an .npz's
-# zip layer would cost more than the reading itself). The pixels come before the sizes and
-# times, which a first read learns only at its end; the CRC-32 of the pixels, last, shows
-# they are what was written, without the cost of forcing them to the disk before the rename.
-_CACHE_ARRAYS = ("recipe", "paths", "images", "sizes", "mtimes", "checksum")
-
-
-class _CacheWriter:
-    """Writes a folder's cache while its pictures are decoded: the pixels of
-    each batch as it lands (os.pwrite, beside the decoding workers), the keys
-    at the end, then renames the file into place, so that a reader sees the
-    old cache or the new one. A cache that cannot be written (its folder not
-    writable, a full disk) is skipped, and the run says so in one line."""
-
-    def __init__(self, path: Path, relatives: list[str]):
-        self.path, self.count = path, len(relatives)
-        self.temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        self.handle = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _remove_abandoned(path)
-            self.handle = open(self.temporary, "wb")
-            _UNFINISHED.add(self.temporary)
-            np.save(self.handle, np.array(RECIPE_VERSION), allow_pickle=False)
-            np.save(self.handle, np.array(relatives, str), allow_pickle=False)
-            np.lib.format.write_array_header_1_0(self.handle, {"descr": "|u1", "fortran_order": False,
-                                                               "shape": (self.count, IMAGE_SIZE, IMAGE_SIZE)})
-            self.handle.flush()
-            self.pixels_at = self.handle.tell()
-            self.handle.truncate(self.pixels_at + self.count * IMAGE_SIZE * IMAGE_SIZE)
-        except OSError as error:
-            self.abandon(error)
-
-    def write_rows(self, images: np.ndarray, start: int, stop: int) -> None:
-        if self.handle is None:
-            return
-        pixels = memoryview(images[start:stop]).cast("B")
-        offset, written = self.pixels_at + start * IMAGE_SIZE * IMAGE_SIZE, 0
-        try:
-            while written < len(pixels):
-                written += os.pwrite(self.handle.fileno(), pixels[written:], offset + written)
-        except OSError as error:
-            self.abandon(error)  # A full disk: no cache this time.
-
-    def finish(self, images: np.ndarray, sizes: list[int], mtimes: list[int]) -> None:
-        if self.handle is None:
-            return
-        try:
-            self.handle.seek(0, os.SEEK_END)
-            for array in (np.array(sizes, np.int64), np.array(mtimes, np.int64), np.array(zlib.crc32(images))):
-                np.save(self.handle, array, allow_pickle=False)
-            self.handle.close()
-            os.replace(self.temporary, self.path)
-            _UNFINISHED.discard(self.temporary)
-            self.path.with_suffix(".npz").unlink(missing_ok=True)  # The cache as earlier versions kept it.
-        except OSError as error:
-            self.abandon(error)
-        self.handle = None
-
-    def abandon(self, error: OSError | None = None) -> None:
-        """Drops the unfinished file; with the error that made it fail, says so."""
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
-        with contextlib.suppress(OSError):  # Not a folder, say: then there is no file either.
-            self.temporary.unlink(missing_ok=True)
-        _UNFINISHED.discard(self.temporary)
-        if error is not None:
-            print(f"cannot keep the decoded pictures in {self.path.parent} ({error.strerror or error}); training "
-                  "on without that cache, so the next run decodes them again (point $XDG_CACHE_HOME at a "
-                  "writable folder to keep it)", flush=True)  # stdout: stderr is silenced while TensorFlow imports.
-
-
-# The cache files being written: removed if the process exits first (a stop
-# during the read ends the thread that reads without letting it clean up).
-_UNFINISHED: set[Path] = set()
-
-
-@atexit.register
-def _remove_unfinished() -> None:
-    for path in list(_UNFINISHED):
-        path.unlink(missing_ok=True)
-
-
-def _remove_abandoned(path: Path) -> None:
-    """Removes the unfinished cache files of `path` whose process is gone (killed, say)."""
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            os.kill(int(leftover.name.split(".")[-3]), 0)
-        except (ValueError, IndexError, ProcessLookupError):
-            leftover.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # Another user's process, alive.
-
-
-def _write_cache(path: Path, keys: list[tuple[str, int, int]], images: np.ndarray) -> None:
-    """The pictures' keys (path, size, mtime) and arrays, at once."""
-    paths, sizes, mtimes = (list(column) for column in zip(*keys)) if keys else ([], [], [])
-    writer = _CacheWriter(path, paths)
-    writer.write_rows(images, 0, len(images))
-    writer.finish(images, sizes, mtimes)
-
+# --- reading, through the cache ----------------------------------------------
 
 class FolderPictures(NamedTuple):
     """A folder's pictures as read: the arrays, how many were decoded (not taken
@@ -597,7 +467,7 @@ def read_pictures(listing: FolderListing, progress: TextIO | None = None, worker
     progress = sys.stderr if progress is None else progress
     started = time.monotonic()
     cache_file = cache_path(listing.root)
-    cached_keys, cached_images = _read_cache(cache_file)
+    cached_keys, cached_images = read_cache(cache_file)
     if cached_keys or listing.sizes is not None:
         listing = listing.with_sizes()
         keys = listing.keys()
@@ -613,10 +483,10 @@ def read_pictures(listing: FolderListing, progress: TextIO | None = None, worker
     if len(kept):
         images[kept] = cached_images[cached_rows[kept]]
     if not len(missing):
-        _write_cache(cache_file, keys, images)  # Pictures were removed: the cache follows.
+        write_cache(cache_file, keys, images)  # Pictures were removed: the cache follows.
         return FolderPictures(images, 0, listing)
     # The first read of a folder writes its cache as the pictures land.
-    writer = _CacheWriter(cache_file, listing.relatives) if len(missing) == len(listing) else None
+    writer = CacheWriter(cache_file, listing.relatives) if len(missing) == len(listing) else None
     done, shown = 0, False
 
     def landed(decoded_images: np.ndarray, start: int, stop: int) -> None:
@@ -653,11 +523,11 @@ def read_pictures(listing: FolderListing, progress: TextIO | None = None, worker
         if writer is not None:
             writer.abandon()
         good = [index for index, (relative, size, _) in enumerate(keys) if relative not in failed and size > 0]
-        _write_cache(cache_file, [keys[index] for index in good], images[good])
+        write_cache(cache_file, [keys[index] for index in good], images[good])
     elif writer is not None:
         writer.finish(images, sizes, mtimes)
     else:
-        _write_cache(cache_file, keys, images)
+        write_cache(cache_file, keys, images)
     if empty:
         raise UsageError(f"{listing.root / empty[0]} is empty (0 bytes); remove it or copy it again")
     if decoded.failures:

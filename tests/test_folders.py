@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lenet_tf import folders
+from lenet_tf import folder_cache, folders
 from lenet_tf.errors import UsageError
 from lenet_tf.registry import unregister_dataset
 
@@ -196,8 +196,8 @@ def test_a_second_read_decodes_nothing_and_an_edited_file_is_read_again(tmp_path
     listing = folders.scan_folder(root)
     first, decoded, _ = folders.read_pictures(listing)
     assert decoded == 6
-    assert folders.cache_path(root).is_file()
-    assert str(folders.cache_path(root)).startswith(str(tmp_path / "cache" / "lenet_tf" / "folders"))
+    assert folder_cache.cache_path(root).is_file()
+    assert str(folder_cache.cache_path(root)).startswith(str(tmp_path / "cache" / "lenet_tf" / "folders"))
     second, decoded, _ = folders.read_pictures(folders.scan_folder(root))
     assert decoded == 0
     np.testing.assert_array_equal(first, second)
@@ -213,7 +213,7 @@ def test_the_cache_is_per_folder(tmp_path):
     one = _write_classes(tmp_path / "one", {"a": 2, "b": 2})
     two = _write_classes(tmp_path / "two", {"a": 2, "b": 2})
     folders.read_pictures(folders.scan_folder(one))
-    assert folders.cache_path(one) != folders.cache_path(two)
+    assert folder_cache.cache_path(one) != folder_cache.cache_path(two)
     assert folders.read_pictures(folders.scan_folder(two)).decoded == 4
 
 
@@ -228,12 +228,12 @@ def test_a_large_first_read_caches_what_it_decoded_as_the_batches_land(tmp_path)
     assert second.decoded == 0
     np.testing.assert_array_equal(second.images, first.images)
     assert second.listing.keys() == first.listing.keys()
-    assert [path.name for path in folders.cache_path(root).parent.iterdir()] == [folders.cache_path(root).name]
-    folders.cache_path(root).unlink()
+    assert [path.name for path in folder_cache.cache_path(root).parent.iterdir()] == [folder_cache.cache_path(root).name]
+    folder_cache.cache_path(root).unlink()
     (root / "b" / "bad.png").write_bytes(b"not a picture")
     with pytest.raises(UsageError, match=r"^1 file\(s\) with a picture's name cannot be read"):
         folders.read_pictures(folders.scan_folder(root, sizes=False))
-    assert [path.name for path in folders.cache_path(root).parent.iterdir()] == [folders.cache_path(root).name]
+    assert [path.name for path in folder_cache.cache_path(root).parent.iterdir()] == [folder_cache.cache_path(root).name]
     (root / "b" / "bad.png").unlink()
     third = folders.read_pictures(folders.scan_folder(root))
     assert third.decoded == 0
@@ -246,7 +246,7 @@ def test_a_damaged_or_abandoned_cache_is_not_used(tmp_path):
     gone is removed by the next write."""
     root = _write_classes(tmp_path / "photos", {"a": 3, "b": 3})
     first = folders.read_pictures(folders.scan_folder(root))
-    cache = folders.cache_path(root)
+    cache = folder_cache.cache_path(root)
     data = bytearray(cache.read_bytes())
     data[data.index(first.images.tobytes()) + 100] ^= 1
     cache.write_bytes(bytes(data))
