@@ -489,7 +489,9 @@ def test_fashion_mnist_from_png_folders_trains_as_from_idx_files(tmp_path, fashi
     folder_run = run_cli("train", "--data-dir", str(root), "--run-dir", str(tmp_path / "run_folder"),
                          "--flip-keeps-class", *common, env=env)
     assert folder_run.returncode == 0, folder_run.stderr[-3000:]
-    assert "train/ and test/ with one subfolder per class" in folder_run.stdout.splitlines()[0]
+    first_lines = folder_run.stdout.splitlines()
+    assert first_lines[0].startswith("the fast preset: batch 256, 2 epochs")  # What was chosen, then what was found.
+    assert "train/ and test/ with one subfolder per class" in first_lines[1] and first_lines[1].startswith("training on")
     idx_run = run_cli("train", "--data-dir", str(idx_dir), "--run-dir", str(tmp_path / "run_idx"), *common, env=env)
     assert idx_run.returncode == 0, idx_run.stderr[-3000:]
     assert "(IDX files)" in idx_run.stdout.splitlines()[0]
