@@ -8,7 +8,7 @@
 Every number is a median over repeats after a warm-up, with the spread
 (min..max) beside it; ratios compare runs made in the same process on the
 same synthetic data (random uint8 images, 60,000 by default). Results are
-printed as a table and written as JSON and Markdown (for docs/performance.md).
+printed as a table and written as JSON and Markdown (--doc PAGE: between its bench markers).
 Timing targets live here, never in unit tests.
 """
 

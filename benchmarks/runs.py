@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lenet_tf.io_utils import child_environment
-from lenet_tf.run_dir import RunDir
+from lenet_tf.run_dir import RunDir, folder_for_training
 
 TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
 
@@ -22,6 +22,7 @@ TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
 class TrainingProcess:
     """A finished `python train.py` process: the metrics.json it wrote and how long it ran."""
 
+    run_dir: Path  # Where it trained: beside --run-dir when that held a finished run.
     metrics: dict[str, Any]
     launched: float  # time.time() when it started.
     seconds: float  # Its wall time, exports included.
@@ -35,12 +36,14 @@ def train_in_fresh_process(arguments: list[str], run_dir: str | Path) -> Trainin
     that runs leak no state into each other; raises RuntimeError with its
     stderr's end when it fails."""
     command = [sys.executable, str(TRAIN_PY), *arguments, "--run-dir", str(run_dir)]
+    # A folder that holds a finished run (a benchmark run again into its output) is not continued.
+    trained_in = folder_for_training(run_dir)
     launched = time.time()
     completed = subprocess.run(command, capture_output=True, text=True, env=child_environment())
     seconds = time.time() - launched
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
-    return TrainingProcess(json.loads(RunDir(run_dir).metrics.read_text()), launched, seconds,
+    return TrainingProcess(trained_in.root, json.loads(trained_in.metrics.read_text()), launched, seconds,
                            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 

@@ -56,7 +56,7 @@ def run_seed(dataset: str, preset: str, seed: int, scratch: Path, extra: list[st
     run = train_in_fresh_process(["--preset", preset, "--dataset", dataset, "--seed", str(seed),
                                   "--export-dir", str(scratch / "exports"), *extra], run_dir)
     metrics = run.metrics
-    curve = validation_curve(run_dir, since=run.launched)
+    curve = validation_curve(run.run_dir, since=run.launched)
     reached = next(((epoch, seconds) for epoch, accuracy, seconds in curve if accuracy >= target), None)
     return {
         "seed": seed,

@@ -125,7 +125,7 @@ class TrainConfig:
     # --- runtime ----------------------------------------------------------
     # Training steps per call into TensorFlow: more means fewer Python round
     # trips per epoch (LeNet's steps are so short that they matter); callbacks
-    # still see every epoch. The fastest of the values tried (docs/performance.md).
+    # still see every epoch. The fastest of the values tried (docs/benchmarks.md).
     steps_per_execution: int = 64
     strategy: str = "auto"
     # Split the CPU into this many logical devices before TensorFlow starts,

@@ -2,7 +2,8 @@
 
     <run_dir>/
         config.json            the resolved TrainConfig of the run
-        metrics.json           final metrics, written last (its presence means the run finished)
+        metrics.json           final metrics, written last (its presence means the run finished,
+                               and no training continues it: folder_for_training)
         history.json           every epoch's logs, across interruptions
         curves.png             the book's training plot
         checkpoints/last.keras the latest complete epoch's model
@@ -89,8 +90,35 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return self.config.is_file() and self.checkpoint.is_file()
 
+    def is_finished(self) -> bool:
+        """Whether a run finished here: metrics.json is the last file a run writes."""
+        return self.metrics.is_file()
+
     def __str__(self) -> str:
         return str(self.root)
+
+
+def folder_for_training(requested: str | Path) -> RunDir:
+    """The folder a training asked to write to `requested` trains in.
+
+    A finished run is never continued (a second run's epochs in its folder
+    would be drawn over the first's in TensorBoard): `requested` itself,
+    unless it holds a finished run, else the first of `requested`-2,
+    `requested`-3, ... that does not. That is a new folder beside the
+    finished ones, or an interrupted run there, which the same command
+    thereby resumes. Every worker of a multi-worker run and every start of a
+    requeued SLURM job reads the same folders, so all find the same one. One
+    finished run is the answer: one that an earlier start of this very SLURM
+    job finished (requeued after its run finished, before the job ended).
+    """
+    requested = Path(requested)
+    named = requested if requested.name else requested.resolve()  # "." has no name to number.
+    number = 1
+    while True:
+        candidate = RunDir(requested if number == 1 else named.with_name(f"{named.name}-{number}"))
+        if not candidate.is_finished() or _finished_by_an_earlier_start_of_this_slurm_job(candidate):
+            return candidate
+        number += 1
 
 
 @contextlib.contextmanager
@@ -171,12 +199,29 @@ def _held_by_an_earlier_start_of_this_slurm_job(descriptor: int) -> bool:
     after preemption, a node failure or `scontrol requeue`), the earlier
     start has ended, whatever lock the file system still keeps for it.
     """
+    try:
+        return _an_earlier_start_of_this_slurm_job(os.pread(descriptor, 4096, 0).decode())
+    except (OSError, ValueError):
+        return False
+
+
+def _finished_by_an_earlier_start_of_this_slurm_job(run_dir: RunDir) -> bool:
+    """Whether the last training in `run_dir` (the lock's record outlives its
+    holder) was this very SLURM job before a requeue."""
+    try:
+        return _an_earlier_start_of_this_slurm_job(run_dir.lock.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _an_earlier_start_of_this_slurm_job(record: str) -> bool:
+    """Whether a lock's record names this process's SLURM job, started fewer times than now."""
     ours = _slurm_job()
     try:
-        holder = json.loads(os.pread(descriptor, 4096, 0).decode())
+        holder = json.loads(record)
         return bool(ours) and str(holder["slurm_job_id"]) == ours["slurm_job_id"] and \
             int(holder["slurm_restart_count"]) < ours["slurm_restart_count"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return False
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import json
 import math
 import re
 import shutil
@@ -46,7 +47,7 @@ from lenet_tf.keras_compat import adapt_model_for_multi_worker, build_before_fit
 from lenet_tf.model import build_model, whiten_first_conv
 from lenet_tf.optimization import build_compiled_model
 from lenet_tf.registry import dataset_info
-from lenet_tf.run_dir import RunDir, holding
+from lenet_tf.run_dir import RunDir, folder_for_training, holding
 
 
 class NonFiniteLossError(UsageError):
@@ -91,7 +92,10 @@ def train_and_evaluate(
     """Trains, evaluates and exports one run; returns the metrics dict it writes.
 
     Args:
-        config: the run configuration (validated here).
+        config: the run configuration (validated here). A `config.run_dir`
+            that holds a finished run is not continued: the run goes to a
+            folder beside it (`run_dir.folder_for_training`), said in the
+            first line and in the metrics' `run_dir`.
         datasets: in-memory splits to use instead of loading `config.dataset`.
         placement: the strategy to train under; created from the config if None.
         out: where progress lines go (default: sys.stdout as it is at the call).
@@ -115,7 +119,16 @@ def train_and_evaluate(
     # The strategy comes first: multi-worker collectives must be set up before
     # any other TensorFlow op runs in this process.
     placement = placement or make_placement(config)
-    run_dir = RunDir(config.run_dir)
+    run_dir = folder_for_training(config.run_dir)
+    if run_dir.is_finished():
+        print(f"{run_dir} holds the run this SLURM job finished before it was started again; nothing left to "
+              "train", file=out, flush=True)
+        return json.loads(run_dir.metrics.read_text())
+    if run_dir.root != Path(config.run_dir):
+        how = "resumes the interrupted run" if run_dir.backup_metadata.is_file() else "is a new run"
+        print(f"{config.run_dir} holds a finished run, which is never continued: this one {how} in {run_dir}",
+              file=out, flush=True)
+        config = dataclasses.replace(config, run_dir=str(run_dir))
     data = datasets if datasets is not None else background_load
     try:
         if placement.is_chief:
@@ -358,8 +371,8 @@ def _changed_settings_error(config: TrainConfig, interrupted_config: TrainConfig
     if not changed:
         return None
     return UsageError(f"the backup in {backup_dir} was written by a run with other settings "
-                      f"({'; '.join(changed)}); resume with that run's flags (its config.json), or delete "
-                      "that folder to start over")
+                      f"({'; '.join(changed)}); resume with that run's flags (its config.json), delete "
+                      "that folder to start over, or pass another --run-dir")
 
 
 def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, throughput: ThroughputCallback,
@@ -478,6 +491,7 @@ def _metrics(config: TrainConfig, placement: Placement, datasets: Datasets, pipe
              throughput: ThroughputCallback) -> dict[str, Any]:
     return {
         "dataset": config.dataset,
+        "run_dir": config.run_dir,
         "class_names": list(dataset_info(config.dataset).class_names),
         "train_loss": history["loss"][-1] if history else float("nan"),
         "train_accuracy": history["accuracy"][-1] if history else float("nan"),

@@ -249,3 +249,107 @@ def test_resuming_with_other_training_settings_is_refused_and_location_changes_a
                                 preset="modern")
     metrics = train_and_evaluate(moved, datasets=small_real_datasets, out=io.StringIO())
     assert metrics["epochs_run_this_session"] == 1
+
+
+def _files_and_times(folder: Path) -> dict[str, int]:
+    return {str(path.relative_to(folder)): path.stat().st_mtime_ns for path in folder.rglob("*")}
+
+
+def test_the_same_command_after_a_finished_run_trains_a_new_run_beside_it(tmp_path, fashion_mnist_dir, capsys,
+                                                                          monkeypatch):
+    """A finished run is never continued: the same command (or another
+    preset) again is a new run in the next free runs/<dataset>-N, said in its
+    first line, so TensorBoard shows two runs instead of one run's curves
+    drawn over the other's; the finished folder is left as it was."""
+    from lenet_tf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    command = ["train", "--data-dir", str(fashion_mnist_dir), "--limit-train", "512", "--limit-test", "256",
+               "--batch-size", "64", "--epochs", "2", "--format", "", "--image-every-epochs", "0"]
+    assert main(command) == 0
+    first = RunDir("runs/fashion_mnist")
+    assert first.metrics.is_file()
+    before = _files_and_times(first.root)
+    capsys.readouterr()
+
+    assert main(command) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "runs/fashion_mnist holds a finished run, which is never continued: this one is a new run in "
+        "runs/fashion_mnist-2")
+    assert _files_and_times(first.root) == before
+    second = RunDir("runs/fashion_mnist-2")
+    metrics = json.loads(second.metrics.read_text())
+    assert metrics["run_dir"] == "runs/fashion_mnist-2" and metrics["epochs_run_this_session"] == 2
+    assert TrainConfig.read(second.config).run_dir == "runs/fashion_mnist-2"
+    # Its TensorBoard curves are its own: each epoch once.
+    assert [step for step, _ in read_scalars(second.logs / "train")["epoch_loss"]] == [0, 1]
+
+    assert main([*command, "--preset", "modern"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("this one is a new run in runs/fashion_mnist-3")
+    assert json.loads(RunDir("runs/fashion_mnist-3").metrics.read_text())["epochs_run_this_session"] == 2
+    assert sorted(path.name for path in Path("runs").iterdir()) == [
+        "fashion_mnist", "fashion_mnist-2", "fashion_mnist-3"]
+
+
+class _StopAfterFirstEpoch(Exception):
+    pass
+
+
+def test_an_interrupted_run_beside_a_finished_one_resumes_and_a_slurm_requeue_finds_it(tmp_path,
+                                                                                      small_real_datasets,
+                                                                                      monkeypatch):
+    """Beside a finished run, SLURM job 44 is stopped after its first backed-up
+    epoch in run-2; requeued, it resumes there; requeued after its run
+    finished, it trains nothing. A run started anywhere else is a new one."""
+    import keras
+
+    class StopAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise _StopAfterFirstEpoch()  # After the run's own callbacks: epoch 1 is backed up.
+
+    def start(restart_count: int | None, **arguments):
+        for name in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+            monkeypatch.delenv(name, raising=False)
+        if restart_count is not None:
+            monkeypatch.setenv("SLURM_JOB_ID", "44")
+            monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart_count))
+        out = io.StringIO()
+        return train_and_evaluate(config, datasets=small_real_datasets, out=out, **arguments), out.getvalue()
+
+    config = TrainConfig(dataset="fashion_mnist", epochs=2, batch_size=64, activation="relu", learning_rate=0.1,
+                         run_dir=str(tmp_path / "run"), export_formats=(), image_every_epochs=0)
+    start(None)
+    with pytest.raises(_StopAfterFirstEpoch):
+        start(0, extra_callbacks=(StopAfterFirstEpoch(),))
+    second = RunDir(tmp_path / "run-2")
+    assert backed_up_epochs(second.backup_metadata) == 1 and not second.metrics.exists()
+
+    metrics, out = start(1)  # Requeued: SLURM runs the same command again.
+    assert out.splitlines()[0] == (f"{tmp_path / 'run'} holds a finished run, which is never continued: this one "
+                                   f"resumes the interrupted run in {second}")
+    assert metrics["run_dir"] == str(second) and metrics["epochs_run_this_session"] == 1
+    assert len(metrics["history"]["loss"]) == 2
+
+    again, out = start(2)  # Requeued once more, after its run had finished.
+    assert out == f"{second} holds the run this SLURM job finished before it was started again; nothing left to train\n"
+    assert again == json.loads(second.metrics.read_text())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run", "run-2"]
+
+    metrics, _ = start(None)  # The same command on a workstation: a new run.
+    assert metrics["run_dir"] == str(tmp_path / "run-3") and metrics["epochs_run_this_session"] == 2
+
+
+def test_every_worker_finds_the_chiefs_run_folder_before_and_after_the_chief_creates_it(tmp_path):
+    """Non-chief workers write nothing there: they find the folder from the same
+    files as the chief, whether they look before or after it started writing."""
+    from lenet_tf.run_dir import folder_for_training
+
+    assert folder_for_training(tmp_path / "run") == RunDir(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    RunDir(tmp_path / "run").config.write_text("{}")  # Unfinished: continued.
+    assert folder_for_training(tmp_path / "run") == RunDir(tmp_path / "run")
+    RunDir(tmp_path / "run").metrics.write_text("{}")  # Finished.
+    assert folder_for_training(tmp_path / "run") == RunDir(tmp_path / "run-2")  # Before the chief made it.
+    (tmp_path / "run-2").mkdir()
+    RunDir(tmp_path / "run-2").config.write_text("{}")
+    assert folder_for_training(tmp_path / "run") == RunDir(tmp_path / "run-2")  # While the chief trains there.
