@@ -552,9 +552,11 @@ def _worker_seed(seed: int) -> int:
                                                                                 else 0)
 
 
-def run_worker(options: TuneOptions, datasets=None, out: TextIO = sys.stdout) -> int:
+def run_worker(options: TuneOptions, datasets=None, out: TextIO | None = None) -> int:
     """Trains trials until the study has --trials finished ones (or every
-    remaining one is in another worker's hands); returns how many it trained."""
+    remaining one is in another worker's hands); returns how many it trained.
+    Progress goes to `out` (default: sys.stdout as it is at the call)."""
+    out = out or sys.stdout
     from lenet_tf.data import load_datasets
 
     _use_cpu_share()
@@ -606,9 +608,11 @@ def _use_cpu_share() -> None:
 # --- the end: the best trial, tested once and exported ----------------------------------------------------------
 
 
-def finish(options: TuneOptions, datasets=None, out: TextIO = sys.stdout) -> dict[str, Any] | None:
+def finish(options: TuneOptions, datasets=None, out: TextIO | None = None) -> dict[str, Any] | None:
     """With --trials trials finished: the best complete trial, evaluated once on
-    the test split and exported; writes and returns best.json (None while trials remain)."""
+    the test split and exported; writes and returns best.json (None while trials remain).
+    Progress goes to `out` (default: sys.stdout as it is at the call)."""
+    out = out or sys.stdout
     from optuna.trial import TrialState
 
     study = _open_study(options, options.base.seed)
@@ -695,9 +699,11 @@ def _test_and_export(options: TuneOptions, study, best, finished: int, datasets)
 # --- --parallel K: K workers on this machine ---------------------------------------------------------------------
 
 
-def run_parallel(options: TuneOptions, argv: list[str], out: TextIO = sys.stdout) -> int:
+def run_parallel(options: TuneOptions, argv: list[str], out: TextIO | None = None) -> int:
     """Runs `lenet-tf tune ARGV --parallel 1` K times, each on its share of the
-    CPUs, and waits for them; returns the first failing worker's exit code, or 0."""
+    CPUs, and waits for them; returns the first failing worker's exit code, or 0.
+    Progress goes to `out` (default: sys.stdout as it is at the call)."""
+    out = out or sys.stdout
     from lenet_tf.io_utils import child_environment
 
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))

@@ -8,6 +8,7 @@ the way to provide it, where it cannot be found.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,49 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         [sys.executable, "-m", "lenet_tf", *args],
         cwd=cwd or REPO_ROOT, env=environment, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def run_main(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """Runs `lenet-tf ARGS` in this process (lenet_tf.cli.main) and returns what
+    run_cli returns: the exit code and what it printed, in a CompletedProcess.
+
+    For tests of what a command does, where no process boundary is under test:
+    each call saves the seconds a fresh process takes to import TensorFlow. `cwd`
+    and `env` hold for the call's duration; a folder dataset the command registers is
+    unregistered after it, as it would end with its process. A bug raises here,
+    traceback and all, where run_cli would return it in stderr. Not for what
+    must happen before TensorFlow initialises (--logical-cpus) or what only a
+    fresh process shows (a parity proof, what a command imports).
+    """
+    import contextlib
+    import io
+    import subprocess
+
+    from lenet_tf.cli import main
+    from lenet_tf.folders import FOLDER_DATASET
+    from lenet_tf.registry import unregister_dataset
+
+    saved, folder = dict(os.environ), os.getcwd()
+    os.environ.update(env or {})
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd or folder)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_info:  # argparse's own checks exit.
+                code = exit_info.code
+    finally:
+        # The environment as it was: `env`, and what the command set (the
+        # strategy writes TF_CONFIG), end with the call as with a process.
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        for name, value in saved.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
+        os.chdir(folder)
+        unregister_dataset(FOLDER_DATASET)
+    return subprocess.CompletedProcess(["lenet-tf", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -105,14 +149,43 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
     return path
 
 
+def write_idx_files(directory: Path, train_images: np.ndarray, train_labels: np.ndarray,
+                    test_images: np.ndarray, test_labels: np.ndarray) -> Path:
+    """A folder of the four gzipped IDX files of a dataset, from (count, 28, 28) images and their labels."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, images, labels in (("train", train_images, train_labels), ("t10k", test_images, test_labels)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
+    return directory
+
+
 def write_idx_dir(directory: Path, train: int = 64, test: int = 32, seed: int = 0) -> Path:
     """A folder of the four IDX files with random images and labels."""
     rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for prefix, count in (("train", train), ("t10k", test)):
-        write_idx(directory / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (count,), dtype=np.uint8))
-    return directory
+    splits = []
+    for count in (train, test):
+        splits += [rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), rng.integers(0, 10, (count,), dtype=np.uint8)]
+    return write_idx_files(directory, *splits)
+
+
+def shape_picture(light_on_dark: bool = True, size=(40, 30), offset=(6, 9)) -> np.ndarray:
+    """A grey picture of a filled rectangle with a notch: light on black, or its negative."""
+    grey = np.zeros(size, np.uint8)
+    grey[offset[0]:offset[0] + 20, offset[1]:offset[1] + 12] = 230
+    grey[offset[0] + 5:offset[0] + 9, offset[1] + 3:offset[1] + 6] = 90
+    return grey if light_on_dark else 255 - grey
+
+
+def write_class_folders(root: Path, pictures_per_class: dict[str, int], size=(28, 28)) -> Path:
+    """A folder of pictures, one subfolder per class: random grey PNGs, the same for the same arguments."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, count in pictures_per_class.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / name / f"{index:03d}.png")
+    return root
 
 
 def read_event_tags(log_dir: Path):
@@ -155,22 +228,25 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def wait_for(state, processes, what: str, timeout: float = 300) -> None:
-    """Polls until `state()` is true, for a test that means to stop the
-    `processes` at that point of their run. Fails, naming `what`, when one of
-    them ends first or when the state does not come within `timeout` seconds
-    (generous: it bounds a hang on a busy machine, and a state that comes
-    sooner ends the wait sooner)."""
+def wait_for(state, processes, what: str, timeout: float = 300, details=lambda: "", interval: float = 0.05):
+    """Polls until `state()` is true and returns its value, for a test that
+    means to act at that point of a run (stop the `processes`, say). Fails,
+    naming `what`, when one of the processes ends first or when the state does
+    not come within `timeout` seconds (generous: it bounds a hang on a busy
+    machine, and a state that comes sooner ends the wait sooner), with
+    `details()` in the message. `interval`: seconds between polls; longer for a
+    state that asks another program (SLURM's scontrol)."""
     import time
 
     deadline = time.monotonic() + timeout
-    while not state():
+    while not (value := state()):
         ended = [process.args for process in processes if process.poll() is not None]
         if ended:
             pytest.fail(f"the run ended before {what}: {ended[0]}")
         if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.05)
+            pytest.fail(f"no {what} within {timeout:.0f} s\n{details()}".rstrip())
+        time.sleep(interval)
+    return value
 
 
 def backed_up_epochs(metadata: Path) -> int:
@@ -188,3 +264,54 @@ def wait_for_backed_up_epoch(metadata: Path, processes, timeout: float = 300) ->
     running (the caller means to stop them mid-run); returns how many are backed up."""
     wait_for(lambda: backed_up_epochs(metadata) >= 1, processes, "a backed-up epoch", timeout)
     return backed_up_epochs(metadata)
+
+
+def http_get(url: str, raw: bool = False, timeout: float = 30):
+    """GETs a URL: its body (gunzipped where the server zipped it), parsed as JSON unless `raw`."""
+    import gzip
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        body = response.read()
+    body = gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+    return body if raw else json.loads(body)
+
+
+@contextlib.contextmanager
+def tensorboard_server(run_root: Path, ready, timeout: float = 120):
+    """A real TensorBoard server (`lenet-tf tensorboard`, a process of its own)
+    over `run_root`, yielded as its base URL once `ready(base)` is true (asked
+    every half second; a server that does not answer yet counts as not ready).
+    Fails, with the server's output, when it ends first or is not ready within
+    `timeout` seconds; stopped on the way out."""
+    import subprocess
+    import time
+
+    port, = free_ports(1)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lenet_tf", "tensorboard", "--run-dir", str(run_root), "--port", str(port)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if ready(base):
+                    break
+            except OSError:
+                pass  # Not serving yet.
+            if time.monotonic() > deadline:
+                pytest.fail(f"TensorBoard over {run_root} not ready within {timeout:.0f} s")
+            time.sleep(0.5)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -11,7 +11,7 @@ import pytest
 from lenet_tf.cli import build_parser, config_from_args, main
 from lenet_tf.config import TrainConfig
 
-from conftest import REPO_ROOT, run_cli, write_idx_dir
+from conftest import REPO_ROOT, run_main, write_idx_dir
 
 
 def _train_args(*argv):
@@ -35,14 +35,18 @@ def test_flags_override_the_preset():
     assert config.learning_rate == TrainConfig().learning_rate
 
 
-def test_train_py_summary_prints_the_books_shapes():
-    completed = subprocess.run([sys.executable, "train.py", "--summary"], cwd=REPO_ROOT, capture_output=True,
-                               text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr
+def test_train_py_summary_prints_the_books_shapes(monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "--summary"])
+    with pytest.raises(SystemExit) as exit_info:  # train.py run as a script, in this process.
+        runpy.run_path(str(REPO_ROOT / "train.py"), run_name="__main__")
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
     for shape in ("(1, 28, 28, 6)", "(1, 14, 14, 6)", "(1, 10, 10, 16)", "(1, 5, 5, 16)", "(1, 400)",
                   "(1, 120)", "(1, 84)", "(1, 10)"):
-        assert shape in completed.stdout
-    assert "61,706" in completed.stdout
+        assert shape in captured.out
+    assert "61,706" in captured.out
 
 
 @pytest.mark.parametrize(
@@ -112,14 +116,14 @@ def _assert_one_line_error(completed, *fragments):
 
 
 def test_missing_data_dir_is_one_line(tmp_path):
-    completed = run_cli("train", "--data-dir", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"))
+    completed = run_main("train", "--data-dir", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"))
     _assert_one_line_error(completed, "does not exist")
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_empty_data_dir_names_the_files_needed(tmp_path):
     (tmp_path / "empty").mkdir()
-    completed = run_cli("train", "--data-dir", str(tmp_path / "empty"), "--run-dir", str(tmp_path / "run"))
+    completed = run_main("train", "--data-dir", str(tmp_path / "empty"), "--run-dir", str(tmp_path / "run"))
     _assert_one_line_error(completed, "train-images-idx3-ubyte")
 
 
@@ -127,13 +131,13 @@ def test_truncated_gzip_is_one_line(tmp_path):
     directory = write_idx_dir(tmp_path / "data")
     path = directory / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:100])
-    completed = run_cli("train", "--data-dir", str(directory), "--run-dir", str(tmp_path / "run"))
+    completed = run_main("train", "--data-dir", str(directory), "--run-dir", str(tmp_path / "run"))
     _assert_one_line_error(completed, "train-images-idx3-ubyte.gz", "re-download")
 
 
 def test_batch_larger_than_data_is_one_line(tmp_path):
     directory = write_idx_dir(tmp_path / "data", train=64, test=32)
-    completed = run_cli("train", "--data-dir", str(directory), "--run-dir", str(tmp_path / "run"))
+    completed = run_main("train", "--data-dir", str(directory), "--run-dir", str(tmp_path / "run"))
     _assert_one_line_error(completed, "global batch size 256 is larger than the 64 training examples")
     # The run folder this command created (for its lock) goes with it.
     assert not (tmp_path / "run").exists()
@@ -149,18 +153,18 @@ def test_a_model_too_large_for_memory_is_one_line(capsys):
 
 def test_model_path_that_is_not_a_model_is_one_line(tmp_path):
     (tmp_path / "model.tflite").write_bytes(b"garbage")
-    completed = run_cli("evaluate", "--model", str(tmp_path / "model.tflite"))
+    completed = run_main("evaluate", "--model", str(tmp_path / "model.tflite"))
     _assert_one_line_error(completed, "cannot load TFLite model")
     (tmp_path / "folder").mkdir()
-    completed = run_cli("predict", "--model", str(tmp_path / "folder"), "x.png")
+    completed = run_main("predict", "--model", str(tmp_path / "folder"), "x.png")
     _assert_one_line_error(completed, "is not a model this package can load")
     (tmp_path / "bad.keras").write_bytes(b"not a zip")
-    completed = run_cli("evaluate", "--model", str(tmp_path / "bad.keras"))
+    completed = run_main("evaluate", "--model", str(tmp_path / "bad.keras"))
     _assert_one_line_error(completed, "cannot load Keras model")
 
 
 def test_export_from_a_folder_that_is_not_a_run_is_one_line(tmp_path):
-    completed = run_cli("export", "--run-dir", str(tmp_path))
+    completed = run_main("export", "--run-dir", str(tmp_path))
     _assert_one_line_error(completed, "is not a run directory with a checkpoint")
 
 

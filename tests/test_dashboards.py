@@ -1,10 +1,5 @@
 """TensorBoard dashboards: event files read back, and a real TensorBoard server serving them."""
 
-import json
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,7 +9,7 @@ from lenet_tf.config import TrainConfig
 from lenet_tf.run_dir import RunDir
 from lenet_tf.train import train_and_evaluate
 
-from conftest import REPO_ROOT, free_ports, read_event_tags, read_scalars
+from conftest import http_get, read_event_tags, read_scalars, run_cli, tensorboard_server
 
 IMAGE_TAGS = ("confusion_matrix", "test_predictions", "activations/conv1", "activations/conv2", "out_of_distribution")
 
@@ -120,64 +115,54 @@ def test_curves_png_is_written(dashboard_run):
     assert tf.io.decode_png(png).shape[1] >= 300
 
 
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
+@pytest.fixture(scope="module")
+def served(dashboard_run, small_real_datasets):
+    """One real TensorBoard server (`lenet-tf tensorboard`) over the dashboard
+    run and, beside it, a run trained with --profile-batch (which needs the
+    Profile dashboard, the `profile` extra): both served tests ask it."""
+    config, metrics, root = dashboard_run
+    profiled = TrainConfig(dataset="fashion_mnist", epochs=1, batch_size=64, profile_batch="2,4", steps_per_execution=1,
+                           run_dir=str(root / "runs" / "profiled"), export_formats=(), image_every_epochs=0)
+    train_and_evaluate(profiled, datasets=small_real_datasets)
+
+    def ready(base: str) -> bool:
+        # The Profile dashboard finds its runs in a thread of its own: ask until it lists one.
+        return ("lenet/logs/images" in http_get(f"{base}/data/runs")
+                and http_get(f"{base}/data/plugins_listing")["profile"]["enabled"]
+                and bool(http_get(f"{base}/data/plugin/profile/runs")))
+
+    with tensorboard_server(root / "runs", ready) as base:
+        yield base, metrics
 
 
 @pytest.mark.slow
-def test_real_tensorboard_server_serves_the_run(dashboard_run):
-    config, metrics, root = dashboard_run
-    port, = free_ports(1)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lenet_tf", "tensorboard", "--run-dir", str(root / "runs"), "--port", str(port)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        runs = []
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                runs = _get_json(f"{base}/data/runs")
-                if "lenet/logs/images" in runs:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        assert {"lenet/logs/train", "lenet/logs/validation", "lenet/logs/images", "lenet/logs"} <= set(runs), runs
-        tags = _get_json(f"{base}/data/plugin/scalars/tags")
-        assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_examples_per_sec"} <= set(tags["lenet/logs/train"])
-        served = _get_json(f"{base}/data/plugin/scalars/scalars?run=lenet/logs/train&tag=epoch_loss")
-        assert [step for _, step, _ in served] == [0, 1, 2]
-        assert served[-1][2] == pytest.approx(metrics["history"]["loss"][-1], rel=1e-5)
-        validation = _get_json(f"{base}/data/plugin/scalars/scalars?run=lenet/logs/validation&tag=epoch_accuracy")
-        assert validation[-1][2] == pytest.approx(metrics["history"]["val_accuracy"][-1], rel=1e-5)
-        image_tags = _get_json(f"{base}/data/plugin/images/tags")
-        assert set(IMAGE_TAGS) <= set(image_tags["lenet/logs/images"])
-        listing = _get_json(f"{base}/data/plugin/images/images?run=lenet/logs/images&tag=confusion_matrix")
-        assert [entry["step"] for entry in listing] == [1, 2]
-        with urllib.request.urlopen(f"{base}/data/plugin/images/individualImage?{listing[-1]['query']}", timeout=10) as response:
-            assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def test_real_tensorboard_server_serves_the_run(served):
+    base, metrics = served
+    runs = http_get(f"{base}/data/runs")
+    assert {"lenet/logs/train", "lenet/logs/validation", "lenet/logs/images", "lenet/logs"} <= set(runs), runs
+    tags = http_get(f"{base}/data/plugin/scalars/tags")
+    assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_examples_per_sec"} <= set(tags["lenet/logs/train"])
+    served_loss = http_get(f"{base}/data/plugin/scalars/scalars?run=lenet/logs/train&tag=epoch_loss")
+    assert [step for _, step, _ in served_loss] == [0, 1, 2]
+    assert served_loss[-1][2] == pytest.approx(metrics["history"]["loss"][-1], rel=1e-5)
+    validation = http_get(f"{base}/data/plugin/scalars/scalars?run=lenet/logs/validation&tag=epoch_accuracy")
+    assert validation[-1][2] == pytest.approx(metrics["history"]["val_accuracy"][-1], rel=1e-5)
+    image_tags = http_get(f"{base}/data/plugin/images/tags")
+    assert set(IMAGE_TAGS) <= set(image_tags["lenet/logs/images"])
+    listing = http_get(f"{base}/data/plugin/images/images?run=lenet/logs/images&tag=confusion_matrix")
+    assert [entry["step"] for entry in listing] == [1, 2]
+    png = http_get(f"{base}/data/plugin/images/individualImage?{listing[-1]['query']}", raw=True)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tensorboard_on_a_port_in_use_is_one_line(tmp_path):
     import socket
 
-    from conftest import run_cli
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        # A process of its own: TensorBoard starts its data server before it finds the port taken.
         completed = run_cli("tensorboard", "--run-dir", str(tmp_path), "--port", str(port), timeout=120)
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     line = completed.stderr.strip().splitlines()[-1]
@@ -186,36 +171,10 @@ def test_tensorboard_on_a_port_in_use_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_profile_dashboard_lists_a_run_trained_with_profile_batch(tmp_path, small_real_datasets):
+def test_profile_dashboard_lists_a_run_trained_with_profile_batch(served):
     """--profile-batch writes a trace; TensorBoard's Profile dashboard (the `profile` extra) lists it."""
-    import gzip
-
-    config = TrainConfig(dataset="fashion_mnist", epochs=1, batch_size=64, profile_batch="2,4", steps_per_execution=1,
-                         run_dir=str(tmp_path / "runs" / "profiled"), export_formats=(), image_every_epochs=0)
-    train_and_evaluate(config, datasets=small_real_datasets)
-    port, = free_ports(1)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lenet_tf", "tensorboard", "--run-dir", str(tmp_path / "runs"), "--port", str(port)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-
-    def get(path):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            body = response.read()
-        return json.loads(gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body)
-
-    try:
-        deadline, runs = time.monotonic() + 90, []
-        while time.monotonic() < deadline and not runs:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                assert get("/data/plugins_listing")["profile"]["enabled"]
-                runs = get("/data/plugin/profile/runs")
-            except OSError:
-                time.sleep(0.5)
-        assert len(runs) == 1 and runs[0].startswith("profiled/logs/train/"), runs
-        assert "trace_viewer@" in get(f"/data/plugin/profile/run_tools?run={runs[0]}")
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    base, _ = served
+    assert http_get(f"{base}/data/plugins_listing")["profile"]["enabled"]
+    runs = http_get(f"{base}/data/plugin/profile/runs")
+    assert len(runs) == 1 and runs[0].startswith("profiled/logs/train/"), runs
+    assert "trace_viewer@" in http_get(f"{base}/data/plugin/profile/run_tools?run={runs[0]}")

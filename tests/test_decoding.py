@@ -20,19 +20,11 @@ from lenet_tf import decoding
 from lenet_tf.errors import UsageError
 from lenet_tf.images import border_level, read_picture
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, shape_picture
 
 
 def _expected(path: Path) -> np.ndarray:
     return read_picture(path, decoding.FOLDER_FRAMING)[..., 0]
-
-
-def _shape(light_on_dark: bool = True, size=(40, 30), offset=(6, 9)) -> np.ndarray:
-    """A grey picture of a filled rectangle with a notch: light on black, or its negative."""
-    grey = np.zeros(size, np.uint8)
-    grey[offset[0]:offset[0] + 20, offset[1]:offset[1] + 12] = 230
-    grey[offset[0] + 5:offset[0] + 9, offset[1] + 3:offset[1] + 6] = 90
-    return grey if light_on_dark else 255 - grey
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -98,18 +90,18 @@ def test_pngs_decoded_here_give_read_picture_s_arrays(tmp_path):
     pictures = {
         "small.png": Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
         "small_light.png": Image.fromarray(rng.integers(100, 256, (28, 28), dtype=np.uint8)),
-        "small_dark_on_light.png": Image.fromarray(_shape(light_on_dark=False, size=(28, 28), offset=(4, 8))),
-        "large.png": Image.fromarray(_shape(size=(61, 47))),
-        "dark_on_light.png": Image.fromarray(_shape(light_on_dark=False)),
-        "compressed.png": Image.fromarray(_shape(size=(90, 33))),
-        "colour.png": Image.fromarray(np.stack([_shape(), _shape() // 2, 255 - _shape()], -1)),
+        "small_dark_on_light.png": Image.fromarray(shape_picture(light_on_dark=False, size=(28, 28), offset=(4, 8))),
+        "large.png": Image.fromarray(shape_picture(size=(61, 47))),
+        "dark_on_light.png": Image.fromarray(shape_picture(light_on_dark=False)),
+        "compressed.png": Image.fromarray(shape_picture(size=(90, 33))),
+        "colour.png": Image.fromarray(np.stack([shape_picture(), shape_picture() // 2, 255 - shape_picture()], -1)),
         "colour_28.png": Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)),
     }
     left_to_pillow = {
-        "palette.png": Image.fromarray(_shape()).convert("P"),
-        "alpha.png": Image.fromarray(_shape()).convert("RGBA"),
-        "16bit.png": Image.fromarray(_shape().astype(np.uint16) * 257),
-        "transparent.png": Image.fromarray(_shape()),
+        "palette.png": Image.fromarray(shape_picture()).convert("P"),
+        "alpha.png": Image.fromarray(shape_picture()).convert("RGBA"),
+        "16bit.png": Image.fromarray(shape_picture().astype(np.uint16) * 257),
+        "transparent.png": Image.fromarray(shape_picture()),
     }
     for name, image in {**pictures, **left_to_pillow}.items():
         options = {"compress_level": 9} if name == "compressed.png" else {}
@@ -117,7 +109,7 @@ def test_pngs_decoded_here_give_read_picture_s_arrays(tmp_path):
             options["transparency"] = 0
         image.save(tmp_path / name, **options)
     # Written here: several IDAT chunks, text and gamma chunks before them, every filter.
-    written = _png(_shape(size=(28, 28))[..., np.newaxis], [row % 5 for row in range(28)], idat_pieces=3,
+    written = _png(shape_picture(size=(28, 28))[..., np.newaxis], [row % 5 for row in range(28)], idat_pieces=3,
                    extra=[_chunk(b"tEXt", b"Comment\x00hello"), _chunk(b"gAMA", struct.pack(">I", 45455))])
     (tmp_path / "chunks.png").write_bytes(written)
     pictures["chunks.png"] = None
@@ -129,9 +121,9 @@ def test_pngs_decoded_here_give_read_picture_s_arrays(tmp_path):
         (tmp_path / name).write_bytes(bytes(broken))
     # A header that says interlaced over rows that are not (with its checksum), a chunk Pillow might refuse (a compressed profile), IDAT chunks apart, and pixels that
     # inflate to more than the header's rows need: whoever reads them, read_picture's arrays or its error.
-    pixels = _shape(size=(28, 28))[..., np.newaxis]
+    pixels = shape_picture(size=(28, 28))[..., np.newaxis]
     split = _png(pixels, [0] * 28, idat_pieces=2)
-    too_much = _png(_shape(size=(29, 28))[..., np.newaxis], [0] * 29)
+    too_much = _png(shape_picture(size=(29, 28))[..., np.newaxis], [0] * 29)
     header = too_much[12:16] + struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0)
     interlaced_header = written[12:28] + b"\x01"
     unusual = {

@@ -12,7 +12,7 @@ import pytest
 
 from lenet_tf.run_dir import RunDir
 
-from conftest import REPO_ROOT, free_ports, run_cli, wait_for_backed_up_epoch
+from conftest import REPO_ROOT, free_ports, run_cli, run_main, wait_for_backed_up_epoch
 
 COMMON = ["--dataset", "fashion_mnist", "--activation", "relu", "--format", "", "--image-every-epochs", "0"]
 
@@ -114,22 +114,22 @@ def test_two_workers_on_loopback_train_once_and_only_the_chief_writes(tmp_path, 
 
 
 def test_malformed_tf_config_is_one_line(tmp_path):
-    completed = run_cli("train", "--strategy", "multi_worker", "--run-dir", str(tmp_path / "run"),
-                        env={"TF_CONFIG": "{not json"})
+    completed = run_main("train", "--strategy", "multi_worker", "--run-dir", str(tmp_path / "run"),
+                         env={"TF_CONFIG": "{not json"})
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines()[-1].startswith("lenet-tf train: error: TF_CONFIG is malformed")
     assert "Traceback" not in completed.stderr
-    completed = run_cli("train", "--strategy", "multi_worker", "--run-dir", str(tmp_path / "run"),
-                        env={"TF_CONFIG": json.dumps({"cluster": {"worker": ["127.0.0.1:1"]},
-                                                      "task": {"type": "worker", "index": 3}})})
+    completed = run_main("train", "--strategy", "multi_worker", "--run-dir", str(tmp_path / "run"),
+                         env={"TF_CONFIG": json.dumps({"cluster": {"worker": ["127.0.0.1:1"]},
+                                                       "task": {"type": "worker", "index": 3}})})
     assert completed.returncode == 2 and "task worker:3 is not in the cluster" in completed.stderr
 
 
 def test_multi_worker_without_cluster_is_one_line(tmp_path):
-    completed = run_cli("train", "--strategy", "multi_worker", "--run-dir", str(tmp_path / "run"),
-                        env={"TF_CONFIG": ""})
+    completed = run_main("train", "--strategy", "multi_worker", "--run-dir", str(tmp_path / "run"),
+                         env={"TF_CONFIG": ""})
     assert completed.returncode == 2 and "needs TF_CONFIG" in completed.stderr
-    completed = run_cli("train", "--worker-hosts", "127.0.0.1:1,127.0.0.1:2", "--task-index", "5")
+    completed = run_main("train", "--worker-hosts", "127.0.0.1:1,127.0.0.1:2", "--task-index", "5")
     assert completed.returncode == 2 and "--task-index 5 is outside --worker-hosts" in completed.stderr
 
 

@@ -17,7 +17,7 @@ from lenet_tf.registry import dataset_info
 from lenet_tf.run_dir import RunDir
 from lenet_tf.train import train_and_evaluate
 
-from conftest import REPO_ROOT, run_cli, wait_for
+from conftest import REPO_ROOT, run_cli, run_main, wait_for
 
 ALL_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx")
 
@@ -240,7 +240,7 @@ def test_a_stop_landing_right_after_the_staging_folder_is_made_leaves_nothing(tm
 def test_export_killed_midway_leaves_previous_versions_and_no_partial_version(trained, tmp_path):
     config, _, _ = trained
     export_dir = tmp_path / "exports"
-    first = run_cli("export", "--run-dir", config.run_dir, "--export-dir", str(export_dir), "--format", "saved_model")
+    first = run_main("export", "--run-dir", config.run_dir, "--export-dir", str(export_dir), "--format", "saved_model")
     assert first.returncode == 0, first.stderr[-3000:]
     model_dir = export_dir / "lenet_fashion_mnist"
     before = {p.name: sha256_of(p / "saved_model.pb") for p in model_dir.iterdir() if p.name.isdigit()}
@@ -276,7 +276,7 @@ def test_export_killed_midway_leaves_previous_versions_and_no_partial_version(tr
     after = {p.name: sha256_of(p / "saved_model.pb") for p in model_dir.iterdir() if p.name.isdigit()}
     assert after == before
     # The next export sweeps away the dead export's hidden staging folder.
-    again = run_cli("export", "--run-dir", config.run_dir, "--export-dir", str(export_dir), "--format", "saved_model")
+    again = run_main("export", "--run-dir", config.run_dir, "--export-dir", str(export_dir), "--format", "saved_model")
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
 
@@ -302,24 +302,25 @@ def test_a_model_file_changed_after_export_is_refused_unless_told_not_to_verify(
     card = json.loads((version / METADATA_FILE).read_text())
     expected = card["files"]["lenet.float32.tflite"]["sha256"]
     actual = sha256_of(version / "lenet.float32.tflite")
-    refused = run_cli("evaluate", "--model", str(version / "lenet.float32.tflite"), "--limit-test", "100")
+    refused = run_main("evaluate", "--model", str(version / "lenet.float32.tflite"), "--limit-test", "100")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     line = refused.stderr.strip().splitlines()[-1]
     assert line.startswith("lenet-tf evaluate: error: ") and "lenet.float32.tflite does not match its model card" in line
     assert f"expected {expected[:12]}" in line and f"actual {actual[:12]}" in line and "--no-verify" in line
-    allowed = run_cli("evaluate", "--model", str(version / "lenet.float32.tflite"), "--limit-test", "100",
-                      "--no-verify", "--json")
+    allowed = run_main("evaluate", "--model", str(version / "lenet.float32.tflite"), "--limit-test", "100",
+                       "--no-verify", "--json")
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     # A SavedModel is checked as a whole: one changed variables file is enough.
     variables = next((version / "variables").glob("variables.data-*"))
     changed = bytearray(variables.read_bytes())
     changed[-1] ^= 0xFF
     variables.write_bytes(bytes(changed))
-    refused = run_cli("predict", "--model", str(version), str(tmp_path / "nothing.png"))
+    refused = run_main("predict", "--model", str(version), str(tmp_path / "nothing.png"))
     assert refused.returncode == 2 and "does not match its model card" in refused.stderr
     assert "variables.data-" in refused.stderr.strip().splitlines()[-1]
     # Files with no model card (a run's own checkpoint) load as they are.
-    assert run_cli("evaluate", "--model", str(RunDir(trained[0].run_dir).checkpoint), "--limit-test", "50").returncode == 0
+    checkpoint = RunDir(trained[0].run_dir).checkpoint
+    assert run_main("evaluate", "--model", str(checkpoint), "--limit-test", "50").returncode == 0
 
 
 def test_export_refuses_a_run_dir_that_a_training_holds(trained):
@@ -327,7 +328,7 @@ def test_export_refuses_a_run_dir_that_a_training_holds(trained):
 
     config, _, _ = trained
     with holding(RunDir(config.run_dir), "training"):
-        completed = run_cli("export", "--run-dir", config.run_dir, "--format", "saved_model")
+        completed = run_main("export", "--run-dir", config.run_dir, "--format", "saved_model")
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     line = completed.stderr.strip().splitlines()[-1]
     assert f"the run directory {config.run_dir} is in use by training process {os.getpid()} on host" in line

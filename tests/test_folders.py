@@ -3,10 +3,8 @@ the recipe, the held-out split, the cache, bad input, and whole runs from folder
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import struct
 import subprocess
 import sys
 import warnings
@@ -20,7 +18,7 @@ from lenet_tf import folder_cache, folders
 from lenet_tf.errors import UsageError
 from lenet_tf.registry import unregister_dataset
 
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, run_main, shape_picture, write_class_folders, write_idx_files
 
 
 @pytest.fixture(autouse=True)
@@ -29,24 +27,6 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     yield
     unregister_dataset(folders.FOLDER_DATASET)
-
-
-def _shape(light_on_dark: bool = True, size=(40, 30), offset=(6, 9)) -> np.ndarray:
-    """A grey picture of a filled rectangle with a notch: light on black, or its negative."""
-    height, width = size
-    grey = np.zeros(size, np.uint8)
-    grey[offset[0]:offset[0] + 20, offset[1]:offset[1] + 12] = 230
-    grey[offset[0] + 5:offset[0] + 9, offset[1] + 3:offset[1] + 6] = 90
-    return grey if light_on_dark else 255 - grey
-
-
-def _write_classes(root: Path, pictures_per_class: dict[str, int], size=(28, 28)) -> Path:
-    rng = np.random.default_rng(0)
-    for name, count in pictures_per_class.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for index in range(count):
-            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / name / f"{index:03d}.png")
-    return root
 
 
 def _error_line(capsys) -> str:
@@ -59,9 +39,9 @@ def _error_line(capsys) -> str:
 
 def test_layouts_are_told_apart(tmp_path, fashion_mnist_dir):
     assert folders.detect_layout(fashion_mnist_dir) == "idx"
-    assert folders.detect_layout(_write_classes(tmp_path / "flat", {"a": 1, "b": 1})) == "classes"
-    _write_classes(tmp_path / "split" / "train", {"a": 1, "b": 1})
-    _write_classes(tmp_path / "split" / "test", {"a": 1, "b": 1})
+    assert folders.detect_layout(write_class_folders(tmp_path / "flat", {"a": 1, "b": 1})) == "classes"
+    write_class_folders(tmp_path / "split" / "train", {"a": 1, "b": 1})
+    write_class_folders(tmp_path / "split" / "test", {"a": 1, "b": 1})
     assert folders.detect_layout(tmp_path / "split") == "train_test"
     listing = folders.scan_folder(tmp_path / "split")
     assert listing.in_test_folder.tolist() == [False, False, True, True]
@@ -70,7 +50,7 @@ def test_layouts_are_told_apart(tmp_path, fashion_mnist_dir):
 def test_class_names_in_keras_order_and_non_pictures_ignored(tmp_path):
     import keras
 
-    root = _write_classes(tmp_path / "photos", {"dog": 2, "Cat": 2, "ant": 2, "bee_2": 2})
+    root = write_class_folders(tmp_path / "photos", {"dog": 2, "Cat": 2, "ant": 2, "bee_2": 2})
     for name in ("README.txt", ".DS_Store", "Thumbs.db"):
         (root / "dog" / name).write_bytes(b"not a picture")
     (root / "notes.txt").write_text("a file beside the class folders")
@@ -82,7 +62,7 @@ def test_class_names_in_keras_order_and_non_pictures_ignored(tmp_path):
 
 
 def test_pictures_in_subfolders_of_a_class_count(tmp_path):
-    root = _write_classes(tmp_path / "photos", {"a": 1, "b": 1})
+    root = write_class_folders(tmp_path / "photos", {"a": 1, "b": 1})
     (root / "a" / "2024").mkdir()
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "a" / "2024" / "x.jpg")
     listing = folders.scan_folder(root)
@@ -92,9 +72,9 @@ def test_pictures_in_subfolders_of_a_class_count(tmp_path):
 # --- the recipe --------------------------------------------------------------
 
 def test_light_on_dark_and_dark_on_light_give_the_same_light_on_dark_input(tmp_path):
-    light = _shape(light_on_dark=True)
+    light = shape_picture(light_on_dark=True)
     Image.fromarray(light).save(tmp_path / "light.png")
-    Image.fromarray(_shape(light_on_dark=False)).convert("RGB").save(tmp_path / "dark.png")
+    Image.fromarray(shape_picture(light_on_dark=False)).convert("RGB").save(tmp_path / "dark.png")
     from lenet_tf.images import read_picture
 
     from_light = read_picture(tmp_path / "light.png", folders.FOLDER_FRAMING)[..., 0]
@@ -109,7 +89,7 @@ def test_light_on_dark_and_dark_on_light_give_the_same_light_on_dark_input(tmp_p
 def test_every_mode_gives_the_same_input_where_the_conversion_is_exact(tmp_path):
     from lenet_tf.images import read_picture
 
-    grey = _shape(size=(50, 44))
+    grey = shape_picture(size=(50, 44))
     pictures = {
         "L.png": Image.fromarray(grey),
         "RGB.png": Image.fromarray(grey).convert("RGB"),
@@ -171,7 +151,7 @@ def test_held_out_split_is_stratified_and_seeded():
 
 
 def test_the_split_and_folder_are_recorded_in_the_run_folder(tmp_path):
-    root = _write_classes(tmp_path / "photos", {"a": 10, "b": 10})
+    root = write_class_folders(tmp_path / "photos", {"a": 10, "b": 10})
     info = folders.register_folder_dataset(root, test_split=0.2, seed=3)
     datasets = info.loader(None)
     assert (len(datasets.train_images), len(datasets.test_images)) == (16, 4)
@@ -192,7 +172,7 @@ def test_the_split_and_folder_are_recorded_in_the_run_folder(tmp_path):
 # --- the cache ---------------------------------------------------------------
 
 def test_a_second_read_decodes_nothing_and_an_edited_file_is_read_again(tmp_path):
-    root = _write_classes(tmp_path / "photos", {"a": 3, "b": 3})
+    root = write_class_folders(tmp_path / "photos", {"a": 3, "b": 3})
     listing = folders.scan_folder(root)
     first, decoded, _ = folders.read_pictures(listing)
     assert decoded == 6
@@ -210,8 +190,8 @@ def test_a_second_read_decodes_nothing_and_an_edited_file_is_read_again(tmp_path
 
 
 def test_the_cache_is_per_folder(tmp_path):
-    one = _write_classes(tmp_path / "one", {"a": 2, "b": 2})
-    two = _write_classes(tmp_path / "two", {"a": 2, "b": 2})
+    one = write_class_folders(tmp_path / "one", {"a": 2, "b": 2})
+    two = write_class_folders(tmp_path / "two", {"a": 2, "b": 2})
     folders.read_pictures(folders.scan_folder(one))
     assert folder_cache.cache_path(one) != folder_cache.cache_path(two)
     assert folders.read_pictures(folders.scan_folder(two)).decoded == 4
@@ -221,7 +201,7 @@ def test_a_large_first_read_caches_what_it_decoded_as_the_batches_land(tmp_path)
     """600 pictures: decoded by worker processes, written to the cache batch by
     batch as they land; the cache gives the same arrays, and no partial file
     stays behind, also when a file fails and the cache is written without it."""
-    root = _write_classes(tmp_path / "photos", {"a": 300, "b": 300})
+    root = write_class_folders(tmp_path / "photos", {"a": 300, "b": 300})
     first = folders.read_pictures(folders.scan_folder(root, sizes=False))
     assert first.decoded == 600 and first.listing.sizes is not None
     second = folders.read_pictures(folders.scan_folder(root))
@@ -244,7 +224,7 @@ def test_a_damaged_or_abandoned_cache_is_not_used(tmp_path):
     """Pixels changed after the cache was written (a crash before they reached
     the disk) are decoded again; an unfinished cache file of a process that is
     gone is removed by the next write."""
-    root = _write_classes(tmp_path / "photos", {"a": 3, "b": 3})
+    root = write_class_folders(tmp_path / "photos", {"a": 3, "b": 3})
     first = folders.read_pictures(folders.scan_folder(root))
     cache = folder_cache.cache_path(root)
     data = bytearray(cache.read_bytes())
@@ -262,7 +242,7 @@ def test_a_damaged_or_abandoned_cache_is_not_used(tmp_path):
 
 
 def test_a_picture_removed_after_the_listing_is_named_as_unreadable(tmp_path):
-    root = _write_classes(tmp_path / "photos", {"a": 3, "b": 3})
+    root = write_class_folders(tmp_path / "photos", {"a": 3, "b": 3})
     listing = folders.scan_folder(root, sizes=False)
     (root / "a" / "001.png").unlink()
     with pytest.raises(UsageError, match=r"^1 file\(s\) .* the first: .*a/001.png: cannot read \(No such file"):
@@ -290,32 +270,32 @@ def test_a_folder_without_class_folders(tmp_path, capsys):
 
 
 def test_one_class_only(tmp_path, capsys):
-    line = _train(capsys, tmp_path, _write_classes(tmp_path / "photos", {"cat": 2}))
+    line = _train(capsys, tmp_path, write_class_folders(tmp_path / "photos", {"cat": 2}))
     assert "one class folder (cat)" in line and "at least 2" in line
 
 
 def test_a_class_folder_without_pictures(tmp_path, capsys):
-    root = _write_classes(tmp_path / "photos", {"cat": 2})
+    root = write_class_folders(tmp_path / "photos", {"cat": 2})
     (root / "dog").mkdir()
     (root / "dog" / "README.txt").write_text("no pictures here")
     assert f"class folder {root / 'dog'} holds no pictures" in _train(capsys, tmp_path, root)
 
 
 def test_train_and_test_with_different_classes(tmp_path, capsys):
-    _write_classes(tmp_path / "photos" / "train", {"cat": 1, "dog": 1, "eel": 1})
-    _write_classes(tmp_path / "photos" / "test", {"cat": 1, "dog": 1, "fox": 1})
+    write_class_folders(tmp_path / "photos" / "train", {"cat": 1, "dog": 1, "eel": 1})
+    write_class_folders(tmp_path / "photos" / "test", {"cat": 1, "dog": 1, "fox": 1})
     line = _train(capsys, tmp_path, tmp_path / "photos")
     assert "only in train/: eel" in line and "only in test/: fox" in line
 
 
 def test_an_empty_file(tmp_path, capsys):
-    root = _write_classes(tmp_path / "photos", {"cat": 2, "dog": 2})
+    root = write_class_folders(tmp_path / "photos", {"cat": 2, "dog": 2})
     (root / "dog" / "empty.jpg").write_bytes(b"")
     assert "empty.jpg is empty (0 bytes)" in _train(capsys, tmp_path, root)
 
 
 def test_a_symbolic_link_loop(tmp_path, capsys):
-    root = _write_classes(tmp_path / "photos", {"cat": 2, "dog": 2})
+    root = write_class_folders(tmp_path / "photos", {"cat": 2, "dog": 2})
     (root / "dog" / "again").symlink_to(root / "dog", target_is_directory=True)
     assert "symbolic link loop" in _train(capsys, tmp_path, root)
     (root / "dog" / "again").unlink()
@@ -330,7 +310,7 @@ def test_an_unreadable_folder(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("runs the reader as the user nobody, which only root can")
     shared = Path(os.environ.get("TMPDIR", "/tmp")) / f"lenet-folders-{os.getpid()}"
-    root = _write_classes(shared / "photos", {"cat": 2, "dog": 2})
+    root = write_class_folders(shared / "photos", {"cat": 2, "dog": 2})
     try:
         for folder in (shared, root, root / "cat"):
             folder.chmod(0o755)
@@ -354,7 +334,7 @@ def test_an_unreadable_folder(tmp_path):
 
 
 def test_undecodable_pictures_are_refused_with_their_count(tmp_path):
-    root = _write_classes(tmp_path / "photos", {"cat": 2, "dog": 2})
+    root = write_class_folders(tmp_path / "photos", {"cat": 2, "dog": 2})
     (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing of a picture")
     (root / "dog" / "notes.jpg").write_text("a text file with a picture's name")
     info = folders.register_folder_dataset(root)
@@ -398,7 +378,7 @@ def test_a_decompression_bomb_is_refused_in_one_line_without_pillows_warning(tmp
 
 
 def test_resuming_with_a_changed_folder_is_refused(tmp_path):
-    root = _write_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
+    root = write_class_folders(tmp_path / "photos", {"cat": 3, "dog": 3})
     folders.register_folder_dataset(root).loader(None)
     folders.record_folder(folders.FOLDER_DATASET, tmp_path / "run")
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(root / "dog" / "new.png")
@@ -426,7 +406,7 @@ def test_every_preset_builds_a_model_with_one_output_per_class(tmp_path, capsys)
     from lenet_tf.cli import build_parser, config_from_args
     from lenet_tf.model import build_model
 
-    root = _write_classes(tmp_path / "photos", {"a": 2, "b": 2, "c": 2})
+    root = write_class_folders(tmp_path / "photos", {"a": 2, "b": 2, "c": 2})
     for name in ("classic", "modern", "fast", "best"):
         config = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--preset", name]))
         assert config.dataset == folders.FOLDER_DATASET and config.crop == 0, name
@@ -438,17 +418,6 @@ def test_every_preset_builds_a_model_with_one_output_per_class(tmp_path, capsys)
 
 
 # --- whole runs --------------------------------------------------------------
-
-def _write_idx(directory: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> Path:
-    directory.mkdir(parents=True)
-    for prefix, split in (("train", "train"), ("t10k", "test")):
-        data = images[split]
-        (directory / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(struct.pack(">4B3I", 0, 0, 8, 3, *data.shape) + data.tobytes()))
-        (directory / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(struct.pack(">4BI", 0, 0, 8, 1, len(labels[split])) + labels[split].astype(np.uint8).tobytes()))
-    return directory
-
 
 @pytest.mark.slow
 def test_fashion_mnist_from_png_folders_trains_as_from_idx_files(tmp_path, fashion_mnist_dir):
@@ -482,17 +451,17 @@ def test_fashion_mnist_from_png_folders_trains_as_from_idx_files(tmp_path, fashi
         assert [info.class_names[label] for label in read_labels] == [names[label] for label in labels[order]]
         idx_images[split], idx_labels[split] = read_images[..., 0], read_labels
     # The same pictures, classes and order as IDX files, trained with the same preset, epochs and seed.
-    idx_dir = _write_idx(tmp_path / "idx", idx_images, idx_labels)
+    idx_dir = write_idx_files(tmp_path / "idx", idx_images["train"], idx_labels["train"], idx_images["test"],
+                              idx_labels["test"])
     common = ["--preset", "fast", "--epochs", "2", "--seed", "0", "--format", "", "--image-every-epochs", "0"]
-    env = {"XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
     # Clothes keep their class in a mirror: said for the folder, known for fashion_mnist.
-    folder_run = run_cli("train", "--data-dir", str(root), "--run-dir", str(tmp_path / "run_folder"),
-                         "--flip-keeps-class", *common, env=env)
+    folder_run = run_main("train", "--data-dir", str(root), "--run-dir", str(tmp_path / "run_folder"),
+                          "--flip-keeps-class", *common)
     assert folder_run.returncode == 0, folder_run.stderr[-3000:]
     first_lines = folder_run.stdout.splitlines()
     assert first_lines[0].startswith("the fast preset: batch 256, 2 epochs")  # What was chosen, then what was found.
     assert "train/ and test/ with one subfolder per class" in first_lines[1] and first_lines[1].startswith("training on")
-    idx_run = run_cli("train", "--data-dir", str(idx_dir), "--run-dir", str(tmp_path / "run_idx"), *common, env=env)
+    idx_run = run_main("train", "--data-dir", str(idx_dir), "--run-dir", str(tmp_path / "run_idx"), *common)
     assert idx_run.returncode == 0, idx_run.stderr[-3000:]
     assert "(IDX files)" in idx_run.stdout.splitlines()[0]
     folder_metrics = json.loads((tmp_path / "run_folder" / "metrics.json").read_text())
@@ -533,11 +502,10 @@ def test_a_folder_of_mixed_pictures_trains_exports_and_predicts_as_it_evaluates(
             else:
                 Image.merge("RGB", [picture, picture.point(lambda value: value * 0.9), picture]).save(
                     root / name / f"{index}.jpeg")
-    env = {"XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
     run_dir, export_dir = tmp_path / "run", tmp_path / "exports"
-    trained = run_cli("train", "--data-dir", str(root), "--preset", "fast", "--epochs", "3", "--batch-size", "32",
-                      "--test-split", "0.25", "--run-dir", str(run_dir), "--export-dir", str(export_dir),
-                      "--format", "saved_model,tflite,web", "--image-every-epochs", "0", env=env)
+    trained = run_main("train", "--data-dir", str(root), "--preset", "fast", "--epochs", "3", "--batch-size", "32",
+                       "--test-split", "0.25", "--run-dir", str(run_dir), "--export-dir", str(export_dir),
+                       "--format", "saved_model,tflite,web", "--image-every-epochs", "0")
     assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     version = Path(metrics["export_version_dir"])
@@ -546,18 +514,18 @@ def test_a_folder_of_mixed_pictures_trains_exports_and_predicts_as_it_evaluates(
     assert json.loads((version / "web" / "model.json").read_text())["class_names"] == card["class_names"]
     held_out = json.loads(folders.record_path(run_dir).read_text())["held_out"]
     assert len(held_out) == 30
-    evaluated = run_cli("evaluate", "--model", str(version), "--json", env=env)
+    evaluated = run_main("evaluate", "--model", str(version), "--json")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     evaluation = json.loads(evaluated.stdout)
     assert evaluation["examples"] == 30 and evaluation["class_names"] == card["class_names"]
-    predicted = run_cli("predict", "--model", str(version), "--json", "--top", "3",
-                        *[str(root / relative) for relative in held_out], env=env)
+    predicted = run_main("predict", "--model", str(version), "--json", "--top", "3",
+                         *[str(root / relative) for relative in held_out])
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     answers = [json.loads(line) for line in predicted.stdout.splitlines()]
     correct = sum(answer["class_name"] == Path(answer["file"]).parent.name for answer in answers)
     assert correct == round(evaluation["accuracy"] * 30)
-    exported = run_cli("export", "--run-dir", str(run_dir), "--export-dir", str(tmp_path / "again"),
-                       "--format", "saved_model,tflite", env=env)
+    exported = run_main("export", "--run-dir", str(run_dir), "--export-dir", str(tmp_path / "again"),
+                        "--format", "saved_model,tflite")
     assert exported.returncode == 0, exported.stderr[-3000:]
 
 
@@ -580,7 +548,7 @@ def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     from lenet_tf.train import train_and_evaluate
     from lenet_tf.webpage import make_server, web_dir_of
 
-    root = _write_classes(tmp_path / "photos", {"a": 18, "b": 18})
+    root = write_class_folders(tmp_path / "photos", {"a": 18, "b": 18})
     folders.register_folder_dataset(root)
     metrics = train_and_evaluate(TrainConfig(dataset=folders.FOLDER_DATASET, data_dir=str(root), epochs=1,
                                              batch_size=8, image_every_epochs=0, run_dir=str(tmp_path / "run"),
@@ -592,8 +560,9 @@ def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     off_centre = np.zeros((28, 28), np.uint8)
     off_centre[2:8, 3:7] = 200
     Image.fromarray(off_centre).save(pictures / "off_centre.png")
-    Image.fromarray(_shape(light_on_dark=False, size=(60, 44))).convert("RGB").save(pictures / "dark_on_light.png")
-    Image.fromarray(_shape(size=(33, 70))).save(pictures / "wide.png")
+    dark_on_light = Image.fromarray(shape_picture(light_on_dark=False, size=(60, 44))).convert("RGB")
+    dark_on_light.save(pictures / "dark_on_light.png")
+    Image.fromarray(shape_picture(size=(33, 70))).save(pictures / "wide.png")
     # Two classes: predict shows both, by default.
     from lenet_tf.evaluate import predict_files
     from lenet_tf.inference import load_predictor
@@ -636,7 +605,7 @@ def test_a_killed_run_does_not_resume_on_a_changed_folder(tmp_path):
 
     from lenet_tf.run_dir import RunDir
 
-    root = _write_classes(tmp_path / "photos", {"a": 400, "b": 400})
+    root = write_class_folders(tmp_path / "photos", {"a": 400, "b": 400})
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "lenet_tf", "train", "--data-dir", str(root), "--epochs", "4",
                "--batch-size", "16", "--activation", "relu", "--learning-rate", "0.1", "--run-dir", str(run_dir),
@@ -648,19 +617,19 @@ def test_a_killed_run_does_not_resume_on_a_changed_folder(tmp_path):
     first.wait()
     added = root / "b" / "late.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(added)
-    refused = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    refused = run_main(*command[3:])  # The reruns need no process of their own: the killed one is gone.
     errors = [line for line in refused.stderr.splitlines() if "error:" in line]
     assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-3000:]
     assert "is not the one this run started with (1 added: b/late.png)" in errors[0]
     assert RunDir(run_dir).backup_metadata.is_file() and not (run_dir / "metrics.json").exists()
     added.unlink()
-    resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    resumed = run_main(*command[3:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_run_this_session"] < 4
 
 
 def test_a_resume_without_the_record_of_its_folder_is_refused(tmp_path):
-    root = _write_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
+    root = write_class_folders(tmp_path / "photos", {"cat": 3, "dog": 3})
     folders.register_folder_dataset(root).loader(None)
     with pytest.raises(UsageError, match=r"cannot read .*dataset\.json"):
         folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)
@@ -683,18 +652,17 @@ def test_a_resume_after_a_class_folder_was_added_names_the_change_and_keeps_the_
     from lenet_tf.callbacks import Backup
     from lenet_tf.run_dir import RunDir
 
-    root = _write_classes(tmp_path / "photos", {"cat": 12, "dog": 12})
+    root = write_class_folders(tmp_path / "photos", {"cat": 12, "dog": 12})
     run_dir = RunDir(tmp_path / "run")
-    env = {"XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
     command = ("train", "--data-dir", str(root), "--preset", "fast", "--batch-size", "8", "--run-dir",
                str(run_dir.root), "--format", "", "--image-every-epochs", "0", "--epochs", "2")
-    first = run_cli(*command, env=env)
+    first = run_main(*command)
     assert first.returncode == 0, first.stderr[-3000:]
     Backup(run_dir.backup).save(keras.models.load_model(run_dir.checkpoint, compile=False), 1)
     run_dir.metrics.unlink()
     backup_before = {path.name: path.read_bytes() for path in run_dir.backup.iterdir()}
-    _write_classes(root, {"fox": 12})
-    refused = run_cli(*command, env=env)
+    write_class_folders(root, {"fox": 12})
+    refused = run_main(*command)
     errors = [line for line in refused.stderr.splitlines() if "error:" in line]
     assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-3000:]
     assert "is not the one this run started with (the classes were cat, dog, now cat, dog, fox" in errors[0]
@@ -708,7 +676,7 @@ def test_each_folder_gets_its_own_default_run_folder_and_model_name(tmp_path):
 
     names = []
     for folder in ("cats and dogs", "parts"):
-        root = _write_classes(tmp_path / folder, {"a": 2, "b": 2})
+        root = write_class_folders(tmp_path / folder, {"a": 2, "b": 2})
         config = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root)]))
         names.append((config.run_dir, model_name(config)))
     assert names == [("runs/cats_and_dogs", "lenet_cats_and_dogs"), ("runs/parts", "lenet_parts")]
@@ -717,12 +685,11 @@ def test_each_folder_gets_its_own_default_run_folder_and_model_name(tmp_path):
 def test_a_truncated_png_is_named_in_one_line(tmp_path, capsys):
     """A PNG cut inside its header (the direct PNG reading must not raise
     struct.error) and one cut inside its pixels: one line naming the first."""
-    root = _write_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
+    root = write_class_folders(tmp_path / "photos", {"cat": 3, "dog": 3})
     whole = (root / "cat" / "000.png").read_bytes()
     (root / "cat" / "cut_header.png").write_bytes(whole[:20])
     (root / "dog" / "cut_pixels.png").write_bytes(whole[:-30])
-    completed = run_cli("train", "--data-dir", str(root), "--run-dir", str(tmp_path / "run"), "--epochs", "2",
-                        env={"XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]})
+    completed = run_main("train", "--data-dir", str(root), "--run-dir", str(tmp_path / "run"), "--epochs", "2")
     errors = [line for line in completed.stderr.splitlines() if "error:" in line]
     assert completed.returncode == 2 and len(errors) == 1, completed.stderr[-3000:]
     assert "2 file(s) with a picture's name cannot be read as pictures, the first: " in errors[0]
@@ -732,7 +699,7 @@ def test_a_truncated_png_is_named_in_one_line(tmp_path, capsys):
 def test_evaluating_on_a_folder_whose_held_out_split_moved_is_refused(tmp_path):
     """The model card's digest of the held-out files: the folder as it was
     evaluates; a picture added since, which moves the split, is refused."""
-    root = _write_classes(tmp_path / "photos", {"cat": 10, "dog": 10})
+    root = write_class_folders(tmp_path / "photos", {"cat": 10, "dog": 10})
     folders.register_folder_dataset(root, test_split=0.2).loader(None)
     card = folders.registered_folder().card()
     held_out = list(folders.registered_folder().held_out)
@@ -748,7 +715,7 @@ def test_evaluating_on_a_folder_whose_held_out_split_moved_is_refused(tmp_path):
 def test_dataset_given_with_a_folder_of_pictures_is_refused(tmp_path):
     from lenet_tf.cli import build_parser, config_from_args
 
-    root = _write_classes(tmp_path / "photos", {"a": 2, "b": 2})
+    root = write_class_folders(tmp_path / "photos", {"a": 2, "b": 2})
     with pytest.raises(UsageError, match=r"^--dataset mnist does not apply to --data-dir .*photos, a folder of "
                                          r"pictures \(it is its own dataset\); drop --dataset$"):
         config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--dataset", "mnist"]))
@@ -757,7 +724,7 @@ def test_dataset_given_with_a_folder_of_pictures_is_refused(tmp_path):
 
 
 def test_a_run_of_another_dataset_resumed_on_a_folder_is_left_to_the_settings_check(tmp_path):
-    root = _write_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
+    root = write_class_folders(tmp_path / "photos", {"cat": 3, "dog": 3})
     folders.register_folder_dataset(root).loader(None)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"dataset": "mnist"}))
@@ -802,7 +769,7 @@ def test_the_folder_recipe_for_three_folder_sizes():
 def test_a_folder_without_preset_gets_the_folder_recipe_and_says_why(tmp_path, capsys):
     from lenet_tf.cli import build_parser, config_from_args, folder_first_lines
 
-    root = _write_classes(tmp_path / "photos", {"cat": 100, "dog": 100})
+    root = write_class_folders(tmp_path / "photos", {"cat": 100, "dog": 100})
     (root / "dog" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
     config = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root)]))
     # 200 pictures: 20 tested, 18 of the 180 left held out for validation, 162 trained on.
@@ -824,7 +791,7 @@ def test_a_folder_without_preset_gets_the_folder_recipe_and_says_why(tmp_path, c
 
 
 def test_a_class_folder_of_heic_pictures_only_is_named(tmp_path, capsys):
-    root = _write_classes(tmp_path / "photos", {"cat": 2})
+    root = write_class_folders(tmp_path / "photos", {"cat": 2})
     (root / "dog").mkdir()
     (root / "dog" / "IMG_0002.heic").write_bytes(b"\0\0\0\x18ftypheic")
     line = _train(capsys, tmp_path, root)
@@ -892,7 +859,7 @@ def test_a_folder_smaller_than_the_batch_trains(tmp_path, capsys):
     than the 162 training pictures; the batch follows the folder."""
     from lenet_tf.cli import main
 
-    root = _write_classes(tmp_path / "photos", {"a": 60, "b": 60, "c": 60})
+    root = write_class_folders(tmp_path / "photos", {"a": 60, "b": 60, "c": 60})
     assert main(["train", "--data-dir", str(root), "--run-dir", str(tmp_path / "run"), "--format", "",
                  "--preset", "classic", "--epochs", "1"]) == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_batch_size"] == 128
@@ -902,7 +869,7 @@ def test_a_folder_smaller_than_the_batch_trains(tmp_path, capsys):
 def test_a_cache_location_that_cannot_be_written_trains_on_without_it(tmp_path, capsys, monkeypatch):
     from lenet_tf.cli import main
 
-    root = _write_classes(tmp_path / "photos", {"a": 20, "b": 20})
+    root = write_class_folders(tmp_path / "photos", {"a": 20, "b": 20})
     (tmp_path / "not-a-folder").write_text("a file where the cache folder would go")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
     assert main(["train", "--data-dir", str(root), "--run-dir", str(tmp_path / "run"), "--format", "",

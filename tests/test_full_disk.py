@@ -10,7 +10,7 @@ import pytest
 
 from lenet_tf.run_dir import RunDir
 
-from conftest import REPO_ROOT, run_cli, wait_for, wait_for_backed_up_epoch
+from conftest import REPO_ROOT, run_main, wait_for, wait_for_backed_up_epoch
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="mounting a size-limited tmpfs needs root; run the suite as root to cover a full disk")
@@ -83,7 +83,7 @@ def test_a_disk_that_fills_mid_run_stops_it_with_one_line_and_a_rerun_resumes(sm
     assert 1 <= epochs_done < 6 and checkpoint.count_params() == 61_706
 
     filler.unlink()  # Space freed: the same command resumes.
-    resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    resumed = run_main(*command[3:])  # The rerun needs no process of its own: the stopped one is gone.
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs_started = [int(line.split()[1].split("/")[0]) for line in resumed.stdout.splitlines()
                       if line.startswith("Epoch ")]
@@ -96,9 +96,9 @@ def test_a_disk_that_fills_mid_run_stops_it_with_one_line_and_a_rerun_resumes(sm
 def test_an_export_that_runs_out_of_space_publishes_nothing_and_keeps_earlier_versions(small_disk, tmp_path,
                                                                                        fashion_mnist_dir):
     run_dir = tmp_path / "run"
-    trained = run_cli("train", "--limit-train", "2000", "--limit-test", "500", "--epochs", "1",
-                      "--run-dir", str(run_dir), "--export-dir", str(small_disk / "exports"),
-                      "--format", "saved_model", "--image-every-epochs", "0")
+    trained = run_main("train", "--limit-train", "2000", "--limit-test", "500", "--epochs", "1",
+                       "--run-dir", str(run_dir), "--export-dir", str(small_disk / "exports"),
+                       "--format", "saved_model", "--image-every-epochs", "0")
     assert trained.returncode == 0, trained.stderr[-3000:]
     model_dir = small_disk / "exports" / "lenet_fashion_mnist"
     first = {path.name: path.read_bytes() for path in (model_dir / "1").rglob("*") if path.is_file()}
@@ -107,8 +107,7 @@ def test_an_export_that_runs_out_of_space_publishes_nothing_and_keeps_earlier_ve
 
     # A disk that is already full is refused before the checkpoint is loaded.
     filler = _fill(small_disk)
-    refused = subprocess.run(export_command + ["--format", "saved_model"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    refused = run_main(*export_command[3:], "--format", "saved_model")
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines()[-1].startswith("lenet-tf export: error: only 0 MiB free")
     filler.unlink()
@@ -129,7 +128,7 @@ def test_an_export_that_runs_out_of_space_publishes_nothing_and_keeps_earlier_ve
     assert sorted(path.name for path in model_dir.iterdir()) == ["1"]  # No new version, no staging left.
     assert {path.name: path.read_bytes() for path in (model_dir / "1").rglob("*") if path.is_file()} == first
     filler.unlink()
-    again = run_cli("export", "--run-dir", str(run_dir), "--export-dir", str(small_disk / "exports"),
-                    "--format", "saved_model")
+    again = run_main("export", "--run-dir", str(run_dir), "--export-dir", str(small_disk / "exports"),
+                     "--format", "saved_model")
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(path.name for path in model_dir.iterdir()) == ["1", "2"]

@@ -16,7 +16,7 @@ from lenet_tf.export import LABELS_FILE, MICRO_MAX_ACCURACY_DROP, MICRO_MIN_LITE
 from lenet_tf.inference import METADATA_FILE
 from lenet_tf.registry import dataset_info
 
-from conftest import run_cli
+from conftest import run_cli, run_main, write_class_folders
 
 pytest.importorskip("tflite_micro", reason="tflite-micro is not installed (pip install -e '.[test]')")
 
@@ -167,19 +167,12 @@ def test_c_class_names_with_spaces_quotes_and_non_ascii_letters_compile_to_their
 
 def test_labels_txt_of_a_folders_model_has_its_class_names(tmp_path):
     """A folder whose classes have spaces and non-ASCII letters: labels.txt beside the export, in output order."""
-    from PIL import Image
-
-    root = tmp_path / "pictures"
     names = ["ankle boot", "crème brûlée", "Ørsted"]
-    rng = np.random.default_rng(0)
-    for name in names:
-        (root / name).mkdir(parents=True)
-        for index in range(8):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / name / f"{index}.png")
-    completed = run_cli("train", "--data-dir", str(root), "--epochs", "1", "--batch-size", "8", "--test-split", "0.25",
-                        "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "exports"),
-                        "--format", "saved_model", "--image-every-epochs", "0",
-                        env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    root = write_class_folders(tmp_path / "pictures", {name: 8 for name in names})
+    completed = run_main("train", "--data-dir", str(root), "--epochs", "1", "--batch-size", "8", "--test-split", "0.25",
+                         "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "exports"),
+                         "--format", "saved_model", "--image-every-epochs", "0",
+                         env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert completed.returncode == 0, completed.stderr[-3000:]
     version = Path(json.loads((tmp_path / "run" / "metrics.json").read_text())["export_version_dir"])
     card = json.loads((version / METADATA_FILE).read_text())

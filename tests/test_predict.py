@@ -10,7 +10,7 @@ from lenet_tf.errors import UsageError
 from lenet_tf.images import frame, load_image
 from lenet_tf.registry import dataset_info
 
-from conftest import run_cli
+from conftest import run_main
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def _write_test_images(directory, datasets):
 def test_predict_json_lines_on_png_and_jpeg(fashion_model, tmp_path):
     metrics, datasets = fashion_model
     files = _write_test_images(tmp_path, datasets)
-    completed = run_cli("predict", "--model", metrics["exports"]["float32"], "--json", *map(str, files))
+    completed = run_main("predict", "--model", metrics["exports"]["float32"], "--json", *map(str, files))
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = [json.loads(line) for line in completed.stdout.splitlines()]
     assert [line["file"] for line in lines] == [str(path) for path in files]
@@ -84,8 +84,8 @@ def test_broken_files_get_one_line_each_and_the_others_still_run(fashion_model, 
     missing = tmp_path / "missing.png"
     folder = tmp_path / "pictures"
     folder.mkdir()
-    completed = run_cli("predict", "--model", metrics["exports"]["saved_model"], "--json",
-                        str(not_image), str(good), str(truncated), str(missing), str(folder))
+    completed = run_main("predict", "--model", metrics["exports"]["saved_model"], "--json",
+                         str(not_image), str(good), str(truncated), str(missing), str(folder))
     assert completed.returncode == 2
     assert [json.loads(line)["file"] for line in completed.stdout.splitlines()] == [str(good)]
     errors = [line for line in completed.stderr.splitlines() if line.startswith("lenet-tf predict: error:")]
@@ -101,7 +101,7 @@ def test_a_dataset_other_than_the_models_is_one_line(fashion_model, tmp_path):
     metrics, datasets = fashion_model
     good = tmp_path / "good.png"
     Image.fromarray(datasets.test_images[0, ..., 0]).save(good)
-    completed = run_cli("predict", "--model", metrics["exports"]["float32"], "--dataset", "mnist", str(good))
+    completed = run_main("predict", "--model", metrics["exports"]["float32"], "--dataset", "mnist", str(good))
     assert completed.returncode == 2
     assert completed.stdout == ""
     assert "--dataset mnist does not match the model, which was trained on fashion_mnist" in completed.stderr
@@ -167,7 +167,7 @@ def _answers_by_kind(model_path: str, images, dataset: str, directory) -> tuple[
             picture.save(path, **({"quality": 90} if kind == "jpeg" else {}))
             paths.append(str(path))
             kinds.append(kind)
-    completed = run_cli("predict", "--model", model_path, "--dataset", dataset, "--json", *paths)
+    completed = run_main("predict", "--model", model_path, "--dataset", dataset, "--json", *paths)
     assert completed.returncode == 0, completed.stderr[-3000:]
     predicted = np.array([json.loads(line)["class_id"] for line in completed.stdout.splitlines()])
     kinds, paths = np.array(kinds), np.array(paths)

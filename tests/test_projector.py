@@ -2,14 +2,7 @@
 model, written by a real run, served by a real TensorBoard server and shown in a real browser."""
 
 import dataclasses
-import gzip
-import json
-import os
-import subprocess
-import sys
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import keras
@@ -25,7 +18,7 @@ from lenet_tf.projector import (
 )
 from lenet_tf.registry import dataset_info
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, REPO_ROOT, free_ports, missing_chromium, read_event_tags
+from conftest import CHROMIUM, CHROMIUM_ARGS, http_get, missing_chromium, read_event_tags, tensorboard_server
 
 FASHION_NAMES = dataset_info("fashion_mnist").class_names
 METADATA_HEADER = "index\ttrue class\tpredicted class\tcorrect\tconfidence"
@@ -156,45 +149,22 @@ def test_a_rewrite_replaces_the_folder_and_a_failed_one_keeps_the_previous(tmp_p
 
 
 @pytest.fixture(scope="module")
-def tensorboard_server(projector_run):
+def served(projector_run):
+    """A real TensorBoard server (`lenet-tf tensorboard`) over the projector run."""
     _, _, _, root = projector_run
-    port, = free_ports(1)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lenet_tf", "tensorboard", "--run-dir", str(root / "runs"), "--port", str(port)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        # The Projector decides that it is active in a thread of its own: ask until it says so.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if _get(base, "/data/plugins_listing")["projector"]["enabled"]:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+    # The Projector decides that it is active in a thread of its own: ask until it says so.
+    with tensorboard_server(root / "runs", lambda base: _get(base, "/data/plugins_listing")["projector"]["enabled"]) \
+            as base:
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _get(base: str, path: str, raw: bool = False):
-    with urllib.request.urlopen(base + path, timeout=30) as response:
-        body = response.read()
-    body = gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
-    return body if raw else json.loads(body)
+    return http_get(base + path, raw=raw)
 
 
 @pytest.mark.slow
-def test_real_tensorboard_serves_the_projector_and_the_pr_curves(tensorboard_server):
-    base = tensorboard_server
+def test_real_tensorboard_serves_the_projector_and_the_pr_curves(served):
+    base = served
     listing = _get(base, "/data/plugins_listing")
     assert listing["projector"]["enabled"] and listing["pr_curves"]["enabled"]
     assert _get(base, "/data/plugin/projector/runs") == ["fast/logs"]
@@ -216,11 +186,11 @@ def test_real_tensorboard_serves_the_projector_and_the_pr_curves(tensorboard_ser
 
 @pytest.mark.slow
 @pytest.mark.skipif(missing_chromium() is not None, reason=str(missing_chromium()))
-def test_a_browser_shows_the_projector_with_a_search_for_coat_and_the_pr_curves(tensorboard_server, tmp_path):
+def test_a_browser_shows_the_projector_with_a_search_for_coat_and_the_pr_curves(served, tmp_path):
     """Screenshots land in the test's folder; docs/images/ keeps a copy of each."""
     from playwright.sync_api import sync_playwright
 
-    base = tensorboard_server
+    base = served
     errors = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

@@ -18,7 +18,7 @@ from lenet_tf.io_utils import ensure_writable_dir
 from lenet_tf.run_dir import RunDir
 from lenet_tf.train import train_and_evaluate
 
-from conftest import REPO_ROOT, backed_up_epochs, read_scalars, wait_for, wait_for_backed_up_epoch
+from conftest import REPO_ROOT, backed_up_epochs, read_scalars, run_main, wait_for, wait_for_backed_up_epoch
 
 
 @pytest.mark.slow
@@ -37,7 +37,7 @@ def test_killed_run_resumes_from_its_backup_and_finishes(tmp_path, fashion_mnist
     assert not (run_dir / "metrics.json").exists()
     assert not list(export_dir.glob("*/[0-9]*"))  # No version was published.
 
-    second = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    second = run_main(*command[3:])  # The rerun needs no process of its own: the killed one is gone.
     assert second.returncode == 0, second.stderr[-3000:]
     epochs_started = [int(line.split()[1].split("/")[0]) for line in second.stdout.splitlines()
                       if line.startswith("Epoch ")]
@@ -103,7 +103,7 @@ def test_sigterm_stops_a_run_in_one_line_and_the_rerun_resumes(tmp_path, fashion
     assert backed_up_epochs(run_dir.backup_metadata) == 3
     assert list(model_dir.iterdir()) == []  # The unfinished version was removed, none published.
 
-    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    finished = run_main(*command[3:])
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "no epochs left to train: the backup held all 3" in finished.stdout
     metrics = json.loads(run_dir.metrics.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
@@ -190,7 +190,7 @@ def test_two_trainings_on_one_run_dir_the_second_refuses_at_once(tmp_path, fashi
             return {path: path.stat().st_mtime_ns for path in run_dir.root.rglob("*")}
 
         before = snapshot()
-        second = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+        second = run_main(*command[3:])  # The lock is the operating system's: it holds within a process too.
         assert second.returncode == 2 and "Traceback" not in second.stderr
         line = second.stderr.strip().splitlines()[-1]
         assert line.startswith(f"lenet-tf train: error: the run directory {run_dir} is in use by training "
@@ -199,7 +199,7 @@ def test_two_trainings_on_one_run_dir_the_second_refuses_at_once(tmp_path, fashi
     finally:
         first.kill()  # Killed mid-run: its lock goes with it.
         first.wait()
-    third = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    third = run_main(*command[3:])
     assert third.returncode == 0, third.stderr[-3000:]
 
 

@@ -18,7 +18,7 @@ from lenet_tf import slurm
 from lenet_tf.errors import UsageError
 from lenet_tf.run_dir import RunDir
 
-from conftest import REPO_ROOT, backed_up_epochs, free_ports, run_cli
+from conftest import REPO_ROOT, backed_up_epochs, free_ports, run_main, wait_for
 
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol", "scancel", "sinfo", "squeue")
 SBATCH_SCRIPT = REPO_ROOT / "slurm" / "train.sbatch"
@@ -166,9 +166,9 @@ def test_under_a_slurm_step_tf_config_still_wins_and_a_bad_layout_is_one_line(tm
     step = _step_environment(0, "n[1-2]", "1(x2)", 2)
     small = ["train", "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "exports"),
              "--limit-train", "64", "--limit-test", "64", "--epochs", "1", "--format", ""]
-    completed = run_cli(*small, "--strategy", "multi_worker", env={**step, "TF_CONFIG": "{not json"})
+    completed = run_main(*small, "--strategy", "multi_worker", env={**step, "TF_CONFIG": "{not json"})
     assert completed.returncode == 2 and "TF_CONFIG is malformed" in completed.stderr, completed.stderr[-2000:]
-    completed = run_cli(*small, env={**step, "SLURM_STEP_NODELIST": "n[1-", "TF_CONFIG": ""})
+    completed = run_main(*small, env={**step, "SLURM_STEP_NODELIST": "n[1-", "TF_CONFIG": ""})
     assert completed.returncode == 2, completed.stderr[-2000:]
     assert completed.stderr.strip().splitlines() == [
         "lenet-tf train: error: SLURM's node list 'n[1-' is not a list like node[01-03,07],gpu5; set TF_CONFIG instead"]
@@ -242,17 +242,6 @@ class SlurmCluster:
         return match.group(1) if match else ""
 
 
-def _wait(state, what: str, timeout: float = 300, details=lambda: ""):
-    """Polls until `state()` is true (returns it); fails naming `what`, with
-    `details()`, after `timeout` seconds (generous: it bounds a hang on a busy machine)."""
-    deadline = time.monotonic() + timeout
-    while not (value := state()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {timeout:.0f} s\n{details()}")
-        time.sleep(0.2)
-    return value
-
-
 def _job_details(cluster: SlurmCluster, job_id: str, output: Path) -> str:
     """What SLURM says of a job and the end of its log, for a failure's message."""
     job = subprocess.run(["scontrol", "show", "job", job_id], env=cluster.environment, capture_output=True,
@@ -322,7 +311,7 @@ PartitionName=debug Nodes=ALL Default=YES OverSubscribe=FORCE:4 MaxTime=INFINITE
             ["munged", "--foreground", "--force", f"--socket={socket_path}", f"--key-file={key}",
              f"--pid-file={directory / 'munge' / 'munged.pid'}", f"--seed-file={directory / 'munge' / 'munged.seed'}",
              f"--log-file={directory / 'log' / 'munged.log'}"], stdout=log, stderr=subprocess.STDOUT))
-        _wait(socket_path.exists, "munged socket", timeout=60)
+        wait_for(socket_path.exists, [], "munged socket", timeout=60, interval=0.2)
         for daemon in ("slurmctld", "slurmd"):
             started.append(subprocess.Popen([daemon, "-D", "-f", str(config)], env=environment, stdout=log,
                                             stderr=subprocess.STDOUT))
@@ -333,7 +322,8 @@ PartitionName=debug Nodes=ALL Default=YES OverSubscribe=FORCE:4 MaxTime=INFINITE
                                        capture_output=True, text=True, timeout=60)
             return completed.stdout.strip() == "idle"
 
-        _wait(node_idle, "idle SLURM node (see the logs in " + str(directory / "log") + ")", timeout=120)
+        wait_for(node_idle, [], "idle SLURM node (see the logs in " + str(directory / "log") + ")", timeout=120,
+                 interval=0.2)
         yield cluster
         subprocess.run(["scancel", "--full", "--quiet", f"--user={os.getuid()}"], env=environment, timeout=60)
     finally:
@@ -402,21 +392,22 @@ def _submit(cluster: SlurmCluster, tmp_path: Path, run_dir: Path, epochs: int) -
 def test_the_sbatch_script_requeued_mid_run_resumes_and_runs_every_epoch_once(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     job_id = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
-    _wait(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
-          or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"), "backed-up epoch")
+    wait_for(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
+             or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"), [], "backed-up epoch", interval=0.2)
     assert slurm_cluster.job_state(job_id) == "RUNNING"
     slurm_cluster.run("scontrol", "requeue", job_id)
     # SLURM ends every task (SIGTERM, then SIGKILL after KillWait), then holds
     # the job back for a while before it may start again: start it now.
-    _wait(lambda: slurm_cluster.job_state(job_id) == "PENDING", "requeued job",
-          details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"))
+    wait_for(lambda: slurm_cluster.job_state(job_id) == "PENDING", [], "requeued job",
+             details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"), interval=0.2)
     stopped_at = backed_up_epochs(RunDir(run_dir).backup_metadata)
     output = (tmp_path / f"job-{job_id}.out").read_text()
     assert output.count("lenet-tf train: terminated (SIGTERM); run the same command again to resume") == 2, output
     assert "Traceback" not in output
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    _wait(lambda: slurm_cluster.job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), "finished job",
-          timeout=900, details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"))
+    wait_for(lambda: slurm_cluster.job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), [], "finished job",
+             timeout=900, details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"),
+             interval=0.2)
     output = (tmp_path / f"job-{job_id}.out").read_text()
     assert slurm_cluster.job_state(job_id) == "COMPLETED", output[-3000:]
     first_start, second_start = output.split(f"lenet-tf: job {job_id}, start 1")
@@ -433,16 +424,17 @@ def test_the_sbatch_script_requeued_mid_run_resumes_and_runs_every_epoch_once(sl
 def test_a_cancelled_job_leaves_a_backup_from_which_the_job_submitted_again_resumes(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     job_id = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
-    _wait(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
-          or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"), "backed-up epoch")
+    wait_for(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
+             or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"), [], "backed-up epoch", interval=0.2)
     slurm_cluster.run("scancel", job_id)
-    _wait(lambda: slurm_cluster.job_state(job_id) in ("CANCELLED", ""), "cancelled job",
-          details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"))
+    wait_for(lambda: slurm_cluster.job_state(job_id) in ("CANCELLED", ""), [], "cancelled job",
+             details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"), interval=0.2)
     stopped_at = backed_up_epochs(RunDir(run_dir).backup_metadata)
     assert 1 <= stopped_at < 4
     resubmitted = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
-    _wait(lambda: slurm_cluster.job_state(resubmitted) in ("COMPLETED", "FAILED", "CANCELLED"), "finished job",
-          timeout=900, details=lambda: _job_details(slurm_cluster, resubmitted, tmp_path / f"job-{resubmitted}.out"))
+    wait_for(lambda: slurm_cluster.job_state(resubmitted) in ("COMPLETED", "FAILED", "CANCELLED"), [], "finished job",
+             timeout=900, details=lambda: _job_details(slurm_cluster, resubmitted, tmp_path / f"job-{resubmitted}.out"),
+             interval=0.2)
     output = (tmp_path / f"job-{resubmitted}.out").read_text()
     assert slurm_cluster.job_state(resubmitted) == "COMPLETED", output[-3000:]
     assert _epochs_started(output) == [epoch for epoch in range(stopped_at + 1, 5) for _ in range(2)]
@@ -460,11 +452,11 @@ def test_a_task_killed_mid_run_ends_the_step_with_one_line(slurm_cluster, tmp_pa
         cwd=tmp_path, env=dict(slurm_cluster.environment, TMPDIR=str(tmp_path)), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
-        _wait(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1 or step.poll() is not None,
-              "backed-up epoch")
+        wait_for(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1 or step.poll() is not None, [],
+                 "backed-up epoch", interval=0.2)
         assert step.poll() is None
         job_id = re.search(r"\d+", slurm_cluster.run("squeue", "--noheader", "--format=%i")).group(0)
-        os.kill(_wait(lambda: _task_pid(job_id, 1), "task 1's process"), signal.SIGKILL)
+        os.kill(wait_for(lambda: _task_pid(job_id, 1), [], "task 1's process", interval=0.2), signal.SIGKILL)
         killed_at = time.monotonic()
         _, stderr = step.communicate(timeout=300)
         step_seconds = time.monotonic() - killed_at
@@ -500,8 +492,8 @@ def test_sigterm_to_every_worker_stops_a_multi_worker_run_cleanly_without_slurm(
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(tmp_path)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in range(2)]
     try:
-        _wait(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
-              or any(worker.poll() is not None for worker in workers), "backed-up epoch")
+        wait_for(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
+                 or any(worker.poll() is not None for worker in workers), [], "backed-up epoch", interval=0.2)
         assert all(worker.poll() is None for worker in workers)
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
@@ -546,8 +538,8 @@ def test_the_tune_sbatch_script_runs_one_trial_worker_per_task_on_one_study(slur
         "--limit-test", "256", "--image-every-epochs", "0", "--search", "batch-size=128|256", "--search",
         "conv-filters=6,16|16,32", "--search", "dense-units=64", "--format", "", "--run-dir", str(run_dir)).strip()
     output = tmp_path / f"job-{job_id}.out"
-    _wait(lambda: slurm_cluster.job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), "finished job",
-          timeout=900, details=lambda: _job_details(slurm_cluster, job_id, output))
+    wait_for(lambda: slurm_cluster.job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), [], "finished job",
+             timeout=900, details=lambda: _job_details(slurm_cluster, job_id, output), interval=0.2)
     log = output.read_text()
     assert slurm_cluster.job_state(job_id) == "COMPLETED", log[-3000:]
     started = re.findall(r"^tune: trial (\d+) \(SLURM task (\d)\)", log, re.MULTILINE)

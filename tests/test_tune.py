@@ -20,7 +20,7 @@ from lenet_tf.tune import (
     settings_as_flags,
 )
 
-from conftest import REPO_ROOT, backed_up_epochs, read_event_tags, run_cli, wait_for
+from conftest import REPO_ROOT, backed_up_epochs, read_event_tags, run_main, wait_for
 
 # Small and quick: about two seconds a trial on two cores.
 SMALL_SEARCH = ["--limit-train", "1024", "--limit-test", "256", "--image-every-epochs", "0",
@@ -132,7 +132,7 @@ def test_a_small_search_stopped_by_sigterm_resumes_to_its_trials_best_and_export
     kept = {number: path.read_bytes() for number, path in _trial_metrics(run_dir).items()}
     assert sorted(kept) == [0, 1] and not (run_dir / "best.json").exists()
 
-    second = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    second = run_main(*command[3:], cwd=tmp_path)  # The reruns need no process of their own: the stopped one is gone.
     assert second.returncode == 0, second.stderr[-3000:]
     assert "tune: taking over trial 2, left unfinished" in second.stdout
     assert re.findall(r"^tune: trial (\d+) \(", second.stdout, re.MULTILINE) == ["2"]  # Only trial 2 trained.
@@ -161,7 +161,7 @@ def test_a_small_search_stopped_by_sigterm_resumes_to_its_trials_best_and_export
     assert card["metrics"]["test_accuracy"] == best["test_accuracy"]
 
     # Run again once finished: nothing to train, nothing new exported.
-    again = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    again = run_main(*command[3:], cwd=tmp_path)
     assert again.returncode == 0 and "tune: trial" not in again.stdout, again.stdout
     assert json.loads((run_dir / "best.json").read_text()) == best
     assert [path.name for path in Path(best["export"]).parent.iterdir()] == ["1"]

@@ -18,7 +18,7 @@ from PIL import Image
 from lenet_tf.images import load_image
 from lenet_tf.registry import dataset_info
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, missing_chromium, run_cli
+from conftest import CHROMIUM, CHROMIUM_ARGS, missing_chromium, run_main
 
 def _missing_browser() -> str | None:
     missing = missing_chromium()
@@ -222,15 +222,16 @@ def test_serve_web_refuses_a_page_changed_after_export(web_export, tmp_path):
     shutil.copytree(version, copy)
     with open(copy / "web" / "app.js", "a") as script:
         script.write("\n// changed\n")
-    completed = run_cli("serve-web", "--model-dir", str(copy), "--port", "0", timeout=120)
+    completed = run_main("serve-web", "--model-dir", str(copy), "--port", "0")
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert "app.js does not match its model card" in completed.stderr.strip().splitlines()[-1]
 
 
 def test_export_without_the_runtime_files_is_one_line(web_export, tmp_path):
     version, _ = web_export
-    completed = run_cli("export", "--run-dir", str(version.parent.parent.parent / "run"), "--format", "saved_model,web",
-                        "--export-dir", str(tmp_path), env={"LENET_TF_WEB_RUNTIME": str(tmp_path / "empty")})
+    completed = run_main("export", "--run-dir", str(version.parent.parent.parent / "run"),
+                         "--format", "saved_model,web", "--export-dir", str(tmp_path),
+                         env={"LENET_TF_WEB_RUNTIME": str(tmp_path / "empty")})
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     line = completed.stderr.strip().splitlines()[-1]
     assert line.startswith("lenet-tf export: error: --format web needs onnxruntime-web's files")
