@@ -9,7 +9,7 @@ importing it (DecoderPool).
 
 Plain PNGs (8-bit grey or RGB, without transparency or EXIF: what a dataset
 saved as files nearly always is) are decoded by libspng (pyspng), which reads
-a 28x28 digit in about a third of Pillow's time, and the recipe's inversion
+a 28x28 digit in about a quarter of Pillow's time, and the recipe's inversion
 of 28x28 pictures is decided for a whole batch at once; a PNG's pixels are
 exact whoever decodes them. Every other file, and any PNG libspng refuses, is
 read by lenet_tf.images.read_picture (Pillow), with its limits and its
