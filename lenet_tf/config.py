@@ -446,9 +446,7 @@ FOLDER_EPOCHS = (10, 60)
 def folder_batch_and_epochs(training_pictures: int) -> tuple[int, int]:
     """The batch size and epochs of the folder recipe for `training_pictures` (after the validation part)."""
     smallest, largest = FOLDER_BATCH_SIZES
-    batch_size = smallest
-    while batch_size * 2 <= min(largest, training_pictures / FOLDER_PICTURES_PER_BATCH_STEP):
-        batch_size *= 2
+    batch_size = max(smallest, min(largest, power_of_two_at_most(training_pictures // FOLDER_PICTURES_PER_BATCH_STEP)))
     batch_size = min(batch_size, power_of_two_at_most(training_pictures))  # A folder smaller than one batch.
     steps_per_epoch = -(-training_pictures // batch_size)
     epochs = min(max(-(-FOLDER_STEPS // steps_per_epoch), FOLDER_EPOCHS[0]), FOLDER_EPOCHS[1])
