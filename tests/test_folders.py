@@ -756,8 +756,8 @@ def test_the_folder_recipe_for_three_folder_sizes():
         batch_size, epochs = folder_batch_and_epochs(pictures)
         assert (batch_size, epochs) == expected, pictures
         assert batch_size & (batch_size - 1) == 0 and batch_size <= pictures
-        assert batch_size == FOLDER_BATCH_SIZES[0] if pictures < 2 * FOLDER_BATCH_SIZES[0] * \
-            FOLDER_PICTURES_PER_BATCH_STEP and pictures >= FOLDER_BATCH_SIZES[0] else True
+        if FOLDER_BATCH_SIZES[0] <= pictures < 2 * FOLDER_BATCH_SIZES[0] * FOLDER_PICTURES_PER_BATCH_STEP:
+            assert batch_size == FOLDER_BATCH_SIZES[0], pictures
         assert batch_size <= max(FOLDER_BATCH_SIZES[0], pictures / FOLDER_PICTURES_PER_BATCH_STEP) or pictures < 16
         steps = -(-pictures // batch_size) * epochs
         assert FOLDER_EPOCHS[0] <= epochs <= FOLDER_EPOCHS[1]
