@@ -16,7 +16,7 @@ from typing import Sequence
 
 from lenet_tf.config import (
     ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, FOLDER_SETTINGS, OPTIMIZERS, POOLINGS, PRESETS, SCHEDULES,
-    STRATEGIES, TrainConfig, folder_preset, power_of_two_at_most, preset,
+    STRATEGIES, TrainConfig, folder_preset, power_of_two_at_most, preset, validation_count,
 )
 from lenet_tf.data import BackgroundLoad
 from lenet_tf.errors import ParityError, StoppedError, UsageError
@@ -226,7 +226,7 @@ def _fit_the_batch_to_the_folder(config: TrainConfig, args: argparse.Namespace, 
     """A preset's batch larger than a small folder's training part becomes the
     largest power of two it holds, rather than an error asking for
     --limit-train; a --batch-size the user gave is theirs to change."""
-    kept = training_pictures - round(training_pictures * config.validation_split)
+    kept = training_pictures - validation_count(training_pictures, config.validation_split)
     if args.batch_size is None and kept > 0 and config.batch_size > kept:
         config.batch_size = power_of_two_at_most(kept)
 
@@ -241,7 +241,7 @@ def folder_first_lines(config: TrainConfig) -> list[str]:
 
 
 def _folder_recipe_note(config: TrainConfig, training_pictures: int) -> str:
-    validation = round(training_pictures * config.validation_split)
+    validation = validation_count(training_pictures, config.validation_split)
     kept = training_pictures - validation
     steps = -(-kept // config.batch_size) * config.epochs
     if config.preset == "folder":

@@ -453,6 +453,11 @@ def folder_batch_and_epochs(training_pictures: int) -> tuple[int, int]:
     return batch_size, epochs
 
 
+def validation_count(training_pictures: int, validation_split: float) -> int:
+    """How many of the training pictures --validation-split holds out (train.py's split, counted ahead)."""
+    return int(round(training_pictures * validation_split))
+
+
 def power_of_two_at_most(count: int) -> int:
     return 1 << (max(count, 1).bit_length() - 1)
 
@@ -461,7 +466,7 @@ def folder_preset(dataset: str, training_pictures: int) -> TrainConfig:
     """The recipe for a folder of pictures with `training_pictures` training
     pictures (the test split already taken out, the validation part not)."""
     config = _from_settings("folder", dataset, FOLDER_SETTINGS)
-    kept = training_pictures - round(training_pictures * config.validation_split)
+    kept = training_pictures - validation_count(training_pictures, config.validation_split)
     config.batch_size, config.epochs = folder_batch_and_epochs(kept)
     return config
 

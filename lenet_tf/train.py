@@ -32,7 +32,7 @@ from lenet_tf.callbacks import (
     AtomicCheckpoint, Backup, BackupCallback, BestEpoch, EpochHistory, EpochTensorBoard, StopOnNonFiniteLoss,
     ThroughputCallback, check_workers_resume_together, save_atomically,
 )
-from lenet_tf.config import TrainConfig
+from lenet_tf.config import TrainConfig, validation_count
 from lenet_tf.data import (
     BackgroundLoad, Datasets, evaluation_batch_size, examples_per_epoch, load_datasets, make_dataset,
 )
@@ -271,7 +271,7 @@ def _make_pipelines(config: TrainConfig, datasets: Datasets, replicas: int) -> P
     validation_images = validation_labels = None
     if config.validation_split:
         order = np.random.default_rng(config.seed).permutation(len(train_images))
-        held_out = order[: int(round(len(order) * config.validation_split))]
+        held_out = order[: validation_count(len(order), config.validation_split)]
         kept = order[len(held_out):]
         _check_enough_for_the_replicas("validation split", len(held_out), global_batch_size, replicas,
                                        "--validation-split")
