@@ -27,129 +27,186 @@ AUGMENTATIONS = ("none", "shift", "flip", "shift_flip")
 MAX_SEED = 2**32 - 1
 
 
+def flag(default: Any, help: str, *, doc: str = "", default_text: str = "") -> Any:
+    """A TrainConfig field that is a command-line flag, with what it means to a user.
+
+    help: the meaning, for `--help` and docs/command-line.md alike; code in
+        backticks, and a [label](page.md) link shows as docs/page.md in `--help`.
+    doc: more for docs/command-line.md only (details, links to other pages).
+    default_text: the default in words, where the value itself would mislead
+        (None for "searched", an empty tuple for "the first of each class").
+    The CLI adds the default and each preset's value (lenet_tf.cli).
+    """
+    metadata = {"help": help, "doc": doc, "default_text": default_text}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides what a run computes and where it writes.
 
     The defaults are the book's classic LeNet-5 run (D2L, chapter 7.6):
     sigmoid activations, average pooling, SGD at learning rate 0.9, batch 256,
-    10 epochs.
+    10 epochs. Each field is the flag of the same name (`--format` for
+    export_formats); its `help` says what it means.
     """
 
     # Which named starting point this config came from (recorded, not applied).
-    preset: str = "classic"
+    preset: str = flag(
+        "classic",
+        "named configuration, whose fields the other flags override: classic = the book's LeNet-5 and training; "
+        "modern = ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation; fast = the shortest wait "
+        "for a good model; best = the most accurate under 100,000 parameters; their times and accuracies: "
+        "[Results](results.md)",
+        doc="(`best`: about 10 minutes on 2 cores, [Speedrun](speedrun.md#beyond-093-on-fashion-mnist))",
+        default_text="`classic`; for a --data-dir of pictures, the folder recipe: modern, its batch and length "
+        "sized by the folder, early stopping on a validation part ([Your own pictures](folders.md))",
+    )
 
     # --- data -------------------------------------------------------------
-    dataset: str = "fashion_mnist"
-    # A folder holding the four IDX files; None searches the usual places
-    # (see lenet_tf.data.find_data_dir).
-    data_dir: str | None = None
-    # Train/evaluate on the first N examples only; None uses the whole split.
-    # Handy for quick runs and tests.
-    limit_train: int | None = None
-    limit_test: int | None = None
+    dataset: str = flag("fashion_mnist", "which dataset; not with a --data-dir of pictures, which is its own dataset",
+                        default_text="`fashion_mnist`")
+    # None searches the usual places (lenet_tf.data.find_data_dir).
+    data_dir: str | None = flag(
+        None,
+        "folder with the four IDX files (`.gz` or not), or your own pictures: one subfolder per class, or `train/` "
+        "and `test/` each with the same class subfolders ([Your own pictures](folders.md))",
+        doc="(the search: [Where the data comes from](#where-the-data-comes-from))",
+        default_text="searched: `$LENET_TF_DATA_DIR`, `/usr/share/datasets/fashion-mnist`, "
+        "`~/.keras/datasets/<name>`, then tensorflow_datasets",
+    )
+    limit_train: int | None = flag(None, "train on the first N examples only, for quick runs",
+                                   default_text="all")
+    limit_test: int | None = flag(None, "evaluate on the first N examples only", default_text="all")
 
     # --- model ------------------------------------------------------------
-    activation: str = "sigmoid"  # The book's LeNet predates ReLU.
-    pooling: str = "avg"  # LeNet-5 subsamples by averaging.
-    conv_filters: tuple[int, ...] = (6, 16)  # One entry per conv layer.
-    # Kernel size per conv layer; one entry applies to every layer.
-    kernel_size: tuple[int, ...] = (5,)
-    # The book pads the first conv so 28x28 inputs play LeNet's original 32x32;
-    # "valid" skips the border, a quarter less work for that layer.
-    first_conv_padding: str = "same"
-    dense_units: tuple[int, ...] = (120, 84)  # Hidden dense layers before the 10 logits.
-    # Pixels cut from each side of the 28x28 image, inside the model (so every
-    # export still takes 28x28), before the first conv; 0 keeps the whole
-    # image. MNIST's digits sit in the central 20x20, its border nearly blank.
-    crop: int = 0
-    batch_norm: bool = False
-    # With batch_norm: also after the hidden dense layers, not only the conv layers.
-    dense_batch_norm: bool = True
-    # With batch_norm: also after the first conv layer, whose output is the
-    # largest tensor of the model and so the costliest to normalise.
-    first_conv_batch_norm: bool = True
-    # Fix the first conv layer's kernels to the principal components of the
-    # training images' patches, scaled to unit variance (PCA whitening), and
-    # do not train them: the same accuracy in fewer steps, and each step skips
-    # that layer's weight gradient (lenet_tf.model.whitening_weights).
-    whiten_first_conv: bool = False
-    # Weight of the old value in batch norm's moving mean and variance per step
-    # (Keras's default 0.99 averages over ~100 steps; short runs need fewer).
-    batch_norm_momentum: float = 0.99
-    dropout: float = 0.0  # Dropout rate after each hidden dense layer; 0 disables it.
-    # Flip test-time augmentation: in inference the model averages its logits
-    # for each image and its left-right mirror, inside the model, so every
-    # exported format does the same (lenet_tf.model.FlipViews). Costs twice
-    # the inference; only for datasets whose classes survive a mirror.
-    test_time_flip: bool = False
+    # The book's LeNet predates ReLU.
+    activation: str = flag("sigmoid", "activation of the conv and hidden dense layers")
+    # LeNet-5 subsamples by averaging.
+    pooling: str = flag("avg", "the 2x2 pooling after each conv layer")
+    conv_filters: tuple[int, ...] = flag(
+        (6, 16), "filters per conv layer, comma-separated; as many conv layers as numbers")
+    kernel_size: tuple[int, ...] = flag((5,), "conv kernel size: one for every conv layer, or one per layer, e.g. 5,3")
+    # "valid" is a quarter less work for that layer.
+    first_conv_padding: str = flag(
+        "same", "padding of the first conv layer: `same` pads the 28x28 image to play LeNet's 32x32, as the book "
+        "does; `valid` skips the border")
+    dense_units: tuple[int, ...] = flag((120, 84), "hidden dense widths before the output layer, comma-separated")
+    # MNIST's digits sit in the central 20x20, its border nearly blank.
+    crop: int = flag(
+        0, "pixels cut from each side of the 28x28 image before the first conv, inside the model: every exported "
+        "format still takes 28x28 images",
+        doc="(a whitened first layer is computed from the cropped patches; "
+        "[Speedrun](speedrun.md#cropping-mnists-border))")
+    batch_norm: bool = flag(False, "batch normalisation after each conv and hidden dense layer, before its activation")
+    dense_batch_norm: bool = flag(True, "with --batch-norm, also after the hidden dense layers")
+    # Its output is the largest tensor of the model and so the costliest to normalise.
+    first_conv_batch_norm: bool = flag(True, "with --batch-norm, also after the first conv layer, the costliest one")
+    # The same accuracy in fewer steps, and each step skips that layer's weight
+    # gradient (lenet_tf.model.whitening_weights).
+    whiten_first_conv: bool = flag(
+        False, "fix the first conv layer's kernels to the principal components of the training images' patches, "
+        "scaled to unit variance (PCA whitening), and do not train them",
+        doc="([Speedrun](speedrun.md#the-whitened-first-layer))")
+    # Keras's default 0.99 averages over ~100 steps; short runs need fewer.
+    batch_norm_momentum: float = flag(
+        0.99, "weight of the old value in batch norm's moving mean and variance per step; short runs want less",
+        doc="([Speedrun](speedrun.md))")
+    dropout: float = flag(0.0, "dropout rate after each hidden dense layer; 0 disables it")
+    # Inside the model (lenet_tf.model.FlipViews): every format runs the model.
+    test_time_flip: bool = flag(
+        False, "in inference the model averages each image's logits with those of its left-right mirror, so "
+        "evaluation, `predict` and every exported format give the averaged answer; twice the inference cost; "
+        "refused for digits, which change meaning in a mirror",
+        doc="([Speedrun](speedrun.md#flip-test-time-augmentation))")
 
     # --- optimisation -----------------------------------------------------
-    # "sgd" (the book's), or "muon" (Keras's, extended to the conv kernels):
-    # momentum updates orthogonalised for the dense and conv kernels (AdamW
-    # for biases and batch norm), which trained the fast preset to more
-    # accuracy per second (docs/speedrun.md). Momentum, Nesterov, weight decay
-    # and the rate schedule apply to either.
-    optimizer: str = "sgd"
-    # With Muon: Newton-Schulz iterations that orthogonalise each kernel's
-    # update (Keras's ns_steps). Fewer are cheaper, more are closer to
-    # orthogonal; Keras's 5 by default.
-    muon_ns_steps: int = 5
-    learning_rate: float = 0.9  # Large, because sigmoid nets train slowly with plain SGD.
-    # Per-replica batch; the global batch is this times the number of replicas,
-    # so one CPU or one GPU sees the book's batch of 256.
-    batch_size: int = 256
-    epochs: int = 10
-    seed: int = 0
-    momentum: float = 0.0  # The book uses plain SGD.
-    nesterov: bool = False
-    # Decoupled weight decay (Keras SGD's weight_decay); 0 disables it.
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    # Learning-rate schedule over the whole run, after `warmup_epochs` of linear
-    # warm-up from 0: constant, cosine decay to 0, or linear decay to 0.
-    lr_schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    # Training-time augmentation in the input pipeline (the model is unchanged):
-    # random shifts of up to 2 pixels, plus left-right flips for Fashion-MNIST.
-    augment: str = "none"
-    # Hold out this fraction of the training split for validation (chosen by a
-    # seeded shuffle); the test split is then evaluated once, at the end.
-    # 0 validates on the test split every epoch, as the book does.
-    validation_split: float = 0.0
-    # With a validation split: stop once validation accuracy has not improved
-    # for this many epochs, and keep the weights of its best epoch (not the
-    # last); 0 trains every epoch and keeps the last.
-    early_stopping_patience: int = 0
+    # Muon trained the fast preset to more accuracy per second (docs/speedrun.md).
+    optimizer: str = flag(
+        "sgd", "`sgd` (the book's), or `muon`: orthogonalised momentum updates for the dense and conv kernels, "
+        "AdamW for biases and batch norm (Keras's Muon, extended to the conv kernels); momentum, Nesterov, weight "
+        "decay and the schedule apply to either",
+        doc="([Speedrun](speedrun.md#muon))")
+    # Fewer are cheaper, more are closer to orthogonal; Keras's 5 by default.
+    muon_ns_steps: int = flag(
+        5, "with muon: the Newton-Schulz iterations that orthogonalise each kernel's update (Keras's `ns_steps`)",
+        doc="([Speedrun](speedrun.md#muon))")
+    # Large, because sigmoid nets train slowly with plain SGD.
+    learning_rate: float = flag(0.9, "the peak learning rate of the schedule")
+    # So that one CPU or one GPU sees the book's batch of 256.
+    batch_size: int = flag(256, "batch size per replica; the global batch is this times the number of replicas")
+    epochs: int = flag(10, "how many epochs to train; with --early-stopping-patience, at most this many")
+    seed: int = flag(0, "seeds Python, NumPy, TensorFlow and the shuffle")
+    # The book uses plain SGD.
+    momentum: float = flag(0.0, "momentum of either optimizer")
+    nesterov: bool = flag(False, "Nesterov momentum")
+    weight_decay: float = flag(
+        0.0, "decoupled weight decay (with muon: for the kernels and the AdamW part alike); 0 disables it")
+    label_smoothing: float = flag(0.0, "label smoothing of the cross-entropy loss")
+    lr_schedule: str = flag(
+        "constant", "the learning rate after the warm-up: hold it, cosine decay to 0, or linear decay to 0 (with a "
+        "warm-up, the triangular one-cycle shape)")
+    warmup_epochs: float = flag(0.0, "linear learning-rate warm-up from 0, in epochs (fractions allowed)")
+    # In the input pipeline: the model is unchanged.
+    augment: str = flag(
+        "none", "training-time random shifts of up to 2 pixels and/or left-right flips; flips are refused for "
+        "digits")
+    # Chosen by a seeded shuffle; 0 is the book's way.
+    validation_split: float = flag(
+        0.0, "hold out this fraction of the training split for validation, and evaluate the test split once, at "
+        "the end; 0 validates on the test split every epoch")
+    early_stopping_patience: int = flag(
+        0, "with --validation-split: stop after N epochs without a better validation accuracy and keep the best "
+        "epoch's weights; 0 trains every epoch and keeps the last")
 
     # --- runtime ----------------------------------------------------------
-    # Training steps per call into TensorFlow: more means fewer Python round
-    # trips per epoch (LeNet's steps are so short that they matter); callbacks
-    # still see every epoch. The fastest of the values tried (docs/benchmarks.md).
-    steps_per_execution: int = 64
-    strategy: str = "auto"
-    # Split the CPU into this many logical devices before TensorFlow starts,
-    # so `--strategy mirrored` has several replicas without a GPU (tests, demos).
-    logical_cpus: int = 0
-    # Multi-worker training without TF_CONFIG: every worker's host:port and
-    # this process's index among them.
-    worker_hosts: tuple[str, ...] = ()
-    task_index: int | None = None
-    run_dir: str = "runs/fashion_mnist"
-    export_dir: str = "exports"
-    # Exports go to <export_dir>/<model_name>/<version>/; None means "lenet_<dataset>".
-    model_name: str | None = None
-    export_formats: tuple[str, ...] = ("saved_model", "tflite")
-    # TensorBoard: "epoch" keeps the overhead of per-batch writes away.
-    tensorboard_update_freq: str = "epoch"
-    histogram_freq: int = 0
-    # "start,stop" batch range to profile; empty disables the profiler.
-    profile_batch: str = ""
-    # Image dashboards (confusion matrix, predictions, activations, out-of-
-    # distribution) every N epochs and always at the end; 0 = only at the end.
-    image_every_epochs: int = 5
-    # Test-set indices whose conv activations are shown; empty = first of each class.
-    activation_indices: tuple[int, ...] = ()
+    # More means fewer Python round trips per epoch (LeNet's steps are so short
+    # that they matter); callbacks still see every epoch. The fastest of the
+    # values tried (docs/benchmarks.md).
+    steps_per_execution: int = flag(
+        64, "training steps per call into TensorFlow; 1 under the tf.distribute strategies other than default, "
+        "where Keras 3.15 fails with more")
+    strategy: str = flag(
+        "auto", "tf.distribute strategy; auto = multi_worker over the tasks of a SLURM step (`srun -n N`), else "
+        "mirrored on GPUs, default on CPU; multi_worker takes --worker-hosts or `TF_CONFIG`",
+        doc="([Distributed](distributed.md#slurm))")
+    # Before TensorFlow starts; for tests and demos of several replicas without a GPU.
+    logical_cpus: int = flag(
+        0, "split the CPU into N logical devices, e.g. for --strategy mirrored without GPUs; 0 = no split")
+    worker_hosts: tuple[str, ...] = flag(
+        (), "multi-worker without `TF_CONFIG`: comma-separated host:port of every worker",
+        default_text="use `TF_CONFIG`")
+    task_index: int | None = flag(None, "multi-worker: this worker's index in --worker-hosts",
+                                  default_text="use `TF_CONFIG`")
+    # The CLI puts runs/<dataset> here unless --run-dir says otherwise.
+    run_dir: str = flag(
+        "runs/fashion_mnist",
+        "where config, logs, checkpoints and metrics go: the same command resumes an interrupted run there, and "
+        "trains a new run beside a finished one (`DIR-2`, ...); one training at a time per folder",
+        doc="([Resuming and new runs](troubleshooting.md#resuming-and-new-runs))",
+        default_text="`runs/<dataset>`, or `runs/<folder name>` for a --data-dir of pictures")
+    export_dir: str = flag("exports", "where exported models go")
+    model_name: str | None = flag(
+        None, "exports go to `<export-dir>/<model-name>/<version>/`",
+        default_text="`lenet_<dataset>`, or `lenet_<folder name>` for a --data-dir of pictures")
+    # Every TFLite variant is converted from the SavedModel.
+    export_formats: tuple[str, ...] = flag(
+        ("saved_model", "tflite"),
+        f"comma-separated export formats, of {', '.join(EXPORT_FORMATS)}, with saved_model among them; an empty "
+        "string disables export",
+        doc="([Exports](exports.md))")
+    # "epoch" keeps the overhead of per-batch writes away.
+    tensorboard_update_freq: str = flag("epoch", "how often TensorBoard's scalars are written: `epoch`, `batch` "
+                                                 "or every N batches")
+    histogram_freq: int = flag(0, "TensorBoard weight histograms every N epochs; 0 = off")
+    profile_batch: str = flag("", "TensorBoard profiler over one batch or a range A,B, e.g. 10,20",
+                              doc="(the `profile` extra shows it)", default_text="off")
+    image_every_epochs: int = flag(
+        5, "TensorBoard image dashboards (confusion matrix, predictions, activations, out-of-distribution) every "
+        "N epochs and always at the end; 0 = only at the end")
+    activation_indices: tuple[int, ...] = flag(
+        (), "test-set indices whose conv activations the dashboards show",
+        default_text="the first test image of each class")
 
     def validate(self) -> "TrainConfig":
         """Raises UsageError naming the first bad field; returns self."""
