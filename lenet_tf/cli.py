@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 import sys
 from typing import Sequence
 
 from lenet_tf.config import (
-    ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, FOLDER_SETTINGS, OPTIMIZERS, POOLINGS, PRESETS, SCHEDULES,
-    STRATEGIES, TrainConfig, folder_preset, power_of_two_at_most, preset, validation_count,
+    ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, FOLDER_SETTINGS, OPTIMIZERS, POOLINGS, PRESET_SETTINGS, PRESETS,
+    SCHEDULES, STRATEGIES, TrainConfig, folder_preset, power_of_two_at_most, preset, validation_count,
 )
 from lenet_tf.data import BackgroundLoad
 from lenet_tf.errors import ParityError, StoppedError, UsageError
@@ -56,9 +57,38 @@ def _shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _defaults(name: str) -> str:
+def _code(value) -> str:
+    """A setting as the docs show it: code, but on and off as words."""
+    return _shown(value) if isinstance(value, bool) else f"`{_shown(value)}`"
+
+
+# The meaning of each train flag that is not a TrainConfig field; the fields
+# carry their own (lenet_tf.config.flag). The test split's default is
+# lenet_tf.folders.DEFAULT_TEST_SPLIT, written out so that building the parser
+# does not import that module (tests/test_cli.py keeps the two equal).
+_OTHER_TRAIN_FLAGS: dict[str, dict[str, str]] = {
+    "test_split": {"help": "a folder of pictures without `test/`: hold out this fraction of each class for "
+                           "testing, chosen by --seed", "default_text": "`0.1`"},
+    "flip_keeps_class": {"help": "a folder of pictures: a mirror image keeps its class, so the presets may flip",
+                         "default_text": "off"},
+    "summary": {"help": "print the layer summary and exit without training"},
+}
+_FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+
+
+def _source(name: str):
+    """Where the train flag with destination `name` has its help: its field's metadata, or _OTHER_TRAIN_FLAGS."""
+    return _FIELDS[name].metadata if name in _FIELDS else _OTHER_TRAIN_FLAGS[name]
+
+
+def _defaults(name: str) -> list[tuple[str, str]]:
     """A flag's default and each preset's value for it, read from the presets
-    themselves, e.g. "default: 0; modern: 0.9; fast, best: 0.95"."""
+    themselves, e.g. [("default", "`0`"), ("modern", "`0.9`"), ("fast, best", "`0.95`")];
+    the default in words where the flag's source gives it (default_text)."""
+    if _source(name).get("default_text"):
+        return [("default", _source(name)["default_text"])]
+    if name not in _FIELDS:
+        return []
     default = getattr(TrainConfig(), name)
     datasets = dataset_names()
     by_value: dict[str, list[str]] = {}
@@ -66,85 +96,99 @@ def _defaults(name: str) -> str:
         values = {dataset: getattr(preset(preset_name, dataset), name) for dataset in datasets}
         first = values[datasets[0]]
         if first != default:
-            by_value.setdefault(_shown(first), []).append(preset_name)
+            by_value.setdefault(_code(first), []).append(preset_name)
         for dataset, value in values.items():
             if value != first:  # A dataset that the preset treats differently.
-                by_value.setdefault(_shown(value), []).append(f"{preset_name} on {dataset}")
-    return "; ".join([f"default: {_shown(default)}", *(f"{', '.join(names)}: {value}"
-                                                       for value, names in by_value.items())])
+                by_value.setdefault(_code(value), []).append(f"{preset_name} on {dataset}")
+    parts = [("default", _code(default)), *((", ".join(names), value) for value, names in by_value.items())]
+    modern = PRESET_SETTINGS["modern"].get(name, default)
+    if name in FOLDER_SETTINGS and FOLDER_SETTINGS[name] != modern:  # The folder recipe's own changes to modern.
+        parts.append(("a folder of pictures", _code(FOLDER_SETTINGS[name])))
+    return parts
+
+
+def _meaning(name: str) -> tuple[str, str]:
+    """A flag's meaning and the docs' addition to it, from its source."""
+    return _source(name)["help"], _source(name).get("doc", "")
+
+
+def _plain(text: str) -> str:
+    """Help text for a terminal: a [label](page.md) link as docs/page.md, code without its backticks."""
+    text = re.sub(r"\[([^\]]*)\]\(([^)#\s]*)(#[^)\s]*)?\)", lambda link: f"docs/{link[2]}" if link[2] else link[1],
+                  text)
+    return text.replace("`", "")
+
+
+def _help(name: str) -> str:
+    """A train flag's --help: its meaning, then its default and each preset's value."""
+    meaning, _ = _meaning(name)
+    defaults = "; ".join(f"{label}: {value}" for label, value in _defaults(name))
+    # argparse formats help with %, so a literal one is doubled.
+    return _plain(f"{meaning} ({defaults})" if defaults else meaning).replace("%", "%%")
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=dataset_names(), help=f"which dataset (default: {defaults.dataset}; not with a --data-dir of pictures, which is its own dataset)")
-    data.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder with the four IDX files (.gz or not), or your own pictures: one subfolder per class, or "
-        "train/ and test/ each with the same class subfolders (docs/folders.md). Default: $LENET_TF_DATA_DIR, "
-        "then /usr/share/datasets/fashion-mnist, then ~/.keras/datasets/<name>, then tensorflow_datasets",
-    )
-    data.add_argument("--test-split", type=float, default=None,
-                      help="a folder of pictures without test/: hold out this fraction of each class for testing, "
-                      "chosen by --seed (default: 0.1)")
-    data.add_argument("--flip-keeps-class", action="store_true",
-                      help="a folder of pictures: a mirror image keeps its class, so the presets may flip (default: off)")
-    data.add_argument("--limit-train", type=int, default=None, help="train on the first N examples only (default: all)")
-    data.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N examples only (default: all)")
+    data.add_argument("--dataset", choices=dataset_names(), help=_help("dataset"))
+    data.add_argument("--data-dir", metavar="DIR", help=_help("data_dir"))
+    data.add_argument("--test-split", type=float, metavar="F", help=_help("test_split"))
+    data.add_argument("--flip-keeps-class", action="store_true", help=_help("flip_keeps_class"))
+    data.add_argument("--limit-train", type=int, metavar="N", help=_help("limit_train"))
+    data.add_argument("--limit-test", type=int, metavar="N", help=_help("limit_test"))
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", choices=PRESETS, help="named configuration: classic = the book's LeNet-5 and training; modern = ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation; fast = the shortest wait for a good model; best = the most accurate under 100,000 parameters; their times and accuracies are in docs/results.md (default: classic; for a --data-dir of pictures, the folder recipe: modern, its batch and length sized by the folder, early stopping on a validation part, docs/folders.md)")
-    model.add_argument("--activation", choices=ACTIVATIONS, help=_defaults("activation"))
-    model.add_argument("--pooling", choices=POOLINGS, help=_defaults("pooling"))
-    model.add_argument("--conv-filters", type=_int_list, help=f"filters per conv layer, comma-separated ({_defaults('conv_filters')})")
-    model.add_argument("--kernel-size", type=_int_list, help=f"conv kernel size, or one per conv layer, e.g. 5,3 ({_defaults('kernel_size')})")
-    model.add_argument("--first-conv-padding", choices=("same", "valid"), help=f"padding of the first conv layer; the book's is same ({_defaults('first_conv_padding')})")
-    model.add_argument("--crop", type=int, help=f"pixels cut from each side of the 28x28 image, inside the model, before the first conv ({_defaults('crop')})")
-    model.add_argument("--dense-units", type=_int_list, help=f"hidden dense widths, comma-separated ({_defaults('dense_units')})")
-    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"batch normalisation after each conv/dense layer ({_defaults('batch_norm')})")
-    model.add_argument("--first-conv-batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"with --batch-norm, also after the first conv layer ({_defaults('first_conv_batch_norm')})")
-    model.add_argument("--whiten-first-conv", action=argparse.BooleanOptionalAction, default=None, help=f"fix the first conv layer's kernels to the whitened principal components of the training images' patches, untrained ({_defaults('whiten_first_conv')})")
-    model.add_argument("--dense-batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"with --batch-norm, also after the hidden dense layers ({_defaults('dense_batch_norm')})")
-    model.add_argument("--batch-norm-momentum", type=float, help=f"weight of the old value in batch norm's moving statistics per step ({_defaults('batch_norm_momentum')})")
-    model.add_argument("--dropout", type=float, help=f"dropout after hidden dense layers ({_defaults('dropout')})")
-    model.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction, default=None, help=f"in inference the model averages each image's logits with its left-right mirror's, inside every exported format; twice the inference cost; not for digits ({_defaults('test_time_flip')})")
+    model.add_argument("--preset", choices=PRESETS, help=_help("preset"))
+    model.add_argument("--activation", choices=ACTIVATIONS, help=_help("activation"))
+    model.add_argument("--pooling", choices=POOLINGS, help=_help("pooling"))
+    model.add_argument("--conv-filters", type=_int_list, metavar="N,N,...", help=_help("conv_filters"))
+    model.add_argument("--kernel-size", type=_int_list, metavar="K,...", help=_help("kernel_size"))
+    model.add_argument("--first-conv-padding", choices=("same", "valid"), help=_help("first_conv_padding"))
+    model.add_argument("--crop", type=int, metavar="N", help=_help("crop"))
+    model.add_argument("--dense-units", type=_int_list, metavar="N,N,...", help=_help("dense_units"))
+    for name in ("batch_norm", "first_conv_batch_norm", "whiten_first_conv", "dense_batch_norm"):
+        model.add_argument(_flag_name(name), action=argparse.BooleanOptionalAction, help=_help(name))
+    model.add_argument("--batch-norm-momentum", type=float, metavar="M", help=_help("batch_norm_momentum"))
+    model.add_argument("--dropout", type=float, metavar="P", help=_help("dropout"))
+    model.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction, help=_help("test_time_flip"))
 
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--optimizer", choices=OPTIMIZERS, help=f"sgd, or muon (Keras's, extended to conv kernels: orthogonalised momentum for the kernels, AdamW for the rest) ({_defaults('optimizer')})")
-    optimisation.add_argument("--muon-ns-steps", type=int, help=f"with muon: Newton-Schulz iterations per update ({_defaults('muon_ns_steps')})")
-    optimisation.add_argument("--learning-rate", type=float, help=f"peak learning rate ({_defaults('learning_rate')})")
-    optimisation.add_argument("--batch-size", type=int, help=f"per-replica batch size ({_defaults('batch_size')})")
-    optimisation.add_argument("--epochs", type=int, help=_defaults("epochs"))
-    optimisation.add_argument("--seed", type=int, help=f"random seed ({_defaults('seed')})")
-    optimisation.add_argument("--momentum", type=float, help=f"momentum ({_defaults('momentum')})")
-    optimisation.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help=f"Nesterov momentum ({_defaults('nesterov')})")
-    optimisation.add_argument("--weight-decay", type=float, help=f"decoupled weight decay ({_defaults('weight_decay')})")
-    optimisation.add_argument("--label-smoothing", type=float, help=_defaults("label_smoothing"))
-    optimisation.add_argument("--lr-schedule", choices=SCHEDULES, help=f"after the warm-up: constant, cosine or linear decay to 0 ({_defaults('lr_schedule')})")
-    optimisation.add_argument("--warmup-epochs", type=float, help=f"linear learning-rate warm-up, in epochs ({_defaults('warmup_epochs')})")
-    optimisation.add_argument("--augment", choices=AUGMENTATIONS, help=f"training-time shifts and/or left-right flips in the pipeline; flips only where the class survives them ({_defaults('augment')})")
-    optimisation.add_argument("--validation-split", type=float, help=f"hold out this fraction of the training split for validation; 0 = validate on the test split ({_defaults('validation_split')}; a folder of pictures: {FOLDER_SETTINGS['validation_split']})")
-    optimisation.add_argument("--early-stopping-patience", type=int, help=f"with --validation-split: stop after N epochs without a better validation accuracy and keep the best epoch's weights; 0 = train every epoch, keep the last ({_defaults('early_stopping_patience')}; a folder of pictures: {FOLDER_SETTINGS['early_stopping_patience']})")
+    optimisation.add_argument("--optimizer", choices=OPTIMIZERS, help=_help("optimizer"))
+    optimisation.add_argument("--muon-ns-steps", type=int, metavar="N", help=_help("muon_ns_steps"))
+    optimisation.add_argument("--learning-rate", type=float, metavar="LR", help=_help("learning_rate"))
+    optimisation.add_argument("--batch-size", type=int, metavar="B", help=_help("batch_size"))
+    optimisation.add_argument("--epochs", type=int, metavar="N", help=_help("epochs"))
+    optimisation.add_argument("--seed", type=int, metavar="S", help=_help("seed"))
+    optimisation.add_argument("--momentum", type=float, metavar="M", help=_help("momentum"))
+    optimisation.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help=_help("nesterov"))
+    optimisation.add_argument("--weight-decay", type=float, metavar="W", help=_help("weight_decay"))
+    optimisation.add_argument("--label-smoothing", type=float, metavar="S", help=_help("label_smoothing"))
+    optimisation.add_argument("--lr-schedule", choices=SCHEDULES, help=_help("lr_schedule"))
+    optimisation.add_argument("--warmup-epochs", type=float, metavar="E", help=_help("warmup_epochs"))
+    optimisation.add_argument("--augment", choices=AUGMENTATIONS, help=_help("augment"))
+    optimisation.add_argument("--validation-split", type=float, metavar="F", help=_help("validation_split"))
+    optimisation.add_argument("--early-stopping-patience", type=int, metavar="N",
+                              help=_help("early_stopping_patience"))
 
     runtime = parser.add_argument_group("runtime and outputs")
-    runtime.add_argument("--steps-per-execution", type=int, help=f"training steps per call into TensorFlow (default: {defaults.steps_per_execution})")
-    runtime.add_argument("--strategy", choices=STRATEGIES, help="tf.distribute strategy; auto = multi_worker over the tasks of a SLURM step (srun -n N), else mirrored on GPUs, default on CPU; multi_worker takes --worker-hosts or TF_CONFIG (default: auto)")
-    runtime.add_argument("--logical-cpus", type=int, help="split the CPU into N logical devices, e.g. for --strategy mirrored without GPUs (default: 0 = no split)")
-    runtime.add_argument("--worker-hosts", type=_str_list, help="multi-worker: comma-separated host:port of every worker (default: use TF_CONFIG)")
-    runtime.add_argument("--task-index", type=int, help="multi-worker: this worker's index in --worker-hosts")
-    runtime.add_argument("--run-dir", help="where config, logs, checkpoints and metrics go (default: runs/<dataset>, or runs/<folder name> for a --data-dir of pictures)")
-    runtime.add_argument("--export-dir", help=f"where exported models go (default: {defaults.export_dir})")
-    runtime.add_argument("--model-name", help="exports go to <export-dir>/<model-name>/<version> (default: lenet_<dataset>, or lenet_<folder name> for a --data-dir of pictures)")
-    runtime.add_argument(
-        "--format", dest="export_formats", type=_str_list,
-        help=f"comma list of {', '.join(EXPORT_FORMATS)}; empty string disables export (default: saved_model,tflite)",
-    )
-    runtime.add_argument("--tensorboard-update-freq", help="'epoch', 'batch' or N batches (default: epoch)")
-    runtime.add_argument("--histogram-freq", type=int, help="weight histograms every N epochs, 0 = off (default: 0)")
-    runtime.add_argument("--profile-batch", help="profile this batch range, e.g. 10,20 (default: off)")
-    runtime.add_argument("--image-every-epochs", type=int, help=f"TensorBoard image dashboards every N epochs and at the end; 0 = only at the end ({_defaults('image_every_epochs')})")
-    runtime.add_argument("--activation-indices", type=_int_list, help="test-set indices whose conv activations are shown (default: first of each class)")
+    runtime.add_argument("--steps-per-execution", type=int, metavar="N", help=_help("steps_per_execution"))
+    runtime.add_argument("--strategy", choices=STRATEGIES, help=_help("strategy"))
+    runtime.add_argument("--logical-cpus", type=int, metavar="N", help=_help("logical_cpus"))
+    runtime.add_argument("--worker-hosts", type=_str_list, metavar="HOST:PORT,...", help=_help("worker_hosts"))
+    runtime.add_argument("--task-index", type=int, metavar="I", help=_help("task_index"))
+    runtime.add_argument("--run-dir", metavar="DIR", help=_help("run_dir"))
+    runtime.add_argument("--export-dir", metavar="DIR", help=_help("export_dir"))
+    runtime.add_argument("--model-name", metavar="NAME", help=_help("model_name"))
+    runtime.add_argument("--format", dest="export_formats", type=_str_list, metavar="LIST",
+                         help=_help("export_formats"))
+    runtime.add_argument("--tensorboard-update-freq", metavar="FREQ", help=_help("tensorboard_update_freq"))
+    runtime.add_argument("--histogram-freq", type=int, metavar="N", help=_help("histogram_freq"))
+    runtime.add_argument("--profile-batch", metavar="A,B", help=_help("profile_batch"))
+    runtime.add_argument("--image-every-epochs", type=int, metavar="N", help=_help("image_every_epochs"))
+    runtime.add_argument("--activation-indices", type=_int_list, metavar="I,J,...", help=_help("activation_indices"))
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _add_tune_flags(parser: argparse.ArgumentParser) -> None:
@@ -280,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train, evaluate and export a model")
     _add_train_flags(train)
-    train.add_argument("--summary", action="store_true", help="print the layer summary and exit without training")
+    train.add_argument("--summary", action="store_true", help=_help("summary"))
 
     tune = commands.add_parser("tune", help="search the training settings: many small trials, one study (docs/tuning.md)")
     _add_train_flags(tune)
