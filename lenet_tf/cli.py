@@ -191,6 +191,49 @@ def _flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+FLAG_TABLE_PAGE = "docs/command-line.md"
+_FLAG_TABLE_START = ("<!-- The flag table is made from the flags' help (lenet_tf/config.py, lenet_tf/cli.py): edit "
+                     "it there, then run: python -c \"from lenet_tf.cli import write_flag_table; "
+                     "write_flag_table()\" -->")
+_FLAG_TABLE_END = "<!-- end of the flag table -->"
+
+
+def flag_table_markdown() -> str:
+    """docs/command-line.md's table of every `lenet-tf train` flag: its default
+    and each preset's value, and its meaning, from the same source as --help."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for action in _train_parser()._actions:
+        if action.dest == "help":
+            continue
+        if action.nargs == 0:  # On/off: --flag, or --flag / --no-flag.
+            invocation = " / ".join(action.option_strings)
+        else:
+            value = "{" + ",".join(action.choices) + "}" if action.choices else action.metavar
+            invocation = f"{action.option_strings[0]} {value}"
+        meaning, doc = _meaning(action.dest)
+        # "`0`; modern: `0.9`": the default's value without its label.
+        default = "; ".join(value if label == "default" else f"{label}: {value}"
+                            for label, value in _defaults(action.dest))
+        cells = [f"`{invocation}`", default, f"{meaning} {doc}".strip()]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join([_FLAG_TABLE_START, "", *rows, "", _FLAG_TABLE_END])
+
+
+def write_flag_table(page: str = FLAG_TABLE_PAGE) -> None:
+    """Rewrites the flag table of `page` (run from the repository's root) from the flags' help."""
+    from pathlib import Path
+
+    text = Path(page).read_text()
+    start, end = text.index(_FLAG_TABLE_START), text.index(_FLAG_TABLE_END) + len(_FLAG_TABLE_END)
+    Path(page).write_text(text[:start] + flag_table_markdown() + text[end:])
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    """The parser of `lenet-tf train`, as build_parser makes it."""
+    commands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    return commands.choices["train"]
+
+
 def _add_tune_flags(parser: argparse.ArgumentParser) -> None:
     from lenet_tf.tune import DEFAULT_MAX_PARAMS, DEFAULT_VALIDATION_SPLIT
 

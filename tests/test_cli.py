@@ -1,6 +1,8 @@
 """The command line: help, summary, and one-line errors with exit code 2 for user mistakes."""
 
+import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,8 +10,10 @@ import time
 
 import pytest
 
+from lenet_tf import cli
 from lenet_tf.cli import build_parser, config_from_args, main
-from lenet_tf.config import TrainConfig
+from lenet_tf.config import PRESETS, TrainConfig, preset
+from lenet_tf.registry import dataset_names
 
 from conftest import REPO_ROOT, run_main, write_idx_dir
 
@@ -24,6 +28,43 @@ def test_help_documents_every_flag_with_its_default():
                  "--run-dir", "--export-dir", "--format", "--seed", "--limit-train", "--activation", "--summary"):
         assert flag in help_text
     assert "default: 0.9" in help_text and "default: 256" in help_text and "default: 10" in help_text
+
+
+def test_the_docs_flag_table_is_made_from_the_flags_help():
+    """docs/command-line.md's table of train flags is flag_table_markdown(),
+    which reads each flag's meaning where --help reads it: a help changed
+    without the page, or a flag added or removed, fails here."""
+    page = (REPO_ROOT / "docs" / "command-line.md").read_text()
+    assert cli.flag_table_markdown() in page, (
+        "docs/command-line.md's flag table differs from the flags' help; regenerate it from the repository's "
+        'root: python -c "from lenet_tf.cli import write_flag_table; write_flag_table()"')
+    table = page.split("<!-- end of the flag table -->")[0].split("| --- | --- | --- |\n")[1]
+    documented = [flag for row in table.splitlines() for flag in re.findall(r"--[\w-]+", row.split(" | ")[0])]
+    train = cli._train_parser()
+    flags = [flag for action in train._actions for flag in action.option_strings if flag not in ("-h", "--help")]
+    assert documented == flags
+    help_text = train.format_help()
+    assert "`" not in help_text and "](" not in help_text  # Markdown is for the page only.
+
+
+def test_every_config_field_is_a_train_flag_with_its_help():
+    dests = {action.dest for action in cli._train_parser()._actions}
+    for field in dataclasses.fields(TrainConfig):
+        assert field.name in dests and field.metadata["help"], field.name
+
+
+def test_a_default_in_words_hides_no_preset_value():
+    """A flag whose default is given in words lists no preset's value: none may change it."""
+    for field in dataclasses.fields(TrainConfig):
+        if field.metadata["default_text"] and field.name not in ("preset", "dataset"):
+            values = {getattr(preset(name, dataset), field.name) for name in PRESETS for dataset in dataset_names()}
+            assert values == {field.default}, field.name
+
+
+def test_the_test_splits_written_default_is_the_folders_own():
+    from lenet_tf.folders import DEFAULT_TEST_SPLIT
+
+    assert cli._defaults("test_split") == [("default", f"`{DEFAULT_TEST_SPLIT:g}`")]
 
 
 def test_flags_override_the_preset():
