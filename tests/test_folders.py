@@ -543,6 +543,50 @@ def test_a_folder_of_mixed_pictures_trains_exports_and_predicts_as_it_evaluates(
 
 
 @pytest.mark.slow
+def test_two_folders_in_one_process_each_keep_their_own_classes(tmp_path):
+    """Two folders with different classes, used in one process and interleaved:
+    both scanned before either trains, the first trained after the second was
+    scanned, its run exported from the run folder after the second trained,
+    the second's checkpoint and the first's export evaluated last. Each run's
+    metrics, labels, model card and evaluation name its own classes, and the
+    registry holds only the built-in datasets throughout: a folder travels as
+    a value, never as the entry "folder" that the last scan would overwrite."""
+    import io
+
+    from lenet_tf.config import TrainConfig
+    from lenet_tf.export import LABELS_FILE, export_from_run_dir
+    from lenet_tf.train import train_and_evaluate
+
+    shapes = write_class_folders(tmp_path / "shapes", {"circle": 12, "square": 12, "star": 12})
+    pets = write_class_folders(tmp_path / "pets", {"cat": 12, "dog": 12})
+    first, second = folders.FolderDataset.scan(shapes, 0.25), folders.FolderDataset.scan(pets, 0.25)
+    assert dataset_names() == BUILT_IN_DATASETS
+
+    def train(folder: folders.FolderDataset, name: str) -> dict:
+        config = TrainConfig(dataset=folders.FOLDER_DATASET, data_dir=str(folder.root), epochs=1, batch_size=8,
+                             image_every_epochs=0, run_dir=str(tmp_path / f"run-{name}"), export_formats=())
+        return train_and_evaluate(config, out=io.StringIO(), dataset=folder.info)
+
+    trained_first, trained_second = train(first, "shapes"), train(second, "pets")
+    assert trained_first["class_names"] == ["circle", "square", "star"]
+    assert trained_second["class_names"] == ["cat", "dog"]
+    assert (trained_first["test_examples"], trained_second["test_examples"]) == (9, 6)
+    exported = export_from_run_dir(tmp_path / "run-shapes", ("saved_model",), str(tmp_path / "exports"))
+    card = json.loads(exported.artifacts["metadata"].read_text())
+    assert card["class_names"] == ["circle", "square", "star"] and card["model_name"] == "lenet_shapes"
+    assert card["folder"]["path"] == str(shapes.resolve()) and card["folder"]["held_out_count"] == 9
+    assert (exported.version_dir / LABELS_FILE).read_text().split() == ["circle", "square", "star"]
+    for model, classes, examples in ((tmp_path / "run-pets" / "checkpoints" / "last.keras", ["cat", "dog"], 6),
+                                     (exported.version_dir, ["circle", "square", "star"], 9)):
+        evaluated = run_main("evaluate", "--model", str(model), "--json")
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        evaluation = json.loads(evaluated.stdout)
+        assert (evaluation["class_names"], evaluation["examples"], evaluation["dataset"]) == (
+            classes, examples, folders.FOLDER_DATASET)
+    assert dataset_names() == BUILT_IN_DATASETS
+
+
+@pytest.mark.slow
 def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     """The exported page of a folder model, in Chromium: its input for a
     picture is the array the folder's recipe gives (a 28x28 picture as it is,
