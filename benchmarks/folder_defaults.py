@@ -39,10 +39,9 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 def split_folder(source: Path, destination: Path, per_class: int | None = None) -> tuple[int, int]:
     """The package's train/test split of `source` as links under destination/train and destination/test
     (only the first `per_class` training pictures of each class, when given); returns the two counts."""
-    from lenet_tf.folders import register_folder_dataset, registered_folder
+    from lenet_tf.folders import FolderDataset
 
-    register_folder_dataset(source)
-    folder = registered_folder()
+    folder = FolderDataset.scan(source)
     listing = folder.listing
     is_test = folder._test_mask(listing)
     taken: dict[int, int] = {}

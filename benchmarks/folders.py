@@ -81,12 +81,12 @@ def package_read(folder: Path) -> tuple[float, float, int]:
     from lenet_tf import folders
 
     started, cpu_started = time.perf_counter(), cpu_seconds()
-    info = folders.register_folder_dataset(folder)
-    info.before_background_load()
-    datasets = info.loader(None)
+    dataset = folders.FolderDataset.scan(folder)
+    dataset.start_decoders()
+    datasets = dataset.load()
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
-    assert len(datasets.train_images) + len(datasets.test_images) == len(folders.registered_folder().listing)
-    return seconds, cpu, folders.registered_folder().decoded
+    assert len(datasets.train_images) + len(datasets.test_images) == len(dataset.listing)
+    return seconds, cpu, dataset.decoded
 
 
 def keras_pass(folder: Path) -> tuple[float, float]:

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from lenet_tf.config import (
     ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, FOLDER_SETTINGS, OPTIMIZERS, POOLINGS, PRESET_SETTINGS, PRESETS,
@@ -24,7 +24,10 @@ from lenet_tf.errors import ParityError, StoppedError, UsageError
 from lenet_tf.images import INVERT_CHOICES
 from lenet_tf.io_utils import process_start_time
 from lenet_tf.quiet import import_tensorflow_quietly
-from lenet_tf.registry import dataset_names
+from lenet_tf.registry import DatasetInfo, dataset_names
+
+if TYPE_CHECKING:
+    from lenet_tf.folders import FolderDataset
 
 
 class _Parser(argparse.ArgumentParser):
@@ -252,35 +255,37 @@ def _add_tune_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(tune_validation_split=DEFAULT_VALIDATION_SPLIT)
 
 
-def _tune_options(args: argparse.Namespace):
-    """The search a `tune` command asks for: its flags on top of the preset fix settings, the rest is searched."""
+def _tune_options(args: argparse.Namespace, folder: FolderDataset | None = None):
+    """The search a `tune` command asks for: its flags on top of the preset fix settings, the rest is searched.
+    `folder`: the --data-dir of pictures (folder_from_args), which every trial trains on."""
     from lenet_tf.tune import SEARCHABLE, TuneOptions, check_options, default_space, parse_search
 
     if args.validation_split is None:
         args.validation_split = args.tune_validation_split
     user_run_dir = args.run_dir
-    base = config_from_args(args)
+    base = config_from_args(args, folder)
     if user_run_dir is None:
         base.run_dir += "-tune"
+    dataset = folder.info if folder else None
     fixed = {name for name in SEARCHABLE if getattr(args, name, None) is not None}
-    space = parse_search(args.search, default_space(base, fixed), fixed)
-    options = TuneOptions(base, args.trials, space, args.max_params, args.parallel, args.prune)
+    space = parse_search(args.search, default_space(base, fixed, dataset), fixed)
+    options = TuneOptions(base, args.trials, space, args.max_params, args.parallel, args.prune, dataset)
     check_options(options, count_parameters=False)
     return options
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, folder: FolderDataset | None = None) -> TrainConfig:
     """Starts from the preset (for a folder of pictures without --preset, the
-    folder recipe sized by the folder) and overrides every field the user gave."""
-    folder = _folder_dataset(args)
+    folder recipe sized by the folder) and overrides every field the user gave.
+    `folder`: the --data-dir of pictures, scanned by folder_from_args(args)."""
     if folder and args.dataset:
         raise UsageError(f"--dataset {args.dataset} does not apply to --data-dir {args.data_dir}, a folder of pictures "
                          "(it is its own dataset); drop --dataset")
-    training_pictures = _training_pictures(args.limit_train) if folder else 0
+    training_pictures = _training_pictures(folder, args.limit_train) if folder else 0
     if folder and args.preset is None:
-        config = folder_preset(folder, training_pictures)
+        config = folder_preset(folder.info, training_pictures)
     else:
-        config = preset(args.preset or "classic", folder or args.dataset or TrainConfig().dataset)
+        config = preset(args.preset or "classic", folder.info if folder else args.dataset or TrainConfig().dataset)
     for name in TrainConfig.__dataclass_fields__:
         if name == "preset" or (folder and name == "dataset"):  # A folder of pictures is its own dataset.
             continue
@@ -297,15 +302,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.run_dir is None:
         from lenet_tf.folders import default_name
 
-        config.run_dir = f"runs/{default_name(config.dataset)}"
-    return config.validate()
+        config.run_dir = f"runs/{default_name(folder.info if folder else config.dataset)}"
+    return config.validate(folder.info if folder else None)
 
 
-def _training_pictures(limit_train: int | None) -> int:
-    """The registered folder's training pictures, as many as --limit-train keeps."""
-    from lenet_tf.folders import registered_folder
-
-    count = registered_folder().training_count()
+def _training_pictures(folder: FolderDataset, limit_train: int | None) -> int:
+    """The folder's training pictures, as many as --limit-train keeps."""
+    count = folder.training_count()
     return count if limit_train is None else min(count, limit_train)
 
 
@@ -318,13 +321,11 @@ def _fit_the_batch_to_the_folder(config: TrainConfig, args: argparse.Namespace, 
         config.batch_size = power_of_two_at_most(kept)
 
 
-def folder_first_lines(config: TrainConfig) -> list[str]:
+def folder_first_lines(config: TrainConfig, folder: FolderDataset) -> list[str]:
     """The first lines of a run on a folder of pictures: what was chosen and
     why, and the pictures that were not read."""
-    from lenet_tf.folders import registered_folder
-
-    unread = registered_folder().listing.unread_note()
-    return [_folder_recipe_note(config, _training_pictures(config.limit_train))] + ([unread] if unread else [])
+    unread = folder.listing.unread_note()
+    return [_folder_recipe_note(config, _training_pictures(folder, config.limit_train))] + ([unread] if unread else [])
 
 
 def _folder_recipe_note(config: TrainConfig, training_pictures: int) -> str:
@@ -343,22 +344,21 @@ def _folder_recipe_note(config: TrainConfig, training_pictures: int) -> str:
     return f"{why}{held_out}; any flag overrides (docs/folders.md)"
 
 
-def _folder_dataset(args: argparse.Namespace) -> str | None:
-    """When --data-dir holds class folders of pictures, registers them as a
-    dataset (checking the folder, reading no picture) and returns its name."""
-    from lenet_tf.folders import (
-        DEFAULT_TEST_SPLIT, FOLDER_DATASET, detect_layout, register_folder_dataset, registered_folder,
-    )
+def folder_from_args(args: argparse.Namespace) -> FolderDataset | None:
+    """When --data-dir holds class folders of pictures, the folder as a value
+    (scanned and checked, no picture read), which the command hands to
+    config_from_args and to training; None for any other --data-dir."""
+    from lenet_tf.folders import DEFAULT_TEST_SPLIT, FolderDataset, detect_layout
 
     if not args.data_dir or detect_layout(args.data_dir) == "idx":
         if args.test_split is not None or args.flip_keeps_class:
             raise UsageError("--test-split and --flip-keeps-class are for a --data-dir of class folders of pictures")
         return None
-    register_folder_dataset(args.data_dir, DEFAULT_TEST_SPLIT if args.test_split is None else args.test_split,
-                            TrainConfig().seed if args.seed is None else args.seed, args.flip_keeps_class)
+    folder = FolderDataset.scan(args.data_dir, DEFAULT_TEST_SPLIT if args.test_split is None else args.test_split,
+                                TrainConfig().seed if args.seed is None else args.seed, args.flip_keeps_class)
     # Absolute in the run's config.json: export --run-dir and evaluate may run from another folder.
-    args.data_dir = str(registered_folder().root)
-    return FOLDER_DATASET
+    args.data_dir = str(folder.root)
+    return folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,7 +421,8 @@ def _train(args) -> int:
     from lenet_tf.train import train_and_evaluate
 
     # The wait a user sees starts with the process: TensorFlow's import counts.
-    train_and_evaluate(args.config, started=process_start_time(), background_load=args.background_load)
+    train_and_evaluate(args.config, started=process_start_time(), background_load=args.background_load,
+                       dataset=_dataset(args))
     return 0
 
 
@@ -449,24 +450,29 @@ def _tune(args) -> int:
 def _check_flags_and_start_reading_data(args) -> None:
     """Before TensorFlow's import, for `train` and `summary`: turns the flags
     into `args.config`, so that a mistake is reported at once rather than
-    after the import's seconds (UsageError); for a training run, also starts
-    reading its data into `args.background_load`, which the import does not
-    need (None when nothing is read)."""
-    args.config = config_from_args(args) if args.command in ("train", "summary") else None
-    args.tune_options = _tune_options(args) if args.command == "tune" else None
+    after the import's seconds (UsageError); a --data-dir of pictures is
+    scanned once, into `args.folder`, the value every later stage takes; for
+    a training run, also starts reading its data into `args.background_load`,
+    which the import does not need (None when nothing is read)."""
+    args.folder = folder_from_args(args) if args.command in ("train", "summary", "tune") else None
+    args.config = config_from_args(args, args.folder) if args.command in ("train", "summary") else None
+    args.tune_options = _tune_options(args, args.folder) if args.command == "tune" else None
     args.background_load = None
     if args.command == "train" and not args.summary:
-        from lenet_tf.folders import FOLDER_DATASET
+        if args.folder:
+            print("\n".join(folder_first_lines(args.config, args.folder)), flush=True)
+        args.background_load = BackgroundLoad(_dataset(args) or args.config.dataset, args.config.data_dir)
 
-        if args.config.dataset == FOLDER_DATASET:
-            print("\n".join(folder_first_lines(args.config)), flush=True)
-        args.background_load = BackgroundLoad(args.config.dataset, args.config.data_dir)
+
+def _dataset(args) -> DatasetInfo | None:
+    """The dataset of a train, summary or tune command as a value: the folder of pictures', else None (built-in)."""
+    return args.folder.info if args.folder else None
 
 
 def _summary(args) -> int:
     from lenet_tf.model import build_model, layer_summary
 
-    layer_summary(build_model(args.config), sys.stdout)
+    layer_summary(build_model(args.config, _dataset(args)), sys.stdout)
     return 0
 
 
@@ -479,13 +485,16 @@ def _export(args) -> int:
     return 0
 
 
-def _model_dataset(args) -> str:
+def _model_dataset(args) -> str | DatasetInfo:
+    """The dataset whose classes and framing the model answers in: a built-in's
+    name, or the value of the folder of pictures it was trained on (from its card)."""
     from lenet_tf.evaluate import dataset_of_model
 
     trained_on = dataset_of_model(args.model)
-    if args.dataset and trained_on and args.dataset != trained_on:
+    trained_name = trained_on.name if isinstance(trained_on, DatasetInfo) else trained_on
+    if args.dataset and trained_name and args.dataset != trained_name:
         # The class names (and the image framing) would be another dataset's.
-        raise UsageError(f"--dataset {args.dataset} does not match the model, which was trained on {trained_on}; "
+        raise UsageError(f"--dataset {args.dataset} does not match the model, which was trained on {trained_name}; "
                          "leave --dataset out to use the model's own")
     return args.dataset or trained_on or "fashion_mnist"
 

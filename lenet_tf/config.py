@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lenet_tf.errors import UsageError
-from lenet_tf.registry import IMAGE_SIZE, dataset_info, dataset_names
+from lenet_tf.registry import IMAGE_SIZE, DatasetInfo, dataset_info, resolve_dataset
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 ACTIVATIONS = ("sigmoid", "relu")
@@ -208,9 +208,14 @@ class TrainConfig:
         (), "test-set indices whose conv activations the dashboards show",
         default_text="the first test image of each class")
 
-    def validate(self) -> "TrainConfig":
-        """Raises UsageError naming the first bad field; returns self."""
-        _choice("dataset", self.dataset, dataset_names())
+    def validate(self, dataset: DatasetInfo | None = None) -> "TrainConfig":
+        """Raises UsageError naming the first bad field; returns self.
+
+        `dataset`: the dataset the run reads, when it is a value rather than
+        a built-in's name (a folder of pictures: FolderDataset.info); its
+        name must be `self.dataset`.
+        """
+        info = resolve_dataset(self.dataset, dataset)
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("pooling", self.pooling, POOLINGS)
@@ -238,7 +243,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("augment", self.augment, AUGMENTATIONS)
-        if not dataset_info(self.dataset).flip_keeps_class:
+        if not info.flip_keeps_class:
             for flag, mirrors, remedy in ((f"--augment {self.augment}", "flip" in self.augment, "use shift or none"),
                                           ("--test-time-flip", self.test_time_flip, "use --no-test-time-flip")):
                 if mirrors:
@@ -519,17 +524,19 @@ def power_of_two_at_most(count: int) -> int:
     return 1 << (max(count, 1).bit_length() - 1)
 
 
-def folder_preset(dataset: str, training_pictures: int) -> TrainConfig:
-    """The recipe for a folder of pictures with `training_pictures` training
-    pictures (the test split already taken out, the validation part not)."""
+def folder_preset(dataset: DatasetInfo, training_pictures: int) -> TrainConfig:
+    """The recipe for a folder of pictures (`dataset`, its FolderDataset.info) with
+    `training_pictures` training pictures (the test split already taken out,
+    the validation part not)."""
     config = _from_settings("folder", dataset, FOLDER_SETTINGS)
     kept = training_pictures - validation_count(training_pictures, config.validation_split)
     config.batch_size, config.epochs = folder_batch_and_epochs(kept)
     return config
 
 
-def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
-    """The named preset (PRESET_SETTINGS) for `dataset`; every field can still be overridden.
+def preset(name: str, dataset: str | DatasetInfo = "fashion_mnist") -> TrainConfig:
+    """The named preset (PRESET_SETTINGS) for `dataset` (a built-in's name, or a
+    DatasetInfo such as a folder of pictures'); every field can still be overridden.
 
     classic: the book's LeNet-5 and training, unchanged (the dataclass defaults).
     modern:  ReLU, max pooling, batch norm, momentum, cosine schedule, augmentation.
@@ -541,15 +548,15 @@ def preset(name: str, dataset: str = "fashion_mnist") -> TrainConfig:
     settings = dict(PRESET_SETTINGS[name])
     if info.framing.longest_side < IMAGE_SIZE and not info.flip_keeps_class:
         settings.update(MARGIN_SETTINGS.get(name, {}))
-    return _from_settings(name, dataset, settings)
+    return _from_settings(name, info, settings)
 
 
-def _from_settings(name: str, dataset: str, settings: dict[str, Any]) -> TrainConfig:
+def _from_settings(name: str, dataset: str | DatasetInfo, settings: dict[str, Any]) -> TrainConfig:
     """TrainConfig's defaults changed by `settings`, resolved for `dataset`."""
-    flip_keeps_class = dataset_info(dataset).flip_keeps_class
-    resolved = {field: value.pick(flip_keeps_class) if isinstance(value, IfMirrorKeepsClass) else value
+    info = dataset_info(dataset)
+    resolved = {field: value.pick(info.flip_keeps_class) if isinstance(value, IfMirrorKeepsClass) else value
                 for field, value in settings.items()}
-    return TrainConfig(preset=name, dataset=dataset, **resolved)
+    return TrainConfig(preset=name, dataset=info.name, **resolved)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -214,7 +214,7 @@ def candidate_sources(info: DatasetInfo, data_dir: str | None = None) -> list[tu
     return candidates
 
 
-def find_local_data(dataset: str, data_dir: str | None = None) -> Path | None:
+def find_local_data(dataset: str | DatasetInfo, data_dir: str | None = None) -> Path | None:
     """The first local folder (or Keras .npz) holding `dataset`, without downloading; None if none does."""
     for _, path in candidate_sources(dataset_info(dataset), data_dir):
         if _holds_data(path):
@@ -247,11 +247,12 @@ def load_keras_npz(path: Path) -> Datasets:
     return _checked_datasets(train_images, train_labels, test_images, test_labels, str(path))
 
 
-def load_datasets(dataset: str, data_dir: str | None = None, allow_download: bool = True) -> Datasets:
-    """Loads both splits of `dataset` from the first place that has them."""
+def load_datasets(dataset: str | DatasetInfo, data_dir: str | None = None, allow_download: bool = True) -> Datasets:
+    """Loads both splits of `dataset` (a built-in's name, or a DatasetInfo
+    such as a folder of pictures') from the first place that has them."""
     info = dataset_info(dataset)
-    if info.loader is not None:
-        return info.loader(data_dir)  # A folder of pictures (lenet_tf.folders).
+    if info.folder is not None:
+        return info.folder.load(data_dir)  # A folder of pictures (lenet_tf.folders).
     if data_dir:
         # A folder the user named must work: falling through to another source
         # would silently train on data they did not ask for.
@@ -259,7 +260,7 @@ def load_datasets(dataset: str, data_dir: str | None = None, allow_download: boo
     root = os.environ.get(DATA_DIR_ENV)
     if root:
         _checked_folder(Path(root).expanduser())
-    found = find_local_data(dataset)
+    found = find_local_data(info)
     if found is not None:
         return load_local(found)
     tfds_error = None
@@ -273,7 +274,7 @@ def load_datasets(dataset: str, data_dir: str | None = None, allow_download: boo
     searched = ", ".join(f"{label} {path}" for label, path in candidate_sources(info))
     install_hint = f"{info.install_hint}, " if info.install_hint else ""
     raise UsageError(
-        f"no {dataset} data found (searched {searched}"
+        f"no {info.name} data found (searched {searched}"
         + (f"; tensorflow_datasets download failed: {tfds_error}" if allow_download else "")
         + f"); {install_hint}pass --data-dir DIR with the four IDX files, set {DATA_DIR_ENV} to a folder "
         f"holding {info.folder_name}/, or connect to the internet so tensorflow_datasets can download it"
@@ -290,26 +291,28 @@ class BackgroundLoad:
     other TensorFlow op.
     """
 
-    def __init__(self, dataset: str, data_dir: str | None):
-        self._key = (dataset, data_dir)
+    def __init__(self, dataset: str | DatasetInfo, data_dir: str | None):
+        self._dataset, self._data_dir = dataset_info(dataset), data_dir
         self._loaded: concurrent.futures.Future = concurrent.futures.Future()
-        before = dataset_info(dataset).before_background_load
-        if before is not None:
-            before()
+        if self._dataset.folder is not None:
+            # In the main thread while no other thread runs: the decoding workers are forked here.
+            self._dataset.folder.start_decoders()
         self.thread = threading.Thread(target=self._load, name="load-data", daemon=True)
         self.thread.start()
 
     def _load(self) -> None:
         try:
-            self._loaded.set_result(load_datasets(*self._key, allow_download=False))
+            self._loaded.set_result(load_datasets(self._dataset, self._data_dir, allow_download=False))
         except BaseException as error:  # Handed to whoever asks for the result.
             self._loaded.set_exception(error)
 
-    def result(self, dataset: str, data_dir: str | None) -> Datasets | None:
+    def result(self, dataset: str | DatasetInfo, data_dir: str | None) -> Datasets | None:
         """The splits, if they were read for this dataset and data_dir; None
         otherwise, or if the local search failed: the caller then loads in
         the foreground (tensorflow_datasets included), which says why."""
-        if (dataset, data_dir) != self._key:
+        info = dataset_info(dataset)
+        # A folder is the same dataset only as the same value: another scan may split it otherwise.
+        if info != self._dataset or info.folder is not self._dataset.folder or data_dir != self._data_dir:
             return None
         try:
             return self._loaded.result()

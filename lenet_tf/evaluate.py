@@ -9,10 +9,10 @@ import numpy as np
 
 from lenet_tf.config import TrainConfig
 from lenet_tf.errors import UsageError
-from lenet_tf.folders import FOLDER_DATASET, register_from_record, register_recorded_run
+from lenet_tf.folders import FOLDER_DATASET, FolderDataset
 from lenet_tf.images import load_image
 from lenet_tf.inference import Predictor, find_model_card
-from lenet_tf.registry import dataset_info
+from lenet_tf.registry import DatasetInfo, dataset_info
 from lenet_tf.run_dir import RunDir
 
 
@@ -23,14 +23,17 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int
     return confusion
 
 
-def evaluate_predictor(predictor: Predictor, images: np.ndarray, labels: np.ndarray, dataset: str) -> dict[str, Any]:
-    """Accuracy, cross-entropy loss, per-class accuracy and the confusion matrix."""
+def evaluate_predictor(predictor: Predictor, images: np.ndarray, labels: np.ndarray,
+                       dataset: str | DatasetInfo) -> dict[str, Any]:
+    """Accuracy, cross-entropy loss, per-class accuracy and the confusion matrix,
+    named by the classes of `dataset` (a built-in's name, or a DatasetInfo)."""
     probabilities = predictor.predict(images)
     predicted = probabilities.argmax(axis=1)
     # Loss from probabilities works for every format, quantised ones included;
     # the clip keeps a confident mistake from becoming infinite.
     chosen = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
-    class_names = dataset_info(dataset).class_names
+    info = dataset_info(dataset)
+    class_names = info.class_names
     confusion = confusion_matrix(labels, predicted, len(class_names))
     per_class = {}
     for class_id, name in enumerate(class_names):
@@ -39,7 +42,7 @@ def evaluate_predictor(predictor: Predictor, images: np.ndarray, labels: np.ndar
     return {
         "model": str(predictor.path),
         "format": predictor.kind,
-        "dataset": dataset,
+        "dataset": info.name,
         "examples": int(len(labels)),
         "accuracy": float((predicted == labels).mean()),
         "loss": float(-np.log(chosen).mean()),
@@ -66,10 +69,12 @@ def format_evaluation(result: dict[str, Any]) -> str:
 
 
 def predict_files(
-    predictor: Predictor, paths: list[str], dataset: str, invert: str = "auto", top: int | None = None
+    predictor: Predictor, paths: list[str], dataset: str | DatasetInfo, invert: str = "auto", top: int | None = None
 ) -> list[dict[str, Any]]:
-    """One result per file: a prediction, or {"file", "error"} for a file that failed."""
-    names = dataset_info(dataset).class_names
+    """One result per file: a prediction, or {"file", "error"} for a file that failed;
+    classes and framing are those of `dataset` (a built-in's name, or a DatasetInfo)."""
+    dataset = dataset_info(dataset)
+    names = dataset.class_names
     top = min(3, len(names)) if top is None else top
     if not 1 <= top <= len(names):
         raise UsageError(f"--top must be between 1 and {len(names)}, the model's classes (got {top})")
@@ -94,13 +99,15 @@ def predict_files(
     return results
 
 
-def dataset_of_model(path: str | Path) -> str | None:
-    """The dataset a model was trained on, from its model card or run config, if known."""
+def dataset_of_model(path: str | Path) -> str | DatasetInfo | None:
+    """The dataset a model was trained on, from its model card or run config,
+    if known: a built-in's name, or a folder of pictures' DatasetInfo, rebuilt
+    from the record that came with the model."""
     found = find_model_card(path)
     if found is not None:
         card = found[0]
         if card.get("dataset") == FOLDER_DATASET and isinstance(card.get("folder"), dict):
-            register_from_record(card["folder"])  # Its class names and recipe come with the model.
+            return FolderDataset.from_record(card["folder"]).info  # Its class names and recipe come with the model.
         return card.get("dataset")
     run_dir = RunDir(Path(path).parent.parent)  # A checkpoint inside a run: <run>/checkpoints/last.keras.
     try:
@@ -108,5 +115,5 @@ def dataset_of_model(path: str | Path) -> str | None:
     except UsageError:
         return None
     if dataset == FOLDER_DATASET:
-        register_recorded_run(run_dir.root)
+        return FolderDataset.from_run(run_dir.root).info
     return dataset

@@ -36,7 +36,7 @@ from lenet_tf import micro, webpage
 from lenet_tf.config import TrainConfig
 from lenet_tf.data import Datasets, load_datasets
 from lenet_tf.errors import ParityError, StoppedError, UsageError
-from lenet_tf.folders import FOLDER_DATASET, default_name, register_recorded_run, registered_folder
+from lenet_tf.folders import FOLDER_DATASET, FolderDataset, default_name
 from lenet_tf.inference import (
     INPUT_KEY, LITERT_PREFIX, METADATA_FILE, SIGNATURE_KEY, latest_version_dir, sha256_of,
 )
@@ -45,7 +45,7 @@ from lenet_tf.io_utils import (
 )
 from lenet_tf.model import INPUT_DTYPE, INPUT_SHAPE, conv_block_outputs, predict_probabilities
 from lenet_tf.quiet import native_stderr_silenced
-from lenet_tf.registry import PIXEL_SCALE, dataset_info
+from lenet_tf.registry import PIXEL_SCALE, DatasetInfo, resolve_dataset
 from lenet_tf.run_dir import RunDir, holding, process_alive
 
 # Export format -> TFLite variant name used in the file name.
@@ -80,8 +80,9 @@ class ExportResult:
     parity: dict[str, Any] = field(default_factory=dict)
 
 
-def model_name(config: TrainConfig) -> str:
-    return config.model_name or f"lenet_{default_name(config.dataset)}"
+def model_name(config: TrainConfig, dataset: DatasetInfo | None = None) -> str:
+    """--model-name, else lenet_<dataset>: lenet_<folder name> for a folder of pictures (`dataset`, its value)."""
+    return config.model_name or f"lenet_{default_name(config.dataset if dataset is None else dataset)}"
 
 
 def tflite_file_name(variant: str) -> str:
@@ -139,7 +140,7 @@ def _write_uint8_saved_model(directory: Path, tracked: list[keras.Model], output
     archive.write_out(str(directory), verbose=False)
 
 
-def write_web_export(model: keras.Model, dataset: str, version_dir: Path) -> Path:
+def write_web_export(model: keras.Model, dataset: str | DatasetInfo, version_dir: Path) -> Path:
     """Writes `<version_dir>/web/` (lenet_tf.webpage) and returns the path of its model file: an ONNX
     model whose outputs are the probabilities, computed as the serving signature computes them, and
     the activation maps of the first two conv blocks, which the page shows."""
@@ -315,14 +316,19 @@ def export_model(
     datasets: Datasets,
     metrics: dict[str, Any] | None = None,
     parity_worker: ParityWorker | None = None,
+    dataset: DatasetInfo | None = None,
 ) -> ExportResult:
     """Exports `model` as a new version under the config's export folder and proves it.
 
     Raises ParityError, leaving no new version behind, when an exported model
     breaks a parity bound. `parity_worker`: what runs the exported models in a
-    fresh process for that proof (a ParityWorker unless given).
+    fresh process for that proof (a ParityWorker unless given). `dataset`:
+    what `config.dataset` names, as a value (a folder of pictures:
+    FolderDataset.info, whose classes, name and record the export carries);
+    None: the built-in dataset `config.dataset`.
     """
-    model_dir = Path(config.export_dir) / model_name(config)
+    dataset = resolve_dataset(config.dataset, dataset)
+    model_dir = Path(config.export_dir) / model_name(config, dataset)
     model_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(model_dir)
     # Named before it exists and made inside the `try`, so that a stop (SIGTERM,
@@ -332,7 +338,7 @@ def export_model(
     staging = model_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     try:
         staging.mkdir()
-        artifacts, micro_entry = _write_artifacts(model, config, datasets, staging)
+        artifacts, micro_entry = _write_artifacts(model, config, dataset, datasets, staging)
         images, labels = datasets.test_images, datasets.test_labels
         keras_probabilities = predict_probabilities(model, images)
         checked = dict(artifacts)
@@ -342,7 +348,7 @@ def export_model(
         report = parity_report(keras_probabilities, exported, labels)
         add_micro_agreement(report, exported)
         failures = check_parity(report)
-        card = _model_card(config, metrics or {}, artifacts, report, staging, micro_entry)
+        card = _model_card(config, dataset, metrics or {}, artifacts, report, staging, micro_entry)
         write_json_atomic(staging / METADATA_FILE, card)
         if failures:
             raise ParityError("exported models disagree with the Keras model: " + "; ".join(failures))
@@ -356,12 +362,6 @@ def export_model(
     final_artifacts = {name: version_dir / path.relative_to(staging) for name, path in artifacts.items()}
     final_artifacts["metadata"] = version_dir / METADATA_FILE
     return ExportResult(version_dir, final_artifacts, report)
-
-
-def class_names(config: TrainConfig) -> list[str]:
-    """The model's class names in output order: a built-in dataset's, or the
-    folder's classes for a model trained on a folder of pictures."""
-    return list(dataset_info(config.dataset).class_names)
 
 
 def write_labels(names: list[str], path: Path) -> Path:
@@ -392,13 +392,13 @@ def write_micro_export(model: keras.Model, names: list[str], calibration: np.nda
     return path, micro.card_entry(model_bytes, arena, len(names))
 
 
-def _write_artifacts(model, config, datasets, staging) -> tuple[dict[str, Path], dict[str, Any]]:
+def _write_artifacts(model, config, dataset, datasets, staging) -> tuple[dict[str, Path], dict[str, Any]]:
     """Writes every format of the config; returns the models the parity proof
     runs, and the micro model's card entry ({} without micro)."""
     artifacts, micro_entry = {}, {}
     write_saved_model(model, staging)
     artifacts["saved_model"] = staging
-    names = class_names(config)
+    names = list(dataset.class_names)
     write_labels(names, staging / LABELS_FILE)
     calibration = calibration_images(datasets, config.seed)
     if "micro" in config.export_formats:
@@ -407,7 +407,7 @@ def _write_artifacts(model, config, datasets, staging) -> tuple[dict[str, Path],
     if "onnx" in config.export_formats:
         artifacts["onnx"] = convert_onnx(staging, staging / ONNX_FILE)
     if "web" in config.export_formats:
-        artifacts["web"] = write_web_export(model, config.dataset, staging)
+        artifacts["web"] = write_web_export(model, dataset, staging)
     for export_format in config.export_formats:
         if export_format in TFLITE_VARIANTS:
             variant = TFLITE_VARIANTS[export_format]
@@ -498,16 +498,16 @@ def _publish(staging: Path, model_dir: Path) -> Path:
     raise RuntimeError(f"could not find a free version number under {model_dir}")
 
 
-def _model_card(config, metrics, artifacts, report, staging, micro_entry) -> dict[str, Any]:
+def _model_card(config, dataset, metrics, artifacts, report, staging, micro_entry) -> dict[str, Any]:
     files = {}
     for path in sorted(staging.rglob("*")):
         if path.is_file() and path.name != METADATA_FILE:
             files[str(path.relative_to(staging))] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
     final_metrics = {key: value for key, value in metrics.items() if key not in ("history", "exports")}
-    names = class_names(config)
-    folder = registered_folder() if config.dataset == FOLDER_DATASET else None
+    names = list(dataset.class_names)
+    folder = dataset.folder
     return {
-        "model_name": model_name(config),
+        "model_name": model_name(config, dataset),
         "dataset": config.dataset,
         "class_names": names,
         "labels": LABELS_FILE,
@@ -567,18 +567,19 @@ def export_from_run_dir(run_dir: str | Path, export_formats: tuple[str, ...] | N
         )
     with holding(run_dir, "export", exclusive=False):
         config = TrainConfig.read(run_dir.config)
-        if config.dataset == FOLDER_DATASET:
-            register_recorded_run(run_dir.root)
+        # A folder of pictures comes back from the run's record of it: its classes, split and files.
+        dataset = FolderDataset.from_run(run_dir.root).info if config.dataset == FOLDER_DATASET else None
         if export_formats:
             config.export_formats = tuple(export_formats)
         if export_dir:
             config.export_dir = export_dir
-        config.validate()
+        config.validate(dataset)
         check_can_export(config)
         try:
             model = keras.models.load_model(run_dir.checkpoint, compile=False)
         except Exception as error:  # Keras raises many types for a damaged archive.
             raise UsageError(f"cannot load the checkpoint {run_dir.checkpoint}: {str(error).splitlines()[0]}") from None
         metrics = json.loads(run_dir.metrics.read_text()) if run_dir.metrics.is_file() else {}
-    datasets = load_datasets(config.dataset, config.data_dir).limited(config.limit_train, config.limit_test)
-    return export_model(model, config, datasets, metrics)
+    dataset = resolve_dataset(config.dataset, dataset)
+    datasets = load_datasets(dataset, config.data_dir).limited(config.limit_train, config.limit_test)
+    return export_model(model, config, datasets, metrics, dataset=dataset)

@@ -20,6 +20,11 @@ as it is. The decoded arrays are cached per folder (lenet_tf.folder_cache),
 keyed by each file's path, size and modification time, so a second run
 decodes nothing and an edited file is decoded again.
 
+A folder reaches training, export and evaluation as a value: a FolderDataset
+(`FolderDataset.scan` for a --data-dir, `from_record` for a model card,
+`from_run` for a run folder) whose `info` is the DatasetInfo that carries its
+class names, framing and flip safety. Nothing is registered by name.
+
 NumPy and Pillow only: the folder is read while TensorFlow imports.
 """
 
@@ -43,7 +48,7 @@ import numpy as np
 from lenet_tf.decoding import FOLDER_FRAMING, POOL_MIN_FILES, RECIPE_VERSION, DecoderPool, decode_files, usable_cores
 from lenet_tf.folder_cache import CacheWriter, cache_path, read_cache, write_cache
 from lenet_tf.errors import UsageError
-from lenet_tf.registry import IMAGE_SIZE, DatasetInfo, dataset_info, register_dataset
+from lenet_tf.registry import IMAGE_SIZE, DatasetInfo
 from lenet_tf.run_dir import RunDir
 
 # The name a folder of pictures has as a dataset (in config.json and model cards).
@@ -122,15 +127,20 @@ class FolderListing:
 
 @dataclass
 class FolderDataset:
-    """A registered folder of pictures: where it is and how its test split is chosen."""
+    """A folder of pictures as a dataset: where it is, its classes and how its test split is chosen.
+
+    Made by `scan` (a --data-dir), `from_record` (a model card's record) or
+    `from_run` (a run folder's record); `info` is its DatasetInfo, the value
+    that training, export and evaluation take.
+    """
 
     root: Path
     class_names: tuple[str, ...]
     test_split: float = DEFAULT_TEST_SPLIT
     seed: int = 0
     flip_keeps_class: bool = False
-    # The listing, once scanned (a dataset registered from a model card is
-    # scanned only if its pictures are read).
+    # The listing, once scanned (a folder made from a record is scanned
+    # only if its pictures are read).
     listing: FolderListing | None = field(default=None, repr=False)
     # The files a run recorded: reading a folder that differs from them is refused.
     recorded_files: dict[str, list[int]] | None = field(default=None, repr=False)
@@ -145,6 +155,50 @@ class FolderDataset:
     test_files: list[str] = field(default_factory=list, repr=False)
     # Decoding workers started before the load (start_decoders), which takes and ends them.
     decoders: DecoderPool | None = field(default=None, repr=False)
+
+    @classmethod
+    def scan(cls, path: str | os.PathLike, test_split: float = DEFAULT_TEST_SPLIT, seed: int = 0,
+             flip_keeps_class: bool = False) -> "FolderDataset":
+        """The folder at `path`, scanned and checked (decoding nothing)."""
+        if not 0.0 < test_split < 1.0:
+            raise UsageError(f"--test-split must be between 0 and 1 (got {test_split})")
+        listing = scan_folder(path, sizes=False)
+        return cls(listing.root, listing.class_names, test_split, seed, flip_keeps_class, listing)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "FolderDataset":
+        """The folder a run folder or a model card recorded, without reading it;
+        reading it later refuses files that differ from a run's record."""
+        try:
+            return cls(Path(record["path"]), tuple(record["class_names"]), float(record["test_split"]),
+                       int(record["seed"]), bool(record["flip_keeps_class"]), recorded_files=record.get("files"),
+                       recorded_held_out=record.get("held_out_sha256"),
+                       recorded_held_out_count=int(record.get("held_out_count", 0)))
+        except (KeyError, TypeError, ValueError) as error:
+            raise UsageError(f"the record of the folder of pictures is damaged ({error!r})") from None
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike) -> "FolderDataset":
+        """The folder of the run in `run_dir`, from its record (export --run-dir, a checkpoint)."""
+        path = record_path(run_dir)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot read {path}, the record of the run's folder of pictures: {error}") from None
+        return cls.from_record(record)
+
+    @property
+    def info(self) -> DatasetInfo:
+        """This folder as a dataset: its class names, the framing of its pictures, its flip safety."""
+        return DatasetInfo(
+            name=FOLDER_DATASET,
+            class_names=tuple(self.class_names),
+            folder_name=self.root.name,
+            tfds_name="",
+            framing=FOLDER_FRAMING,
+            flip_keeps_class=self.flip_keeps_class,
+            folder=self,
+        )
 
     def start_decoders(self) -> None:
         """Starts the processes that decode the pictures now, if the next load
@@ -170,7 +224,7 @@ class FolderDataset:
                 raise UsageError(f"{listing.root} holds the classes {', '.join(listing.class_names)}, but the "
                                  f"model knows {', '.join(self.class_names)}; pass a folder with the model's classes")
             if self.recorded_files is not None:
-                # Here, not when the folder was registered: asking for every file's size is what takes
+                # Here, not when the record was read: asking for every file's size is what takes
                 # long in a large folder, and this runs while TensorFlow imports.
                 listing = listing.with_sizes()
                 changes = describe_changes(self.recorded_files, listing.fingerprint())
@@ -211,7 +265,7 @@ class FolderDataset:
 
     def training_count(self) -> int:
         """How many pictures the training split holds, counted from the listing (nothing decoded)."""
-        assert self.listing is not None, "training_count() of a folder registered without its listing"
+        assert self.listing is not None, "training_count() of a folder made without its listing"
         return int(np.count_nonzero(~self._test_mask(self.listing)))
 
     def card(self) -> dict[str, Any]:
@@ -543,57 +597,14 @@ def read_pictures(listing: FolderListing, progress: TextIO | None = None, worker
     return FolderPictures(images, len(missing), listing)
 
 
-# --- the folder as a registered dataset, and the run folder's record --------
+# --- the run folder's record of its folder -----------------------------------
 
-def register_folder_dataset(path: str | os.PathLike, test_split: float = DEFAULT_TEST_SPLIT, seed: int = 0,
-                            flip_keeps_class: bool = False) -> DatasetInfo:
-    """Scans `path` (checking it, decoding nothing) and registers it as the dataset FOLDER_DATASET."""
-    if not 0.0 < test_split < 1.0:
-        raise UsageError(f"--test-split must be between 0 and 1 (got {test_split})")
-    listing = scan_folder(path, sizes=False)
-    return _register(FolderDataset(listing.root, listing.class_names, test_split, seed, flip_keeps_class, listing))
-
-
-def default_name(dataset: str) -> str:
-    """The registered folder's name made safe for a path or a model name (letters, digits, _ . -):
-    each folder of pictures gets its own default run folder and exported model, not a shared one."""
-    name = dataset_info(dataset).folder_name if dataset == FOLDER_DATASET else dataset
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or FOLDER_DATASET
-
-
-def _register(folder: FolderDataset) -> DatasetInfo:
-    return register_dataset(DatasetInfo(
-        name=FOLDER_DATASET,
-        class_names=tuple(folder.class_names),
-        folder_name=folder.root.name,
-        tfds_name="",
-        framing=FOLDER_FRAMING,
-        flip_keeps_class=folder.flip_keeps_class,
-        loader=folder.load,
-        before_background_load=folder.start_decoders,
-    ))
-
-
-def registered_folder() -> FolderDataset | None:
-    """The folder registered in this process, if any."""
-    try:
-        loader = dataset_info(FOLDER_DATASET).loader
-    except UsageError:
-        return None
-    return getattr(loader, "__self__", None)
-
-
-def register_from_record(record: dict[str, Any]) -> DatasetInfo:
-    """Registers the folder a run folder or a model card recorded, without
-    reading it; reading it later refuses files that differ from a run's record."""
-    try:
-        folder = FolderDataset(Path(record["path"]), tuple(record["class_names"]), float(record["test_split"]),
-                               int(record["seed"]), bool(record["flip_keeps_class"]),
-                               recorded_files=record.get("files"), recorded_held_out=record.get("held_out_sha256"),
-                               recorded_held_out_count=int(record.get("held_out_count", 0)))
-    except (KeyError, TypeError, ValueError) as error:
-        raise UsageError(f"the record of the folder of pictures is damaged ({error!r})") from None
-    return _register(folder)
+def default_name(dataset: str | DatasetInfo) -> str:
+    """A dataset's name made safe for a path or a model name (letters, digits, _ . -); for a folder of
+    pictures, the folder's own name: each folder gets its own default run folder and exported model."""
+    if isinstance(dataset, DatasetInfo):
+        dataset = dataset.folder_name if dataset.folder is not None else dataset.name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", dataset).lstrip(".") or FOLDER_DATASET
 
 
 def describe_changes(before: dict[str, list[int]], now: dict[str, list[int]]) -> str:
@@ -613,12 +624,11 @@ def record_path(run_dir: str | os.PathLike) -> Path:
     return RunDir(Path(run_dir)).dataset_record
 
 
-def check_unchanged(dataset: str, run_dir: str | os.PathLike, resuming: bool) -> None:
-    """For a folder dataset resumed from a backup: refuses a folder that changed
+def check_unchanged(folder: FolderDataset | None, run_dir: str | os.PathLike, resuming: bool) -> None:
+    """For a folder of pictures resumed from a backup: refuses a folder that changed
     since the run started (naming what changed), and a run whose record of its
     folder is missing or unreadable. Runs before the backup is restored: a class
     added or removed changes the model's output width, and the backup would not load."""
-    folder = registered_folder() if dataset == FOLDER_DATASET else None
     if folder is None or not resuming:
         return
     record = folder.record()
@@ -653,20 +663,9 @@ def _interrupted_dataset(run_dir: str | os.PathLike) -> str | None:
         return None
 
 
-def record_folder(dataset: str, write_to: str | os.PathLike) -> None:
-    """For a folder dataset: writes the folder's record into the run folder. No-op otherwise."""
+def record_folder(folder: FolderDataset | None, write_to: str | os.PathLike) -> None:
+    """For a folder of pictures: writes its record into the run folder. No-op for None."""
     from lenet_tf.io_utils import write_json_atomic
 
-    folder = registered_folder() if dataset == FOLDER_DATASET else None
     if folder is not None:
         write_json_atomic(record_path(write_to), folder.record())
-
-
-def register_recorded_run(run_dir: str | os.PathLike) -> None:
-    """Registers the folder of the run in `run_dir`, from its record (export --run-dir, a checkpoint)."""
-    path = record_path(run_dir)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot read {path}, the record of the run's folder of pictures: {error}") from None
-    register_from_record(record)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from lenet_tf.errors import UsageError
-from lenet_tf.registry import IMAGE_SIZE, Framing, dataset_info
+from lenet_tf.registry import IMAGE_SIZE, DatasetInfo, Framing, dataset_info
 
 # Bigger than any sensible photo; a decompression bomb is refused before decoding.
 MAX_PIXELS = 50_000_000
@@ -52,14 +52,15 @@ FRAMED_CENTRE_TOLERANCE = 3.0
 FRAMED_SIZE_TOLERANCE = 3
 
 
-def load_image(path: str | Path, dataset: str = "fashion_mnist", invert: str = "auto") -> np.ndarray:
-    """Returns a uint8 (28, 28, 1) array ready for the model, or raises UsageError."""
+def load_image(path: str | Path, dataset: str | DatasetInfo = "fashion_mnist", invert: str = "auto") -> np.ndarray:
+    """Returns a uint8 (28, 28, 1) array ready for the model, framed as `dataset`
+    (a built-in's name, or a DatasetInfo) frames its images, or raises UsageError."""
     return read_picture(path, dataset_info(dataset).framing, invert)
 
 
 def read_picture(path: str | Path, framing: Framing, invert: str = "auto") -> np.ndarray:
-    """`load_image` for a framing rather than a registered dataset's name (a
-    folder of pictures is read in worker processes that know no datasets)."""
+    """`load_image` for a framing rather than a dataset (a folder of pictures
+    is read in worker processes that are handed only its framing)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -242,7 +243,7 @@ def resize_lanczos(pixels: np.ndarray, new_height: int, new_width: int) -> np.nd
     return np.ascontiguousarray(pixels)
 
 
-def framing_constants(dataset: str) -> dict:
+def framing_constants(dataset: str | DatasetInfo) -> dict:
     """Everything the web page needs to frame a picture exactly as `prepare` does."""
     framing = dataset_info(dataset).framing
     # Tolerances as wide as the canvas make every 28x28 picture count as framed: keep_model_size.

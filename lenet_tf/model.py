@@ -10,7 +10,7 @@ from keras import layers
 
 from lenet_tf.config import TrainConfig
 from lenet_tf.keras_compat import FusedBatchNormalization
-from lenet_tf.registry import IMAGE_SIZE, PIXEL_SCALE, dataset_info
+from lenet_tf.registry import IMAGE_SIZE, PIXEL_SCALE, DatasetInfo, resolve_dataset
 from lenet_tf.whitening import whitening_weights
 
 # One definition of the model's input and its preprocessing, read by training,
@@ -19,8 +19,11 @@ INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 INPUT_DTYPE = "uint8"
 
 
-def build_model(config: TrainConfig) -> keras.Sequential:
+def build_model(config: TrainConfig, dataset: DatasetInfo | None = None) -> keras.Sequential:
     """Builds the LeNet described by `config`; the default is the book's LeNet-5.
+
+    One output per class of `dataset` (a folder of pictures: its
+    FolderDataset.info), or of the built-in `config.dataset` when None.
 
     Classic layout: conv 6@5x5 (same) -> pool -> conv 16@5x5 (valid) -> pool ->
     flatten -> dense 120 -> dense 84 -> dense 10 logits. The first conv pads
@@ -61,7 +64,7 @@ def build_model(config: TrainConfig) -> keras.Sequential:
         _append_batch_norm(model_layers, config, dense_batch_norm, f"dense{index}")
         if config.dropout:
             model_layers.append(layers.Dropout(config.dropout, name=f"dense{index}_dropout"))
-    num_classes = len(dataset_info(config.dataset).class_names)
+    num_classes = len(resolve_dataset(config.dataset, dataset).class_names)
     model_layers.append(layers.Dense(num_classes, kernel_initializer=initializer, name="logits"))
     if config.test_time_flip:
         model_layers.append(MeanOfViews(name="mean_of_views"))

@@ -9,6 +9,7 @@ import keras
 from lenet_tf.config import TrainConfig
 from lenet_tf.keras_compat import ConvolutionMuon, steps_per_execution_for
 from lenet_tf.model import build_model
+from lenet_tf.registry import DatasetInfo
 
 
 @keras.saving.register_keras_serializable(package="lenet_tf")
@@ -91,14 +92,16 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
                                 weight_decay=config.weight_decay or None)
 
 
-def build_compiled_model(config: TrainConfig, steps_per_epoch: int = 1) -> keras.Model:
+def build_compiled_model(config: TrainConfig, steps_per_epoch: int = 1,
+                         dataset: DatasetInfo | None = None) -> keras.Model:
     """The model, compiled as the book does (SGD, cross-entropy on logits,
     accuracy), plus the optional optimizer, momentum, weight decay, schedule
     and label smoothing of the other presets.
 
-    Call inside `strategy.scope()` so the variables are mirrored.
+    Call inside `strategy.scope()` so the variables are mirrored. `dataset`:
+    as build_model's.
     """
-    model = build_model(config)
+    model = build_model(config, dataset)
     loss = (SmoothedSparseCrossentropy(config.label_smoothing) if config.label_smoothing
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.compile(

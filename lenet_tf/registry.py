@@ -1,4 +1,4 @@
-"""The datasets this package knows, one entry each: every fact about a dataset in one place.
+"""The datasets this package knows by name, one entry each: every fact about a dataset in one place.
 
 An entry says what the classes are called, where each source keeps the
 files, how the dataset frames an object in its 28x28 images (so `predict`
@@ -13,13 +13,20 @@ images with ten classes in the four standard IDX files (KMNIST, say) is one
         folder_name="kmnist", tfds_name="kmnist", framing=Framing(longest_side=28, centre="mass"),
         flip_keeps_class=False,
     ))
+
+A folder of the user's pictures is not named here: it has a DatasetInfo of
+its own, built from the folder (lenet_tf.folders.FolderDataset.info), that
+the command line hands to training, export and evaluation as a value. Every
+function that needs a dataset's facts takes either a name from this table or
+such a value (`dataset_info` resolves both), so two folders can be used one
+after the other, or side by side, in one process.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lenet_tf.errors import UsageError
 
@@ -84,12 +91,10 @@ class DatasetInfo:
     install_hint: str = ""
     # Keras's own download of this dataset: a single .npz in the Keras cache, if it has one.
     keras_npz_name: str | None = None
-    # A dataset read by a function instead of from IDX files (a folder of
-    # pictures): given --data-dir (or None), returns lenet_tf.data.Datasets.
-    loader: Callable[[str | None], Any] | None = None
-    # Called in the main thread right before the loader runs in the background,
-    # while no other thread runs (a folder of pictures forks its decoding workers there).
-    before_background_load: Callable[[], None] | None = None
+    # A folder of pictures (lenet_tf.folders.FolderDataset), read by it instead
+    # of from IDX files; it also says what a run folder and a model card record
+    # of it. Not compared: the folder is what the other fields were read from.
+    folder: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if len(self.class_names) < 2:
@@ -113,12 +118,26 @@ def dataset_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The registered dataset called `name`, or a UsageError listing the known ones."""
+def dataset_info(dataset: str | DatasetInfo) -> DatasetInfo:
+    """`dataset` itself when it is a DatasetInfo (a folder of pictures, which
+    is never registered); else the registered dataset called `dataset`, or a
+    UsageError listing the known ones."""
+    if isinstance(dataset, DatasetInfo):
+        return dataset
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[dataset]
     except KeyError:
-        raise UsageError(f"--dataset must be one of {', '.join(_REGISTRY)} (got {name!r})") from None
+        raise UsageError(f"--dataset must be one of {', '.join(_REGISTRY)} (got {dataset!r})") from None
+
+
+def resolve_dataset(name: str, dataset: DatasetInfo | None = None) -> DatasetInfo:
+    """The dataset a config names `name`: `dataset` when a value is given (a
+    folder of pictures' FolderDataset.info), else the registered `name`."""
+    if dataset is None:
+        return dataset_info(name)
+    if dataset.name != name:
+        raise ValueError(f"the config is for the dataset {name!r}, not {dataset.name!r}")
+    return dataset
 
 
 register_dataset(DatasetInfo(

@@ -46,7 +46,7 @@ from lenet_tf.io_utils import (
 from lenet_tf.keras_compat import adapt_model_for_multi_worker, build_before_fit
 from lenet_tf.model import build_model, whiten_first_conv
 from lenet_tf.optimization import build_compiled_model
-from lenet_tf.registry import dataset_info
+from lenet_tf.registry import DatasetInfo, resolve_dataset
 from lenet_tf.run_dir import RunDir, folder_for_training, holding
 
 
@@ -88,6 +88,7 @@ def train_and_evaluate(
     background_load: BackgroundLoad | None = None,
     extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
     evaluate_test: bool = True,
+    dataset: DatasetInfo | None = None,
 ) -> dict[str, Any]:
     """Trains, evaluates and exports one run; returns the metrics dict it writes.
 
@@ -110,10 +111,14 @@ def train_and_evaluate(
             tuning trial, which chooses on its validation split): no test
             evaluation, and the image dashboards show the validation split.
             Needs `config.validation_split`.
+        dataset: what `config.dataset` names, as a value: a folder of
+            pictures' FolderDataset.info (its classes, framing and files).
+            None: the built-in dataset `config.dataset`.
     """
     clock = Clock(time.time() if started is None else started)
     out = out or sys.stdout
-    config.validate()
+    config.validate(dataset)
+    dataset = resolve_dataset(config.dataset, dataset)
     if not evaluate_test and not config.validation_split:
         raise UsageError("a run without the test split needs --validation-split to validate on")
     # The strategy comes first: multi-worker collectives must be set up before
@@ -133,12 +138,14 @@ def train_and_evaluate(
     try:
         if placement.is_chief:
             with holding(run_dir, "training"):
-                return _run(config, data, placement, run_dir, run_dir, out, clock, extra_callbacks, evaluate_test)
+                return _run(config, dataset, data, placement, run_dir, run_dir, out, clock, extra_callbacks,
+                            evaluate_test)
         # Non-chief workers write to a scratch folder that is removed
         # afterwards, so that only the chief's outputs exist.
         scratch = RunDir(worker_scratch_dir(run_dir.root, placement.task_index))
         try:
-            return _run(config, data, placement, run_dir, scratch, out, clock, extra_callbacks, evaluate_test)
+            return _run(config, dataset, data, placement, run_dir, scratch, out, clock, extra_callbacks,
+                        evaluate_test)
         finally:
             shutil.rmtree(scratch.root, ignore_errors=True)
     except (UsageError, StoppedError):
@@ -179,15 +186,15 @@ class Clock:
         self.stages[stage] = self.seconds() - sum(self.stages.values())
 
 
-def _run(config: TrainConfig, datasets: Datasets | BackgroundLoad | None, placement: Placement, run_dir: RunDir,
-         write_to: RunDir, out: TextIO, clock: Clock, extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
-         evaluate_test: bool = True) -> dict[str, Any]:
-    """The stages of a run. `run_dir` is the run's folder (the chief's backup is
+def _run(config: TrainConfig, dataset: DatasetInfo, datasets: Datasets | BackgroundLoad | None,
+         placement: Placement, run_dir: RunDir, write_to: RunDir, out: TextIO, clock: Clock,
+         extra_callbacks: tuple[keras.callbacks.Callback, ...] = (), evaluate_test: bool = True) -> dict[str, Any]:
+    """The stages of a run on `dataset`. `run_dir` is the run's folder (the chief's backup is
     read from it); `write_to` is where this process writes (a scratch folder on
     non-chief workers). `extra_callbacks`, `evaluate_test`: as train_and_evaluate's."""
     clock.mark("start-up (interpreter, TensorFlow, strategy)")
     _prepare_outputs(config, placement, write_to)
-    datasets = _load_data(config, datasets)
+    datasets = _load_data(config, dataset, datasets)
     clock.mark("data")
     pipelines = _make_pipelines(config, datasets, placement.replicas)
     layout = f" ({datasets.layout})" if datasets.layout else ""
@@ -196,9 +203,9 @@ def _run(config: TrainConfig, datasets: Datasets | BackgroundLoad | None, placem
           f"global batch {pipelines.global_batch_size}", file=out, flush=True)
     # A folder of pictures: a resume refuses a folder that changed, before the backup is restored
     # (a class added or removed would make the backup not load, read as a damaged backup).
-    check_unchanged(config.dataset, run_dir.root, resuming=Backup(run_dir.backup).record_path.exists())
-    model, epochs_done = _build_model(config, placement, pipelines, run_dir)
-    record_folder(config.dataset, write_to.root)
+    check_unchanged(dataset.folder, run_dir.root, resuming=Backup(run_dir.backup).record_path.exists())
+    model, epochs_done = _build_model(config, dataset, placement, pipelines, run_dir)
+    record_folder(dataset.folder, write_to.root)
     # After the resume: a resume that fails keeps the interrupted run's config.
     config.write(write_to.config)
     clock.mark("pipelines and model")
@@ -206,15 +213,15 @@ def _run(config: TrainConfig, datasets: Datasets | BackgroundLoad | None, placem
     # A run kept from the test split shows its validation split in the image dashboards.
     shown = datasets if evaluate_test else dataclasses.replace(
         datasets, test_images=pipelines.validation_images, test_labels=pipelines.validation_labels)
-    callbacks = make_callbacks(config, write_to, shown, throughput, placement.is_chief) + list(extra_callbacks)
+    callbacks = make_callbacks(config, write_to, shown, throughput, placement.is_chief, dataset) + list(extra_callbacks)
     history, epochs_run, kept_epoch = _fit(config, model, pipelines, epochs_done, callbacks, write_to, out)
     clock.mark("fit (training, validation, checkpoints, epoch dashboards)")
     evaluation = _evaluate(config, model, pipelines, history, epochs_run, clock, kept_epoch, evaluate_test)
     clock.mark("test evaluation")
-    metrics = _metrics(config, placement, shown, pipelines, history, epochs_run, evaluation, throughput)
+    metrics = _metrics(config, dataset, placement, shown, pipelines, history, epochs_run, evaluation, throughput)
     if config.early_stopping_patience:
         metrics["kept_epoch"] = len(history.get("loss", [])) if kept_epoch is None else kept_epoch + 1
-    _write_results_and_export(config, model, datasets, metrics, write_to, callbacks, clock,
+    _write_results_and_export(config, dataset, model, datasets, metrics, write_to, callbacks, clock,
                               export=placement.is_chief and bool(config.export_formats))
     metrics["wall_seconds"] = clock.seconds()
     # A list, not a dict: metrics.json sorts keys, and the stages read in the order they ran.
@@ -240,11 +247,11 @@ def _prepare_outputs(config: TrainConfig, placement: Placement, write_to: RunDir
         check_can_export(config)
 
 
-def _load_data(config: TrainConfig, datasets: Datasets | BackgroundLoad | None) -> Datasets:
+def _load_data(config: TrainConfig, dataset: DatasetInfo, datasets: Datasets | BackgroundLoad | None) -> Datasets:
     if isinstance(datasets, BackgroundLoad):
-        datasets = datasets.result(config.dataset, config.data_dir)
+        datasets = datasets.result(dataset, config.data_dir)
     if datasets is None:
-        datasets = load_datasets(config.dataset, config.data_dir)
+        datasets = load_datasets(dataset, config.data_dir)
     datasets = datasets.limited(config.limit_train, config.limit_test)
     if len(datasets.train_images) == 0 or len(datasets.test_images) == 0:
         raise UsageError("the training or test split is empty; check the data files and --limit-train/--limit-test")
@@ -310,7 +317,7 @@ def _read_config(run_dir: RunDir) -> TrainConfig | None:
         return None
 
 
-def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines,
+def _build_model(config: TrainConfig, dataset: DatasetInfo, placement: Placement, pipelines: Pipelines,
                  run_dir: RunDir) -> tuple[keras.Model, int]:
     """The compiled model, restored from the run's backup when there is one;
     returns it with the number of epochs it has already trained.
@@ -339,7 +346,7 @@ def _build_model(config: TrainConfig, placement: Placement, pipelines: Pipelines
         if changed:
             raise changed
     with placement.strategy.scope():
-        model = build_compiled_model(config, pipelines.steps_per_epoch)
+        model = build_compiled_model(config, pipelines.steps_per_epoch, dataset)
         if config.whiten_first_conv and not epochs_done:
             # From the training images only; a resumed run's kernels come from its backup.
             whiten_first_conv(model, pipelines.train_images)
@@ -376,9 +383,10 @@ def _changed_settings_error(config: TrainConfig, interrupted_config: TrainConfig
 
 
 def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, throughput: ThroughputCallback,
-                   is_chief: bool = True) -> list[keras.callbacks.Callback]:
-    """Every callback of a training run, in the order they must run (only the chief backs up)."""
-    info = dataset_info(config.dataset)
+                   is_chief: bool = True, dataset: DatasetInfo | None = None) -> list[keras.callbacks.Callback]:
+    """Every callback of a training run, in the order they must run (only the chief backs up).
+    `dataset`: as train_and_evaluate's."""
+    info = resolve_dataset(config.dataset, dataset)
     history = EpochHistory(write_to.history)
     callbacks = [
         throughput,  # First, so the others see examples_per_sec in the logs.
@@ -486,13 +494,13 @@ def _evaluate(config: TrainConfig, model: keras.Model, pipelines: Pipelines, his
     return evaluation
 
 
-def _metrics(config: TrainConfig, placement: Placement, datasets: Datasets, pipelines: Pipelines,
-             history: dict[str, list[float]], epochs_run: int, evaluation: dict[str, float],
+def _metrics(config: TrainConfig, dataset: DatasetInfo, placement: Placement, datasets: Datasets,
+             pipelines: Pipelines, history: dict[str, list[float]], epochs_run: int, evaluation: dict[str, float],
              throughput: ThroughputCallback) -> dict[str, Any]:
     return {
         "dataset": config.dataset,
         "run_dir": config.run_dir,
-        "class_names": list(dataset_info(config.dataset).class_names),
+        "class_names": list(dataset.class_names),
         "train_loss": history["loss"][-1] if history else float("nan"),
         "train_accuracy": history["accuracy"][-1] if history else float("nan"),
         **evaluation,
@@ -523,9 +531,9 @@ def _write_results(config: TrainConfig, metrics: dict[str, Any], write_to: RunDi
                                     validation_label="validation acc" if config.validation_split else "test acc")
 
 
-def _write_results_and_export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics: dict[str, Any],
-                              write_to: RunDir, callbacks: list[keras.callbacks.Callback], clock: Clock,
-                              export: bool) -> None:
+def _write_results_and_export(config: TrainConfig, dataset: DatasetInfo, model: keras.Model, datasets: Datasets,
+                              metrics: dict[str, Any], write_to: RunDir, callbacks: list[keras.callbacks.Callback],
+                              clock: Clock, export: bool) -> None:
     """The final dashboards and the export; with an export, the final figures
     (mostly matplotlib) are drawn in a second thread while this one exports
     (mostly TensorFlow's converter and the parity check's process)."""
@@ -539,22 +547,23 @@ def _write_results_and_export(config: TrainConfig, model: keras.Model, datasets:
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="final-dashboards") as drawer:
         # A copy: the export adds keys to `metrics` while the figures read it.
         drawing = drawer.submit(_write_results, config, dict(metrics), write_to, callbacks)
-        _export(config, model, datasets, metrics)
+        _export(config, dataset, model, datasets, metrics)
         clock.mark("export and its parity check (final dashboards drawn meanwhile)")
         drawing.result()
     clock.mark("final dashboards and curves (after the export)")
 
 
-def _export(config: TrainConfig, model: keras.Model, datasets: Datasets, metrics: dict[str, Any]) -> None:
+def _export(config: TrainConfig, dataset: DatasetInfo, model: keras.Model, datasets: Datasets,
+            metrics: dict[str, Any]) -> None:
     from lenet_tf.export import export_model
 
     # Export a plain copy built outside the strategy: the exported graph then
     # holds ordinary variables, and the parity check's predict runs locally
     # (under multi-worker, a chief-only predict on the distributed model
     # would wait forever for the other workers).
-    plain_model = build_model(config)
+    plain_model = build_model(config, dataset)
     plain_model.set_weights(model.get_weights())
-    export = export_model(plain_model, config, datasets, metrics)
+    export = export_model(plain_model, config, datasets, metrics, dataset=dataset)
     metrics["exports"] = {key: str(path) for key, path in export.artifacts.items()}
     metrics["export_version_dir"] = str(export.version_dir)
 

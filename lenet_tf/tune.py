@@ -41,6 +41,7 @@ from typing import Any, Iterator, TextIO
 from lenet_tf.config import TrainConfig
 from lenet_tf.errors import UsageError
 from lenet_tf.io_utils import write_json_atomic
+from lenet_tf.registry import DatasetInfo, resolve_dataset
 
 DEFAULT_MAX_PARAMS = 100_000
 DEFAULT_VALIDATION_SPLIT = 0.1
@@ -117,6 +118,11 @@ class TuneOptions:
         max_params: the largest model a trial may train.
         parallel: worker processes on this machine.
         prune: stop hopeless trials early (Optuna's median pruner).
+        dataset: what `base.dataset` names, as a value: a folder of
+            pictures' FolderDataset.info, which every trial and the final
+            export take. None: the built-in dataset `base.dataset`. (A
+            --parallel worker is a process of its own that scans the folder
+            again from the same flags.)
     """
 
     base: TrainConfig
@@ -125,20 +131,21 @@ class TuneOptions:
     max_params: int = DEFAULT_MAX_PARAMS
     parallel: int = 1
     prune: bool = True
+    dataset: DatasetInfo | None = None
 
     @property
     def run_dir(self) -> Path:
         return Path(self.base.run_dir)
 
 
-def default_space(base: TrainConfig, fixed: set[str] = frozenset()) -> dict[str, Range | Choice]:
-    """The default search space for `base`'s dataset, without the settings the
-    user fixed with a flag, and holding `base`'s own values (the starting
-    settings are the search's first trial, which the others must beat)."""
-    from lenet_tf.registry import dataset_info
-
+def default_space(base: TrainConfig, fixed: set[str] = frozenset(),
+                  dataset: DatasetInfo | None = None) -> dict[str, Range | Choice]:
+    """The default search space for `base`'s dataset (`dataset`, its value, for
+    a folder of pictures), without the settings the user fixed with a flag,
+    and holding `base`'s own values (the starting settings are the search's
+    first trial, which the others must beat)."""
     space = {name: spec for name, spec in DEFAULT_SPACE.items() if name not in fixed}
-    if "augment" in space and not dataset_info(base.dataset).flip_keeps_class:
+    if "augment" in space and not resolve_dataset(base.dataset, dataset).flip_keeps_class:
         space["augment"] = Choice(tuple(value for value in space["augment"].values if "flip" not in value))
     for name, spec in space.items():
         value = getattr(base, name)
@@ -282,7 +289,7 @@ def check_options(options: TuneOptions, count_parameters: bool = True) -> None:
         if isinstance(spec, Choice) and not values:
             raise UsageError(f"--search {name.replace('_', '-')}: no value to choose from")
         for value in values:
-            dataclasses.replace(base, **{name: setting_value(name, value)}).validate()
+            dataclasses.replace(base, **{name: setting_value(name, value)}).validate(options.dataset)
     if not count_parameters:
         return
     counts = _structure_parameter_counts(options)
@@ -306,10 +313,11 @@ def _structure_parameter_counts(options: TuneOptions) -> dict[str, int]:
     for combination in itertools.product(*choices):
         config = dataclasses.replace(options.base, **{name: setting_value(name, value) for name, value in combination})
         try:
-            config.validate()
+            config.validate(options.dataset)
         except UsageError:
             continue
-        counts[" ".join(f"{name}={value}" for name, value in combination)] = build_model(config).count_params()
+        counts[" ".join(f"{name}={value}" for name, value in combination)] = \
+            build_model(config, options.dataset).count_params()
     return counts
 
 
@@ -499,12 +507,12 @@ def _run_trial(study, trial, options: TuneOptions, structures: list[str], datase
     config = dataclasses.replace(options.base, **settings, run_dir=str(trial_dir(options.run_dir, trial.number)),
                                  export_formats=(), strategy="default")
     try:
-        config.validate()
+        config.validate(options.dataset)
     except UsageError as error:
         trial.set_user_attr("skipped", str(error))
         study.tell(trial, state=TrialState.FAIL)
         return
-    params = build_model(config).count_params()
+    params = build_model(config, options.dataset).count_params()
     if params > options.max_params:
         trial.set_user_attr("skipped", f"{params:,} parameters, over --max-params {options.max_params:,}")
         study.tell(trial, state=TrialState.FAIL)
@@ -519,7 +527,7 @@ def _run_trial(study, trial, options: TuneOptions, structures: list[str], datase
         callback = _pruning_callback(trial)
         try:
             metrics = train_and_evaluate(config, datasets=datasets, out=out, extra_callbacks=(callback,),
-                                         evaluate_test=False)
+                                         evaluate_test=False, dataset=options.dataset)
         except NonFiniteLossError as error:
             trial.set_user_attr("diverged", str(error))
             study.tell(trial, state=TrialState.PRUNED)
@@ -572,7 +580,7 @@ def run_worker(options: TuneOptions, datasets=None, out: TextIO | None = None) -
             if params is not None:
                 study.enqueue_trial(params, user_attrs={"starting_settings": True})
     if datasets is None:
-        datasets = load_datasets(options.base.dataset, options.base.data_dir)
+        datasets = load_datasets(_dataset(options), options.base.data_dir)
     trained = 0
     while True:
         taken = _next_trial(study, options, seed)
@@ -666,7 +674,7 @@ def _test_and_export(options: TuneOptions, study, best, finished: int, datasets)
     run_dir = RunDir(trial_dir(options.run_dir, best.number))
     config = TrainConfig.read(run_dir.config)
     if datasets is None:
-        datasets = load_datasets(config.dataset, config.data_dir)
+        datasets = load_datasets(_dataset(options), config.data_dir)
     datasets = datasets.limited(config.limit_train, config.limit_test)
     model = keras.models.load_model(run_dir.checkpoint, compile=False)
     predicted = predict_probabilities(model, datasets.test_images).argmax(axis=1)
@@ -691,9 +699,13 @@ def _test_and_export(options: TuneOptions, study, best, finished: int, datasets)
         card_metrics = {**metrics, "test_accuracy": test_accuracy,
                         "tuning": {"trial": best.number, "settings": result["settings"],
                                    "study": str(options.run_dir), "trials": finished}}
-        export = export_model(model, config, datasets, card_metrics)
+        export = export_model(model, config, datasets, card_metrics, dataset=options.dataset)
         result["export"] = str(export.version_dir)
     return result
+
+
+def _dataset(options: TuneOptions) -> DatasetInfo:
+    return resolve_dataset(options.base.dataset, options.dataset)
 
 
 # --- --parallel K: K workers on this machine ---------------------------------------------------------------------

@@ -33,7 +33,7 @@ from lenet_tf.errors import UsageError
 from lenet_tf.images import MAX_FILE_BYTES, MAX_PIXELS, framing_constants
 from lenet_tf.inference import INPUT_KEY, latest_version_dir, verify_model_files
 from lenet_tf.io_utils import write_json_atomic
-from lenet_tf.registry import dataset_info
+from lenet_tf.registry import DatasetInfo, dataset_info
 
 WEB_DIR = "web"
 WEB_MODEL_FILE = "lenet.web.onnx"
@@ -58,8 +58,9 @@ def runtime_dir() -> Path:
     )
 
 
-def write_page(web_dir: Path, dataset: str, runtime: Path) -> None:
-    """Writes the page's files, the runtime's and model.json into `web_dir`, which holds the page's model."""
+def write_page(web_dir: Path, dataset: str | DatasetInfo, runtime: Path) -> None:
+    """Writes the page's files, the runtime's and model.json (the class names and framing of `dataset`,
+    a built-in's name or a DatasetInfo) into `web_dir`, which holds the page's model."""
     pages = Path(__file__).resolve().parent / "web"
     for name in PAGE_FILES:
         shutil.copyfile(pages / name, web_dir / name)
@@ -67,11 +68,11 @@ def write_page(web_dir: Path, dataset: str, runtime: Path) -> None:
         shutil.copyfile(runtime / name, web_dir / name)
     info = dataset_info(dataset)
     write_json_atomic(web_dir / "model.json", {
-        "dataset": dataset,
+        "dataset": info.name,
         "class_names": list(info.class_names),
         "model_file": WEB_MODEL_FILE,
         "input_name": INPUT_KEY,
-        "preprocessing": {**framing_constants(dataset), "max_file_bytes": MAX_FILE_BYTES, "max_pixels": MAX_PIXELS},
+        "preprocessing": {**framing_constants(info), "max_file_bytes": MAX_FILE_BYTES, "max_pixels": MAX_PIXELS},
     })
 
 

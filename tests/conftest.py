@@ -57,8 +57,8 @@ def run_main(*args: str, cwd: Path | None = None, env: dict | None = None):
 
     For tests of what a command does, where no process boundary is under test:
     each call saves the seconds a fresh process takes to import TensorFlow. `cwd`
-    and `env` hold for the call's duration; a folder dataset the command registers is
-    unregistered after it, as it would end with its process. A bug raises here,
+    and `env` hold for the call's duration; a folder of pictures is a value the
+    command builds and drops, so nothing of it outlives the call. A bug raises here,
     traceback and all, where run_cli would return it in stderr. Not for what
     must happen before TensorFlow initialises (--logical-cpus) or what only a
     fresh process shows (a parity proof, what a command imports).
@@ -68,8 +68,6 @@ def run_main(*args: str, cwd: Path | None = None, env: dict | None = None):
     import subprocess
 
     from lenet_tf.cli import main
-    from lenet_tf.folders import FOLDER_DATASET
-    from lenet_tf.registry import unregister_dataset
 
     saved, folder = dict(os.environ), os.getcwd()
     os.environ.update(env or {})
@@ -90,7 +88,6 @@ def run_main(*args: str, cwd: Path | None = None, env: dict | None = None):
             if os.environ.get(name) != value:
                 os.environ[name] = value
         os.chdir(folder)
-        unregister_dataset(FOLDER_DATASET)
     return subprocess.CompletedProcess(["lenet-tf", *args], code, stdout.getvalue(), stderr.getvalue())
 
 

@@ -16,17 +16,29 @@ from PIL import Image
 
 from lenet_tf import folder_cache, folders
 from lenet_tf.errors import UsageError
-from lenet_tf.registry import unregister_dataset
+from lenet_tf.registry import dataset_names
 
 from conftest import REPO_ROOT, run_main, shape_picture, write_class_folders, write_idx_files
+
+BUILT_IN_DATASETS = ("fashion_mnist", "mnist")
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    """Each test gets its own cache folder, and leaves no folder dataset registered behind it."""
+    """Each test gets its own cache folder; none leaves a dataset registered behind it
+    (a folder of pictures is a value, never an entry of the registry)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     yield
-    unregister_dataset(folders.FOLDER_DATASET)
+    assert dataset_names() == BUILT_IN_DATASETS
+
+
+def _config_and_folder(*argv: str):
+    """The command line's config for `argv` and the folder of pictures it scanned (None for none)."""
+    from lenet_tf.cli import build_parser, config_from_args, folder_from_args
+
+    args = build_parser().parse_args(list(argv))
+    folder = folder_from_args(args)
+    return config_from_args(args, folder), folder
 
 
 def _error_line(capsys) -> str:
@@ -152,21 +164,20 @@ def test_held_out_split_is_stratified_and_seeded():
 
 def test_the_split_and_folder_are_recorded_in_the_run_folder(tmp_path):
     root = write_class_folders(tmp_path / "photos", {"a": 10, "b": 10})
-    info = folders.register_folder_dataset(root, test_split=0.2, seed=3)
-    datasets = info.loader(None)
+    folder = folders.FolderDataset.scan(root, test_split=0.2, seed=3)
+    datasets = folder.load()
     assert (len(datasets.train_images), len(datasets.test_images)) == (16, 4)
     # Classes mixed in a seeded order, so that --limit-train takes every class.
     assert set(datasets.train_labels[:6].tolist()) == {0, 1}
-    assert sorted(folders.registered_folder().test_files) == folders.registered_folder().held_out
-    folders.record_folder(folders.FOLDER_DATASET, tmp_path / "run")
+    assert sorted(folder.test_files) == folder.held_out
+    folders.record_folder(folder, tmp_path / "run")
     record = json.loads(folders.record_path(tmp_path / "run").read_text())
     assert record["class_names"] == ["a", "b"] and record["test_split"] == 0.2 and record["seed"] == 3
     assert len(record["held_out"]) == 4 and len(record["files"]) == 20
-    # Registered again from the record (export --run-dir), it reads the same split.
-    folders.register_recorded_run(tmp_path / "run")
-    again = folders.registered_folder().load()
-    np.testing.assert_array_equal(again.test_images, datasets.test_images)
-    assert folders.registered_folder().held_out == record["held_out"]
+    # Made again from the record (export --run-dir), it reads the same split.
+    again = folders.FolderDataset.from_run(tmp_path / "run")
+    np.testing.assert_array_equal(again.load().test_images, datasets.test_images)
+    assert again.held_out == record["held_out"]
 
 
 # --- the cache ---------------------------------------------------------------
@@ -337,15 +348,16 @@ def test_undecodable_pictures_are_refused_with_their_count(tmp_path):
     root = write_class_folders(tmp_path / "photos", {"cat": 2, "dog": 2})
     (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing of a picture")
     (root / "dog" / "notes.jpg").write_text("a text file with a picture's name")
-    info = folders.register_folder_dataset(root)
+    folder = folders.FolderDataset.scan(root)
     with pytest.raises(UsageError, match=r"^2 file\(s\) with a picture's name cannot be read as pictures, the "
                                          r"first: .*cat/broken.png: .*; fix or remove them$"):
-        info.loader(None)
+        folder.load()
     # The pictures that did decode are cached: after the fix, only the fixed ones are read.
     (root / "cat" / "broken.png").unlink()
     (root / "dog" / "notes.jpg").unlink()
-    folders.register_folder_dataset(root).loader(None)
-    assert folders.registered_folder().decoded == 0
+    folder = folders.FolderDataset.scan(root)
+    folder.load()
+    assert folder.decoded == 0
 
 
 def test_a_decompression_bomb_is_refused(tmp_path):
@@ -379,17 +391,19 @@ def test_a_decompression_bomb_is_refused_in_one_line_without_pillows_warning(tmp
 
 def test_resuming_with_a_changed_folder_is_refused(tmp_path):
     root = write_class_folders(tmp_path / "photos", {"cat": 3, "dog": 3})
-    folders.register_folder_dataset(root).loader(None)
-    folders.record_folder(folders.FOLDER_DATASET, tmp_path / "run")
+    folder = folders.FolderDataset.scan(root)
+    folder.load()
+    folders.record_folder(folder, tmp_path / "run")
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(root / "dog" / "new.png")
     (root / "cat" / "000.png").unlink()
     os.utime(root / "cat" / "001.png", ns=(1, 1))
-    folders.register_folder_dataset(root).loader(None)
+    folder = folders.FolderDataset.scan(root)
+    folder.load()
     with pytest.raises(UsageError) as raised:
-        folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)
+        folders.check_unchanged(folder, tmp_path / "run", resuming=True)
     assert "1 added: dog/new.png; 1 removed: cat/000.png; 1 edited: cat/001.png" in str(raised.value)
     # A fresh run in that folder records the folder as it is now.
-    folders.record_folder(folders.FOLDER_DATASET, tmp_path / "run")
+    folders.record_folder(folder, tmp_path / "run")
     assert "dog/new.png" in json.loads(folders.record_path(tmp_path / "run").read_text())["files"]
 
 
@@ -403,17 +417,15 @@ def test_flags_for_folders_are_refused_with_idx_files(tmp_path, capsys, fashion_
 # --- presets and the model ---------------------------------------------------
 
 def test_every_preset_builds_a_model_with_one_output_per_class(tmp_path, capsys):
-    from lenet_tf.cli import build_parser, config_from_args
     from lenet_tf.model import build_model
 
     root = write_class_folders(tmp_path / "photos", {"a": 2, "b": 2, "c": 2})
     for name in ("classic", "modern", "fast", "best"):
-        config = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--preset", name]))
+        config, folder = _config_and_folder("train", "--data-dir", str(root), "--preset", name)
         assert config.dataset == folders.FOLDER_DATASET and config.crop == 0, name
         assert "flip" not in config.augment and not config.test_time_flip, name
-        assert build_model(config).output_shape == (None, 3), name
-    flipping = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--preset", "fast",
-                                                           "--flip-keeps-class"]))
+        assert build_model(config, folder.info).output_shape == (None, 3), name
+    flipping, _ = _config_and_folder("train", "--data-dir", str(root), "--preset", "fast", "--flip-keeps-class")
     assert flipping.augment == "flip" and flipping.test_time_flip
 
 
@@ -437,15 +449,16 @@ def test_fashion_mnist_from_png_folders_trains_as_from_idx_files(tmp_path, fashi
             folder = root / split / names[labels[index]]
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[index, ..., 0]).save(folder / f"{index:05d}.png")
-    info = folders.register_folder_dataset(root)
+    folder = folders.FolderDataset.scan(root)
+    info = folder.info
     assert info.class_names == tuple(sorted(names))
-    from_folder = info.loader(None)
+    from_folder = folder.load()
     # The deterministic check: every picture reads back as its IDX array, with its class.
     idx_images, idx_labels = {}, {}
     for split, images, labels, read_images, read_labels in (
             ("train", source.train_images, source.train_labels, from_folder.train_images, from_folder.train_labels),
             ("test", source.test_images, source.test_labels, from_folder.test_images, from_folder.test_labels)):
-        files = folders.registered_folder().test_files if split == "test" else folders.registered_folder().train_files
+        files = folder.test_files if split == "test" else folder.train_files
         order = [int(Path(relative).stem) for relative in files]
         np.testing.assert_array_equal(read_images, images[order])
         assert [info.class_names[label] for label in read_labels] == [names[label] for label in labels[order]]
@@ -530,6 +543,50 @@ def test_a_folder_of_mixed_pictures_trains_exports_and_predicts_as_it_evaluates(
 
 
 @pytest.mark.slow
+def test_two_folders_in_one_process_each_keep_their_own_classes(tmp_path):
+    """Two folders with different classes, used in one process and interleaved:
+    both scanned before either trains, the first trained after the second was
+    scanned, its run exported from the run folder after the second trained,
+    the second's checkpoint and the first's export evaluated last. Each run's
+    metrics, labels, model card and evaluation name its own classes, and the
+    registry holds only the built-in datasets throughout: a folder travels as
+    a value, never as the entry "folder" that the last scan would overwrite."""
+    import io
+
+    from lenet_tf.config import TrainConfig
+    from lenet_tf.export import LABELS_FILE, export_from_run_dir
+    from lenet_tf.train import train_and_evaluate
+
+    shapes = write_class_folders(tmp_path / "shapes", {"circle": 12, "square": 12, "star": 12})
+    pets = write_class_folders(tmp_path / "pets", {"cat": 12, "dog": 12})
+    first, second = folders.FolderDataset.scan(shapes, 0.25), folders.FolderDataset.scan(pets, 0.25)
+    assert dataset_names() == BUILT_IN_DATASETS
+
+    def train(folder: folders.FolderDataset, name: str) -> dict:
+        config = TrainConfig(dataset=folders.FOLDER_DATASET, data_dir=str(folder.root), epochs=1, batch_size=8,
+                             image_every_epochs=0, run_dir=str(tmp_path / f"run-{name}"), export_formats=())
+        return train_and_evaluate(config, out=io.StringIO(), dataset=folder.info)
+
+    trained_first, trained_second = train(first, "shapes"), train(second, "pets")
+    assert trained_first["class_names"] == ["circle", "square", "star"]
+    assert trained_second["class_names"] == ["cat", "dog"]
+    assert (trained_first["test_examples"], trained_second["test_examples"]) == (9, 6)
+    exported = export_from_run_dir(tmp_path / "run-shapes", ("saved_model",), str(tmp_path / "exports"))
+    card = json.loads(exported.artifacts["metadata"].read_text())
+    assert card["class_names"] == ["circle", "square", "star"] and card["model_name"] == "lenet_shapes"
+    assert card["folder"]["path"] == str(shapes.resolve()) and card["folder"]["held_out_count"] == 9
+    assert (exported.version_dir / LABELS_FILE).read_text().split() == ["circle", "square", "star"]
+    for model, classes, examples in ((tmp_path / "run-pets" / "checkpoints" / "last.keras", ["cat", "dog"], 6),
+                                     (exported.version_dir, ["circle", "square", "star"], 9)):
+        evaluated = run_main("evaluate", "--model", str(model), "--json")
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        evaluation = json.loads(evaluated.stdout)
+        assert (evaluation["class_names"], evaluation["examples"], evaluation["dataset"]) == (
+            classes, examples, folders.FOLDER_DATASET)
+    assert dataset_names() == BUILT_IN_DATASETS
+
+
+@pytest.mark.slow
 def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     """The exported page of a folder model, in Chromium: its input for a
     picture is the array the folder's recipe gives (a 28x28 picture as it is,
@@ -549,12 +606,13 @@ def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     from lenet_tf.webpage import make_server, web_dir_of
 
     root = write_class_folders(tmp_path / "photos", {"a": 18, "b": 18})
-    folders.register_folder_dataset(root)
+    folder = folders.FolderDataset.scan(root)
     metrics = train_and_evaluate(TrainConfig(dataset=folders.FOLDER_DATASET, data_dir=str(root), epochs=1,
                                              batch_size=8, image_every_epochs=0, run_dir=str(tmp_path / "run"),
                                              export_dir=str(tmp_path / "exports"),
                                              export_formats=("saved_model", "web")),
-                                 out=sys.stdout)  # Not the default, bound to whatever stdout was at its import.
+                                 out=sys.stdout,  # Not the default, bound to whatever stdout was at its import.
+                                 dataset=folder.info)
     pictures = tmp_path / "pictures"
     pictures.mkdir()
     off_centre = np.zeros((28, 28), np.uint8)
@@ -568,7 +626,7 @@ def test_the_web_page_frames_pictures_as_the_folder_was_read(tmp_path):
     from lenet_tf.inference import load_predictor
 
     answer, = predict_files(load_predictor(metrics["export_version_dir"]), [str(pictures / "wide.png")],
-                            folders.FOLDER_DATASET)
+                            folder.info)
     assert [entry["class_name"] for entry in answer["top"]] in (["a", "b"], ["b", "a"])
     server = make_server(web_dir_of(metrics["export_version_dir"]), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -630,14 +688,15 @@ def test_a_killed_run_does_not_resume_on_a_changed_folder(tmp_path):
 
 def test_a_resume_without_the_record_of_its_folder_is_refused(tmp_path):
     root = write_class_folders(tmp_path / "photos", {"cat": 3, "dog": 3})
-    folders.register_folder_dataset(root).loader(None)
+    folder = folders.FolderDataset.scan(root)
+    folder.load()
     with pytest.raises(UsageError, match=r"cannot read .*dataset\.json"):
-        folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)
+        folders.check_unchanged(folder, tmp_path / "run", resuming=True)
     (tmp_path / "run").mkdir()
     folders.record_path(tmp_path / "run").write_text("{not json")
     with pytest.raises(UsageError, match=r"cannot read .*dataset\.json"):
-        folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)
-    folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=False)  # Nothing to resume.
+        folders.check_unchanged(folder, tmp_path / "run", resuming=True)
+    folders.check_unchanged(folder, tmp_path / "run", resuming=False)  # Nothing to resume.
 
 
 @pytest.mark.slow
@@ -671,14 +730,13 @@ def test_a_resume_after_a_class_folder_was_added_names_the_change_and_keeps_the_
 
 
 def test_each_folder_gets_its_own_default_run_folder_and_model_name(tmp_path):
-    from lenet_tf.cli import build_parser, config_from_args
     from lenet_tf.export import model_name
 
     names = []
-    for folder in ("cats and dogs", "parts"):
-        root = write_class_folders(tmp_path / folder, {"a": 2, "b": 2})
-        config = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root)]))
-        names.append((config.run_dir, model_name(config)))
+    for name in ("cats and dogs", "parts"):
+        root = write_class_folders(tmp_path / name, {"a": 2, "b": 2})
+        config, folder = _config_and_folder("train", "--data-dir", str(root))
+        names.append((config.run_dir, model_name(config, folder.info)))
     assert names == [("runs/cats_and_dogs", "lenet_cats_and_dogs"), ("runs/parts", "lenet_parts")]
 
 
@@ -700,38 +758,40 @@ def test_evaluating_on_a_folder_whose_held_out_split_moved_is_refused(tmp_path):
     """The model card's digest of the held-out files: the folder as it was
     evaluates; a picture added since, which moves the split, is refused."""
     root = write_class_folders(tmp_path / "photos", {"cat": 10, "dog": 10})
-    folders.register_folder_dataset(root, test_split=0.2).loader(None)
-    card = folders.registered_folder().card()
-    held_out = list(folders.registered_folder().held_out)
+    folder = folders.FolderDataset.scan(root, test_split=0.2)
+    folder.load()
+    card = folder.card()
+    held_out = list(folder.held_out)
     assert card["held_out_count"] == 4 == len(held_out)
-    folders.register_from_record(card).loader(None)
-    assert folders.registered_folder().held_out == held_out
+    from_card = folders.FolderDataset.from_record(card)
+    from_card.load()
+    assert from_card.held_out == held_out
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(root / "cat" / "000a.png")  # Sorts second.
     with pytest.raises(UsageError, match=r"^.*photos changed since the model was trained: its test split is no "
                                          r"longer the 4 pictures held out from training; evaluate on the folder"):
-        folders.register_from_record(card).loader(None)
+        folders.FolderDataset.from_record(card).load()
 
 
 def test_dataset_given_with_a_folder_of_pictures_is_refused(tmp_path):
-    from lenet_tf.cli import build_parser, config_from_args
-
     root = write_class_folders(tmp_path / "photos", {"a": 2, "b": 2})
     with pytest.raises(UsageError, match=r"^--dataset mnist does not apply to --data-dir .*photos, a folder of "
                                          r"pictures \(it is its own dataset\); drop --dataset$"):
-        config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--dataset", "mnist"]))
-    assert config_from_args(build_parser().parse_args(["train"])).dataset == "fashion_mnist"
+        _config_and_folder("train", "--data-dir", str(root), "--dataset", "mnist")
+    config, folder = _config_and_folder("train")
+    assert config.dataset == "fashion_mnist" and folder is None
     assert folders.record_path(tmp_path / "run").name == "dataset.json"
 
 
 def test_a_run_of_another_dataset_resumed_on_a_folder_is_left_to_the_settings_check(tmp_path):
     root = write_class_folders(tmp_path / "photos", {"cat": 3, "dog": 3})
-    folders.register_folder_dataset(root).loader(None)
+    folder = folders.FolderDataset.scan(root)
+    folder.load()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"dataset": "mnist"}))
-    folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)  # No dataset.json to ask for.
+    folders.check_unchanged(folder, tmp_path / "run", resuming=True)  # No dataset.json to ask for.
     (tmp_path / "run" / "config.json").write_text(json.dumps({"dataset": folders.FOLDER_DATASET}))
     with pytest.raises(UsageError, match=r"cannot read .*dataset\.json"):
-        folders.check_unchanged(folders.FOLDER_DATASET, tmp_path / "run", resuming=True)
+        folders.check_unchanged(folder, tmp_path / "run", resuming=True)
 
 
 # --- the folder recipe: defaults that follow the folder ------------------------
@@ -767,26 +827,25 @@ def test_the_folder_recipe_for_three_folder_sizes():
 
 
 def test_a_folder_without_preset_gets_the_folder_recipe_and_says_why(tmp_path, capsys):
-    from lenet_tf.cli import build_parser, config_from_args, folder_first_lines
+    from lenet_tf.cli import folder_first_lines
 
     root = write_class_folders(tmp_path / "photos", {"cat": 100, "dog": 100})
     (root / "dog" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
-    config = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root)]))
+    config, folder = _config_and_folder("train", "--data-dir", str(root))
     # 200 pictures: 20 tested, 18 of the 180 left held out for validation, 162 trained on.
     assert (config.preset, config.batch_size, config.epochs) == ("folder", 16, 60)
     assert config.validation_split == 0.1 and config.early_stopping_patience == 10
-    recipe, heic = folder_first_lines(config)
+    recipe, heic = folder_first_lines(config, folder)
     assert "folder recipe for 162 training pictures: batch 16, up to 60 epochs" in recipe
     assert "18 pictures held out for validation" in recipe and "keeping the best epoch" in recipe
     assert heic.startswith("1 HEIC picture(s) were not read") and "IMG_0001.HEIC" in heic
     # Any flag overrides, and a preset is the preset, its batch fitted to the folder.
-    given = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--batch-size", "64",
-                                                        "--epochs", "3"]))
+    given, _ = _config_and_folder("train", "--data-dir", str(root), "--batch-size", "64", "--epochs", "3")
     assert (given.preset, given.batch_size, given.epochs, given.warmup_epochs) == ("folder", 64, 3, 1.0)
-    classic = config_from_args(build_parser().parse_args(["train", "--data-dir", str(root), "--preset", "classic"]))
+    classic, _ = _config_and_folder("train", "--data-dir", str(root), "--preset", "classic")
     assert (classic.batch_size, classic.validation_split, classic.early_stopping_patience) == (128, 0.0, 0)
     # The built-in datasets keep the book's recipe.
-    builtin = config_from_args(build_parser().parse_args(["train"]))
+    builtin, _ = _config_and_folder("train")
     assert (builtin.preset, builtin.batch_size, builtin.epochs, builtin.validation_split) == ("classic", 256, 10, 0.0)
 
 

@@ -20,7 +20,7 @@ from lenet_tf.tune import (
     settings_as_flags,
 )
 
-from conftest import REPO_ROOT, backed_up_epochs, read_event_tags, run_main, wait_for
+from conftest import REPO_ROOT, backed_up_epochs, read_event_tags, run_main, wait_for, write_class_folders
 
 # Small and quick: about two seconds a trial on two cores.
 SMALL_SEARCH = ["--limit-train", "1024", "--limit-test", "256", "--image-every-epochs", "0",
@@ -204,3 +204,24 @@ def test_the_starting_settings_are_in_the_space_and_are_the_first_trial():
     assert params["structure"] == "conv_filters=6,16 dense_units=100 batch_norm=off"
     narrowed = TuneOptions(base, 8, parse_search(["batch-size=64|128"], space, fixed=set()))
     assert starting_params(narrowed, allowed_structures(narrowed)) is None  # Not in the space: not compared.
+
+
+@pytest.mark.slow
+def test_a_search_on_a_folder_of_pictures_trains_and_exports_its_classes(tmp_path):
+    """`tune --data-dir PHOTOS`: the folder scanned by the command reaches every
+    trial and the best one's export, which name its classes and the folder."""
+    photos = write_class_folders(tmp_path / "shapes", {"circle": 16, "square": 16, "star": 16})
+    run_dir, export_dir = tmp_path / "run", tmp_path / "exports"
+    tuned = run_main("tune", "--data-dir", str(photos), "--trials", "2", "--epochs", "1", "--no-prune",
+                     "--image-every-epochs", "0", "--search", "batch-size=8|16", "--search", "conv-filters=6,16",
+                     "--search", "dense-units=64", "--run-dir", str(run_dir), "--export-dir", str(export_dir),
+                     "--format", "saved_model", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    trials = _trial_metrics(run_dir)
+    assert sorted(trials) == [0, 1]
+    for path in trials.values():
+        assert json.loads(path.read_text())["class_names"] == ["circle", "square", "star"]
+    best = json.loads((run_dir / "best.json").read_text())
+    card = json.loads((Path(best["export"]) / "metadata.json").read_text())
+    assert Path(best["export"]).parent.name == "lenet_shapes"
+    assert card["class_names"] == ["circle", "square", "star"] and card["folder"]["path"] == str(photos.resolve())
