@@ -11,6 +11,9 @@ from lenet_tf.train import train_and_evaluate
 
 from conftest import http_get, read_event_tags, read_scalars, run_cli, tensorboard_server
 
+# One worker runs this module (pyproject.toml's -n): its tests share the models it trains once.
+pytestmark = pytest.mark.xdist_group("dashboards")
+
 IMAGE_TAGS = ("confusion_matrix", "test_predictions", "activations/conv1", "activations/conv2", "out_of_distribution")
 
 

@@ -23,6 +23,9 @@ import pytest
 
 from conftest import REPO_ROOT
 
+# One worker runs this module (pyproject.toml's -n): its tests share the models it trains once.
+pytestmark = pytest.mark.xdist_group("docs")
+
 PAGE = REPO_ROOT / "docs" / "loading-exports.md"
 MODEL_NAME = "lenet_fashion_mnist"
 # The two pictures the snippets read: the first test image of each class.

@@ -19,6 +19,9 @@ from lenet_tf.train import train_and_evaluate
 
 from conftest import REPO_ROOT, run_cli, run_main, wait_for
 
+# One worker runs this module (pyproject.toml's -n): its tests share the models it trains once.
+pytestmark = pytest.mark.xdist_group("export")
+
 ALL_FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx")
 
 

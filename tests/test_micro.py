@@ -18,6 +18,9 @@ from lenet_tf.registry import dataset_info
 
 from conftest import run_cli, run_main, write_class_folders
 
+# One worker runs this module (pyproject.toml's -n): its tests share the models it trains once.
+pytestmark = pytest.mark.xdist_group("micro")
+
 pytest.importorskip("tflite_micro", reason="tflite-micro is not installed (pip install -e '.[test]')")
 
 # A program that writes the generated array's bytes (argument `model`) or the

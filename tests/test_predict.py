@@ -12,6 +12,9 @@ from lenet_tf.registry import dataset_info
 
 from conftest import run_main
 
+# One worker runs this module (pyproject.toml's -n): its tests share the models it trains once.
+pytestmark = pytest.mark.xdist_group("predict")
+
 
 @pytest.fixture(scope="module")
 def fashion_model(tmp_path_factory, fashion_mnist_dir):

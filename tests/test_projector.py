@@ -20,6 +20,9 @@ from lenet_tf.registry import dataset_info
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, http_get, missing_chromium, read_event_tags, tensorboard_server
 
+# One worker runs this module (pyproject.toml's -n): its tests share the models it trains once.
+pytestmark = pytest.mark.xdist_group("projector")
+
 FASHION_NAMES = dataset_info("fashion_mnist").class_names
 METADATA_HEADER = "index\ttrue class\tpredicted class\tcorrect\tconfidence"
 

@@ -358,6 +358,7 @@ def _epochs_started(output: str) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # One cluster, started once, for one worker.
 def test_srun_two_tasks_train_one_multi_worker_run(slurm_cluster, tmp_path):
     """`srun -n 2 python train.py`: no strategy flag, no TF_CONFIG, one run."""
     scratch = tmp_path / "tmp"
@@ -389,6 +390,7 @@ def _submit(cluster: SlurmCluster, tmp_path: Path, run_dir: Path, epochs: int) -
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # One cluster, started once, for one worker.
 def test_the_sbatch_script_requeued_mid_run_resumes_and_runs_every_epoch_once(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     job_id = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
@@ -421,6 +423,7 @@ def test_the_sbatch_script_requeued_mid_run_resumes_and_runs_every_epoch_once(sl
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # One cluster, started once, for one worker.
 def test_a_cancelled_job_leaves_a_backup_from_which_the_job_submitted_again_resumes(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     job_id = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
@@ -442,6 +445,7 @@ def test_a_cancelled_job_leaves_a_backup_from_which_the_job_submitted_again_resu
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # One cluster, started once, for one worker.
 def test_a_task_killed_mid_run_ends_the_step_with_one_line(slurm_cluster, tmp_path):
     """SIGKILL to task 1 (out of memory, a node gone): the chief stops within 60 s
     with the package's one line, its backup intact."""
@@ -529,6 +533,7 @@ def test_a_stop_that_lands_while_tensorflow_raises_a_peers_loss_is_still_a_stop(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # One cluster, started once, for one worker.
 def test_the_tune_sbatch_script_runs_one_trial_worker_per_task_on_one_study(slurm_cluster, tmp_path):
     """slurm/tune.sbatch on two tasks: each trial trained once by one of them, none lost, both trained."""
     run_dir = tmp_path / "run"
