@@ -608,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         return _report_error(args.command, error)
     stop_signals: list[int] = []
+    unraisable_hook = sys.unraisablehook
     try:
         with _stop_signals_as_interrupts(stop_signals):
             if args.command not in WITHOUT_TENSORFLOW:
@@ -632,6 +633,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lenet-tf {args.command}: error: ran out of memory ({reason}); lower --batch-size or the layer "
               "widths (--conv-filters, --dense-units)", file=sys.stderr)
         return 2
+    finally:
+        if stop_signals:
+            # The stop raised wherever the main thread was, perhaps inside a
+            # constructor (TensorFlow's ScopedTFImportGraphDefOptions) whose
+            # __del__ then fails on the half-built object, and Python would print
+            # that as a traceback after the one line. Those objects are freed
+            # with the stop's exception, by now, or by this collection; what
+            # their finalizers raise was dropped (the stop's handler set the hook).
+            import gc
+
+            gc.collect()
+            sys.unraisablehook = unraisable_hook
 
 
 def _report_error(command: str, error: UsageError | ParityError | StoppedError) -> int:
@@ -662,6 +675,7 @@ def _stop_signals_as_interrupts(received: list[int]):
             threading.Timer(0.05, os.kill, (os.getpid(), signal_number)).start()
             return
         received.append(signal_number)
+        sys.unraisablehook = _drop_unraisable  # Until main() has freed what the stop left half-built.
         raise KeyboardInterrupt()
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -670,6 +684,10 @@ def _stop_signals_as_interrupts(received: list[int]):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def _drop_unraisable(unraisable) -> None:
+    """sys.unraisablehook after a stop: a finalizer's error on an object the stop interrupted mid-construction."""
 
 
 def _in_a_finalizer(frame) -> bool:

@@ -236,6 +236,33 @@ def test_a_stop_signal_is_one_line_even_when_tensorflow_turns_the_interrupt_into
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers_before
 
 
+def test_a_stop_inside_a_constructor_is_one_line_without_its_finalizers_traceback(monkeypatch, capsys):
+    """A SIGTERM that lands in a constructor before it sets an attribute its
+    __del__ reads (TensorFlow's ScopedTFImportGraphDefOptions, mid-export): before,
+    Python printed the __del__'s AttributeError as a traceback after the one line."""
+    import lenet_tf.cli as cli
+
+    class HalfBuilt:
+        def __init__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # The handler raises here, before `options` is set.
+            self.options = "set"
+
+        def __del__(self):
+            assert self.options  # AttributeError on the half-built one.
+
+    def stopped_in_a_constructor(args):
+        HalfBuilt()
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setitem(cli.HANDLERS, "summary", stopped_in_a_constructor)
+    assert main(["summary"]) == 143
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "lenet-tf summary: terminated (SIGTERM); run the same command again to resume"]
+    assert unraisable == [] and sys.unraisablehook == unraisable.append  # Dropped, and the hook put back.
+
+
 @pytest.mark.parametrize("stop, line, code", [
     (signal.SIGTERM, "lenet-tf train: terminated (SIGTERM); run the same command again to resume", 143),
     (signal.SIGINT, "lenet-tf train: interrupted; run the same command again to resume", 130),

@@ -165,7 +165,7 @@ def test_two_workers_on_loopback_train_on_a_folder_of_pictures(tmp_path, fashion
 
 
 def _start_workers(run_dir: Path, scratch: Path, run_dirs: list[Path] | None = None,
-                   limit_train: int = 8192, epochs: int = 4, image_every_epochs: int = 0,
+                   limit_train: int = 4096, epochs: int = 4, image_every_epochs: int = 0,
                    formats: str = "saved_model", data: tuple[str, ...] = ("--dataset", "fashion_mnist"),
                    environment: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """Two workers on fresh loopback ports, exporting beside `run_dir`; `run_dirs` gives each its own --run-dir."""
@@ -257,7 +257,7 @@ def test_a_lost_worker_ends_the_survivor_with_one_line_and_a_restart_resumes(tmp
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     run_dir = tmp_path / "run"
-    workers = _start_workers(run_dir, scratch, limit_train=16384, epochs=6)
+    workers = _start_workers(run_dir, scratch, limit_train=4096, epochs=4)
     backed_up_epochs = wait_for_backed_up_epoch(RunDir(run_dir).backup_metadata, workers)
     assert backed_up_epochs >= 1
     lost, survivor = workers[1], workers[0]
@@ -279,10 +279,10 @@ def test_a_lost_worker_ends_the_survivor_with_one_line_and_a_restart_resumes(tmp
     resumed_from = json.loads(backup.read_text())["epoch"]
     assert resumed_from >= backed_up_epochs  # The chief's last backup is intact.
 
-    results = _finish(_start_workers(run_dir, scratch, limit_train=16384, epochs=6))
+    results = _finish(_start_workers(run_dir, scratch, limit_train=4096, epochs=4))
     assert [returncode for returncode, _, _ in results] == [0, 0], "\n".join(err[-2000:] for _, _, err in results)
     epochs_started = [int(line.split()[1].split("/")[0]) for line in results[0][1].splitlines()
                       if line.startswith("Epoch ")]
-    assert epochs_started == list(range(resumed_from + 1, 7))
+    assert epochs_started == list(range(resumed_from + 1, 5))
     metrics = _metrics(run_dir)
-    assert len(metrics["history"]["loss"]) == 6  # Every epoch accounted for, across both sessions.
+    assert len(metrics["history"]["loss"]) == 4  # Every epoch accounted for, across both sessions.

@@ -48,8 +48,8 @@ def _fill(directory: Path) -> Path:
 
 
 def _train_command(run_dir: Path, export_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "lenet_tf", "train", "--dataset", "fashion_mnist", "--limit-train", "30000",
-            "--limit-test", "1000", "--epochs", "6", "--batch-size", "64", "--activation", "relu",
+    return [sys.executable, "-m", "lenet_tf", "train", "--dataset", "fashion_mnist", "--limit-train", "8192",
+            "--limit-test", "1000", "--epochs", "4", "--batch-size", "64", "--activation", "relu",
             "--learning-rate", "0.1", "--run-dir", str(run_dir), "--export-dir", str(export_dir),
             "--image-every-epochs", "1", "--format", "saved_model"]
 
@@ -80,16 +80,16 @@ def test_a_disk_that_fills_mid_run_stops_it_with_one_line_and_a_rerun_resumes(sm
     from lenet_tf.optimization import build_compiled_model
 
     epochs_done = Backup(run_dir.backup).restore(build_compiled_model(TrainConfig.read(run_dir.config)))
-    assert 1 <= epochs_done < 6 and checkpoint.count_params() == 61_706
+    assert 1 <= epochs_done < 4 and checkpoint.count_params() == 61_706
 
     filler.unlink()  # Space freed: the same command resumes.
     resumed = run_main(*command[3:])  # The rerun needs no process of its own: the stopped one is gone.
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs_started = [int(line.split()[1].split("/")[0]) for line in resumed.stdout.splitlines()
                       if line.startswith("Epoch ")]
-    assert epochs_started[0] == epochs_done + 1 and epochs_started[-1] == 6
+    assert epochs_started[0] == epochs_done + 1 and epochs_started[-1] == 4
     metrics = json.loads(run_dir.metrics.read_text())
-    assert len(metrics["history"]["loss"]) == 6
+    assert len(metrics["history"]["loss"]) == 4
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from conftest import REPO_ROOT, backed_up_epochs, free_ports, run_main, wait_for
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol", "scancel", "sinfo", "squeue")
 SBATCH_SCRIPT = REPO_ROOT / "slurm" / "train.sbatch"
 # A small run: a few seconds an epoch for two workers sharing two cores.
-SMALL_RUN = ["--dataset", "fashion_mnist", "--limit-train", "8192", "--limit-test", "256", "--batch-size", "64",
+SMALL_RUN = ["--dataset", "fashion_mnist", "--limit-train", "4096", "--limit-test", "256", "--batch-size", "64",
              "--activation", "relu", "--learning-rate", "0.1", "--image-every-epochs", "0", "--format", ""]
 
 
