@@ -337,7 +337,10 @@ def load_with_tfds(info: DatasetInfo) -> Datasets:
     """Loads both splits through tensorflow_datasets (downloads when online)."""
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(info.tfds_name)
+    # TFDS_DATA_DIR as it is now: tensorflow_datasets reads it once, at its
+    # import, so a process (a notebook, a test) that sets it later would get
+    # the folder of the first import.
+    builder = tfds.builder(info.tfds_name, data_dir=os.environ.get("TFDS_DATA_DIR") or None)
     if not builder.is_prepared():
         # Offline, tensorflow_datasets retries each file for minutes before it
         # gives up, even where DNS answers at once: ask its download host
