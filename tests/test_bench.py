@@ -94,7 +94,7 @@ def test_speedrun_reports_every_seed_and_the_yardstick_in_the_doc(tmp_path):
     page.write_text("# Speedrun\n\n<!-- speedrun-fashion_mnist:start -->\nold\n<!-- speedrun-fashion_mnist:end -->\n")
     assert speedrun.main(["--seeds", "2", "--yardstick-repeats", "2", "--target", "0.5", "--time-target", "45",
                           "--output", str(output), "--doc", str(page),
-                          "--", "--limit-train", "2048", "--limit-test", "500", "--epochs", "2", "--format", ""]) == 0
+                          "--", "--limit-train", "1024", "--limit-test", "256", "--epochs", "2", "--format", ""]) == 0
     result = json.loads(output.read_text())
     assert [run["seed"] for run in result["runs"]] == [0, 1]
     assert len(result["summary"]["yardstick_seconds"]) == 2
@@ -114,7 +114,7 @@ def test_speedrun_reports_every_seed_and_the_yardstick_in_the_doc(tmp_path):
     for run in result["runs"]:  # Each seed's row, with the accuracy its run measured.
         assert f"| {run['seed']} | {run['test_accuracy']:.4f} | {run['seconds_to_tested_model']:.1f} | " in text
     # The flags passed through are named in both commands of the block.
-    assert text.count("--limit-train 2048 --limit-test 500 --epochs 2 --format ") == 2
+    assert text.count("--limit-train 1024 --limit-test 256 --epochs 2 --format ") == 2
 
 
 def test_int8_latency_compares_both_int8_conversions_with_float32(tmp_path, fashion_mnist_dir, capsys):

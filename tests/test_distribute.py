@@ -32,7 +32,8 @@ def test_two_mirrored_replicas_match_one_replica(tmp_path, fashion_mnist_dir):
     """
     base = [*COMMON, "--limit-train", "1024", "--limit-test", "500",
             "--epochs", "2", "--learning-rate", "0.05"]
-    single = run_cli("train", *base, "--strategy", "default", "--batch-size", "128", "--run-dir", str(tmp_path / "one"))
+    # One replica in this process; two need a process that splits its CPU before TensorFlow starts.
+    single = run_main("train", *base, "--strategy", "default", "--batch-size", "128", "--run-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-3000:]
     mirrored = run_cli("train", *base, "--strategy", "mirrored", "--logical-cpus", "2", "--batch-size", "64",
                        "--run-dir", str(tmp_path / "two"))
@@ -154,6 +155,7 @@ def test_two_workers_on_loopback_train_on_a_folder_of_pictures(tmp_path, fashion
     scratch.mkdir()
     run_dir = tmp_path / "run"
     results = _finish(_start_workers(run_dir, scratch, limit_train=1500, epochs=2, data=("--data-dir", str(folder)),
+                                     formats="saved_model",
                                      environment={"XDG_CACHE_HOME": str(tmp_path / "cache")}))
     assert [returncode for returncode, _, _ in results] == [0, 0], "\n".join(err[-2000:] for _, _, err in results)
     metrics = _metrics(run_dir)
@@ -166,9 +168,10 @@ def test_two_workers_on_loopback_train_on_a_folder_of_pictures(tmp_path, fashion
 
 def _start_workers(run_dir: Path, scratch: Path, run_dirs: list[Path] | None = None,
                    limit_train: int = 4096, epochs: int = 4, image_every_epochs: int = 0,
-                   formats: str = "saved_model", data: tuple[str, ...] = ("--dataset", "fashion_mnist"),
+                   formats: str = "", data: tuple[str, ...] = ("--dataset", "fashion_mnist"),
                    environment: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """Two workers on fresh loopback ports, exporting beside `run_dir`; `run_dirs` gives each its own --run-dir."""
+    """Two workers on fresh loopback ports, exporting `formats` (none by default) beside `run_dir`;
+    `run_dirs` gives each its own --run-dir."""
     hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch), **(environment or {}))
     return [

@@ -13,6 +13,9 @@ from lenet_tf.train import train_and_evaluate
 
 from conftest import read_scalars
 
+# One worker runs this module (pyproject.toml's -n): its tests share the models it trains once.
+pytestmark = pytest.mark.xdist_group("train")
+
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, small_real_datasets):

@@ -20,6 +20,7 @@ from lenet_tf.registry import dataset_info
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, missing_chromium, run_main
 
+
 def _missing_browser() -> str | None:
     missing = missing_chromium()
     if missing is not None:
@@ -34,7 +35,11 @@ def _missing_browser() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing_browser() is not None, reason=str(_missing_browser()))
+pytestmark = [
+    pytest.mark.skipif(_missing_browser() is not None, reason=str(_missing_browser())),
+    # One worker runs this module (pyproject.toml's -n): its tests share the model it trains once.
+    pytest.mark.xdist_group("webpage"),
+]
 
 
 @pytest.fixture(scope="module")
