@@ -39,11 +39,12 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 YARDSTICK_REFERENCE_SECONDS = 10.0
 
 
-def time_yardstick(repeats: int) -> list[float]:
-    """Wall seconds of the yardstick process, `repeats` times."""
+def time_yardstick(repeats: int, examples: int | None = None) -> list[float]:
+    """Wall seconds of the yardstick process, `repeats` times (on its first `examples` training images)."""
     seconds = []
     for _ in range(repeats):
-        completed = subprocess.run([sys.executable, "-m", "benchmarks.yardstick"], cwd=REPOSITORY,
+        command = [sys.executable, "-m", "benchmarks.yardstick", *(["--examples", str(examples)] if examples else [])]
+        completed = subprocess.run(command, cwd=REPOSITORY,
                                    capture_output=True, text=True, env=child_environment())
         if completed.returncode != 0:
             raise RuntimeError(f"the yardstick failed:\n{completed.stderr[-2000:]}")
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds every run may take on a machine whose yardstick takes 10 s")
     parser.add_argument("--yardstick-repeats", type=int,
                         help="yardstick runs, spread among the seeds (default: one before each seed and one after the last)")
+    parser.add_argument("--yardstick-examples", type=int,
+                        help="the yardstick on its first N training images: a quick check of this script, whose "
+                        "time verdicts then mean nothing (default: all)")
     parser.add_argument("--output", type=Path, default=Path("speedrun_results.json"))
     parser.add_argument("--doc", type=Path, help="also write the Markdown into this page between "
                         "<!-- speedrun-<dataset>:start/end --> lines")
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     yardstick, positions, runs = [], [], []
     with tempfile.TemporaryDirectory(prefix="lenet-speedrun-") as scratch:
         for done in range(len(seeds) + 1):
-            yardstick += time_yardstick(yardstick_after[done])
+            yardstick += time_yardstick(yardstick_after[done], args.yardstick_examples)
             positions += [done] * yardstick_after[done]
             if done == len(seeds):
                 break

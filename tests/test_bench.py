@@ -92,7 +92,8 @@ def test_speedrun_reports_every_seed_and_the_yardstick_in_the_doc(tmp_path):
 
     output, page = tmp_path / "speedrun.json", tmp_path / "speedrun.md"
     page.write_text("# Speedrun\n\n<!-- speedrun-fashion_mnist:start -->\nold\n<!-- speedrun-fashion_mnist:end -->\n")
-    assert speedrun.main(["--seeds", "2", "--yardstick-repeats", "2", "--target", "0.5", "--time-target", "45",
+    assert speedrun.main(["--seeds", "2", "--yardstick-repeats", "2", "--yardstick-examples", "2048",
+                          "--target", "0.5", "--time-target", "45",
                           "--output", str(output), "--doc", str(page),
                           "--", "--limit-train", "1024", "--limit-test", "256", "--epochs", "2", "--format", ""]) == 0
     result = json.loads(output.read_text())

@@ -12,7 +12,7 @@ import pytest
 
 from lenet_tf.run_dir import RunDir
 
-from conftest import REPO_ROOT, free_ports, run_cli, run_main, wait_for_backed_up_epoch
+from conftest import REPO_ROOT, backed_up_epochs, free_ports, run_cli, run_main, wait_for, wait_for_backed_up_epoch
 
 COMMON = ["--dataset", "fashion_mnist", "--activation", "relu", "--format", "", "--image-every-epochs", "0"]
 
@@ -250,42 +250,46 @@ def test_two_workers_killed_together_resume_from_the_chiefs_backup(tmp_path, fas
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
-def test_a_lost_worker_ends_the_survivor_with_one_line_and_a_restart_resumes(tmp_path, fashion_mnist_dir,
-                                                                              stop_signal):
-    """One of two workers dies (SIGKILL) or freezes (SIGSTOP) mid-run: the chief
-    stops within 60 s with one line, keeps its backup, and a restart of both finishes."""
+def test_a_lost_worker_ends_the_survivor_with_one_line_and_a_restart_resumes(tmp_path, fashion_mnist_dir):
+    """One of two workers dies (SIGKILL) mid-run, and in the restart one freezes
+    (SIGSTOP): each time the chief stops within 60 s with one line and keeps its
+    backup, and the next restart of both resumes from it; the third finishes."""
     import time
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     run_dir = tmp_path / "run"
-    workers = _start_workers(run_dir, scratch, limit_train=4096, epochs=4)
-    backed_up_epochs = wait_for_backed_up_epoch(RunDir(run_dir).backup_metadata, workers)
-    assert backed_up_epochs >= 1
-    lost, survivor = workers[1], workers[0]
-    lost.send_signal(stop_signal)
-    lost_at = time.monotonic()
-    try:
-        _, stderr = survivor.communicate(timeout=120)
-        survivor_seconds = time.monotonic() - lost_at
-    finally:
-        lost.kill()
-        lost.communicate()
-    assert survivor.returncode not in (0, None), stderr[-2000:]
-    assert survivor_seconds <= 60, f"the survivor took {survivor_seconds:.0f} s to stop"
-    last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith("lenet-tf train: error: "), stderr[-3000:]
-    assert "of this multi-worker run was lost" in last_line and "restart every worker" in last_line
-    assert "Traceback" not in stderr
     backup = RunDir(run_dir).backup_metadata
-    resumed_from = json.loads(backup.read_text())["epoch"]
-    assert resumed_from >= backed_up_epochs  # The chief's last backup is intact.
+    epochs = 5
+    resumed_from = 0
+    for stop_signal in (signal.SIGKILL, signal.SIGSTOP):
+        workers = _start_workers(run_dir, scratch, limit_train=4096, epochs=epochs)
+        # A backup from this session: an epoch beyond the one it resumed from.
+        wait_for(lambda: backed_up_epochs(backup) > resumed_from, workers, "a backed-up epoch")
+        backed_up = backed_up_epochs(backup)
+        lost, survivor = workers[1], workers[0]
+        lost.send_signal(stop_signal)
+        lost_at = time.monotonic()
+        try:
+            _, stderr = survivor.communicate(timeout=120)
+            survivor_seconds = time.monotonic() - lost_at
+        finally:
+            lost.kill()
+            lost.communicate()
+        what = signal.Signals(stop_signal).name
+        assert survivor.returncode not in (0, None), f"{what}: {stderr[-2000:]}"
+        assert survivor_seconds <= 60, f"{what}: the survivor took {survivor_seconds:.0f} s to stop"
+        last_line = stderr.strip().splitlines()[-1]
+        assert last_line.startswith("lenet-tf train: error: "), f"{what}: {stderr[-3000:]}"
+        assert "of this multi-worker run was lost" in last_line and "restart every worker" in last_line
+        assert "Traceback" not in stderr
+        resumed_from = json.loads(backup.read_text())["epoch"]
+        assert backed_up <= resumed_from < epochs  # The chief's last backup is intact, the run unfinished.
 
-    results = _finish(_start_workers(run_dir, scratch, limit_train=4096, epochs=4))
+    results = _finish(_start_workers(run_dir, scratch, limit_train=4096, epochs=epochs))
     assert [returncode for returncode, _, _ in results] == [0, 0], "\n".join(err[-2000:] for _, _, err in results)
     epochs_started = [int(line.split()[1].split("/")[0]) for line in results[0][1].splitlines()
                       if line.startswith("Epoch ")]
-    assert epochs_started == list(range(resumed_from + 1, 5))
+    assert epochs_started == list(range(resumed_from + 1, epochs + 1))
     metrics = _metrics(run_dir)
-    assert len(metrics["history"]["loss"]) == 4  # Every epoch accounted for, across both sessions.
+    assert len(metrics["history"]["loss"]) == epochs  # Every epoch accounted for, across the three sessions.
