@@ -17,6 +17,11 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Each TensorFlow process of the suite computes on one thread (its processes
+# inherit this): the three pytest workers of pyproject.toml's -n and the
+# processes they start share the cores, which pools sized to every core would
+# oversubscribe. Thread counts are no behaviour under test; benchmarks/ times speed.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -534,22 +534,44 @@ def test_a_stop_that_lands_while_tensorflow_raises_a_peers_loss_is_still_a_stop(
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("slurm")  # One cluster, started once, for one worker.
-def test_the_tune_sbatch_script_runs_one_trial_worker_per_task_on_one_study(slurm_cluster, tmp_path):
-    """slurm/tune.sbatch on two tasks: each trial trained once by one of them, none lost, both trained."""
+def test_the_tune_sbatch_script_runs_one_trial_worker_per_task_on_one_study_and_a_requeue_goes_on(slurm_cluster,
+                                                                                                  tmp_path):
+    """slurm/tune.sbatch on two tasks, requeued once two trials have finished:
+    each trial trained by one of the tasks, none lost, both trained, and the
+    trials finished before the requeue kept as they were, not trained again."""
     run_dir = tmp_path / "run"
     job_id = slurm_cluster.run(
         "sbatch", "--parsable", "--ntasks=2", f"--output={tmp_path / 'job-%j.out'}", f"--chdir={REPO_ROOT}",
-        str(REPO_ROOT / "slurm" / "tune.sbatch"), "--trials", "4", "--epochs", "1", "--limit-train", "1024",
+        str(REPO_ROOT / "slurm" / "tune.sbatch"), "--trials", "5", "--epochs", "2", "--limit-train", "1024",
         "--limit-test", "256", "--image-every-epochs", "0", "--search", "batch-size=128|256", "--search",
-        "conv-filters=6,16|16,32", "--search", "dense-units=64", "--format", "", "--run-dir", str(run_dir)).strip()
+        "conv-filters=6,16|16,32", "--search", "dense-units=64", "--no-prune", "--format", "",
+        "--run-dir", str(run_dir)).strip()
     output = tmp_path / f"job-{job_id}.out"
+    details = lambda: _job_details(slurm_cluster, job_id, output)  # noqa: E731
+
+    def finished_trials() -> dict[str, bytes]:
+        return {path.parent.name: path.read_bytes() for path in (run_dir / "trials").glob("*/metrics.json")}
+
+    wait_for(lambda: len(finished_trials()) >= 2 or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"),
+             [], "two finished trials", details=details, interval=0.2)
+    assert slurm_cluster.job_state(job_id) == "RUNNING", details()
+    slurm_cluster.run("scontrol", "requeue", job_id)
+    wait_for(lambda: slurm_cluster.job_state(job_id) == "PENDING", [], "requeued job", details=details, interval=0.2)
+    before_requeue = finished_trials()
+    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     wait_for(lambda: slurm_cluster.job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), [], "finished job",
-             timeout=900, details=lambda: _job_details(slurm_cluster, job_id, output), interval=0.2)
+             timeout=900, details=details, interval=0.2)
     log = output.read_text()
     assert slurm_cluster.job_state(job_id) == "COMPLETED", log[-3000:]
+    assert "start 1" in log and "Traceback" not in log  # The requeued start, and no traceback in either.
     started = re.findall(r"^tune: trial (\d+) \(SLURM task (\d)\)", log, re.MULTILINE)
-    assert sorted(int(number) for number, _ in started) == [0, 1, 2, 3], log[-3000:]  # Each once, none lost.
+    assert {int(number) for number, _ in started} == set(range(5)), log[-3000:]  # None lost.
     assert {task for _, task in started} == {"0", "1"}  # Both tasks trained.
-    assert sorted(path.name for path in (run_dir / "trials").iterdir()) == ["0", "1", "2", "3"]
+    after = finished_trials()
+    assert sorted(after) == ["0", "1", "2", "3", "4"]
+    # Finished before the requeue: kept, never trained again.
+    assert {name: after[name] for name in before_requeue} == before_requeue
+    for number in before_requeue:
+        assert [trial for trial, _ in started].count(number) == 1, log[-3000:]
     best = json.loads((run_dir / "best.json").read_text())
-    assert best["trials"] == 4 and "Traceback" not in log
+    assert best["trials"] == 5
