@@ -66,7 +66,7 @@ def test_sigterm_stops_a_run_in_one_line_and_the_rerun_resumes(tmp_path, fashion
     version; the third command finishes the run. (A stop that lands as the
     export's staging folder is made: test_export.py.)"""
     run_dir, model_dir = RunDir(tmp_path / "run"), tmp_path / "exports" / "lenet_fashion_mnist"
-    command = [sys.executable, "-m", "lenet_tf", "train", "--limit-train", "10000", "--limit-test", "500",
+    command = [sys.executable, "-m", "lenet_tf", "train", "--limit-train", "4096", "--limit-test", "500",
                "--epochs", "3", "--batch-size", "64", "--activation", "relu", "--learning-rate", "0.1",
                "--run-dir", str(run_dir.root), "--export-dir", str(tmp_path / "exports"), "--image-every-epochs", "0",
                "--format", "saved_model,tflite,tflite-int8"]
