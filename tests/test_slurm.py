@@ -391,57 +391,55 @@ def _submit(cluster: SlurmCluster, tmp_path: Path, run_dir: Path, epochs: int) -
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("slurm")  # One cluster, started once, for one worker.
-def test_the_sbatch_script_requeued_mid_run_resumes_and_runs_every_epoch_once(slurm_cluster, tmp_path):
-    run_dir = tmp_path / "run"
-    job_id = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
-    wait_for(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
-             or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"), [], "backed-up epoch", interval=0.2)
+def test_the_sbatch_script_requeued_then_cancelled_resumes_each_time_and_runs_every_epoch_once(slurm_cluster,
+                                                                                                tmp_path):
+    """The job requeued mid-run (preemption): its next start resumes from the
+    backup; then cancelled mid-run (scancel, a time limit): a job submitted
+    again resumes from the backup it left, and finishes."""
+    run_dir, epochs = tmp_path / "run", 5
+    backup = RunDir(run_dir).backup_metadata
+    job_id = _submit(slurm_cluster, tmp_path, run_dir, epochs=epochs)
+    output = tmp_path / f"job-{job_id}.out"
+    details = lambda: _job_details(slurm_cluster, job_id, output)  # noqa: E731
+    wait_for(lambda: backed_up_epochs(backup) >= 1 or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"),
+             [], "backed-up epoch", interval=0.2)
     assert slurm_cluster.job_state(job_id) == "RUNNING"
     slurm_cluster.run("scontrol", "requeue", job_id)
     # SLURM ends every task (SIGTERM, then SIGKILL after KillWait), then holds
     # the job back for a while before it may start again: start it now.
-    wait_for(lambda: slurm_cluster.job_state(job_id) == "PENDING", [], "requeued job",
-             details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"), interval=0.2)
-    stopped_at = backed_up_epochs(RunDir(run_dir).backup_metadata)
-    output = (tmp_path / f"job-{job_id}.out").read_text()
-    assert output.count("lenet-tf train: terminated (SIGTERM); run the same command again to resume") == 2, output
-    assert "Traceback" not in output
+    wait_for(lambda: slurm_cluster.job_state(job_id) == "PENDING", [], "requeued job", details=details, interval=0.2)
+    requeued_at = backed_up_epochs(backup)
+    log = output.read_text()
+    assert log.count("lenet-tf train: terminated (SIGTERM); run the same command again to resume") == 2, log
+    assert "Traceback" not in log
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    wait_for(lambda: slurm_cluster.job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), [], "finished job",
-             timeout=900, details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"),
-             interval=0.2)
-    output = (tmp_path / f"job-{job_id}.out").read_text()
-    assert slurm_cluster.job_state(job_id) == "COMPLETED", output[-3000:]
-    first_start, second_start = output.split(f"lenet-tf: job {job_id}, start 1")
-    assert f"lenet-tf: job {job_id}, start 0" in first_start
-    # The requeued job resumed after the backed-up epochs, both tasks together, and ran to the end.
-    assert 1 <= stopped_at < 4 and _epochs_started(second_start) == [
-        epoch for epoch in range(stopped_at + 1, 5) for _ in range(2)]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2
-    assert len(metrics["history"]["loss"]) == 4  # Every epoch once, across both starts.
 
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("slurm")  # One cluster, started once, for one worker.
-def test_a_cancelled_job_leaves_a_backup_from_which_the_job_submitted_again_resumes(slurm_cluster, tmp_path):
-    run_dir = tmp_path / "run"
-    job_id = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
-    wait_for(lambda: backed_up_epochs(RunDir(run_dir).backup_metadata) >= 1
-             or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"), [], "backed-up epoch", interval=0.2)
+    # The requeued start backs up an epoch of its own; then the job is cancelled.
+    wait_for(lambda: backed_up_epochs(backup) > requeued_at
+             or slurm_cluster.job_state(job_id) not in ("PENDING", "RUNNING"), [], "backed-up epoch after the requeue",
+             details=details, interval=0.2)
+    assert slurm_cluster.job_state(job_id) == "RUNNING", details()
     slurm_cluster.run("scancel", job_id)
-    wait_for(lambda: slurm_cluster.job_state(job_id) in ("CANCELLED", ""), [], "cancelled job",
-             details=lambda: _job_details(slurm_cluster, job_id, tmp_path / f"job-{job_id}.out"), interval=0.2)
-    stopped_at = backed_up_epochs(RunDir(run_dir).backup_metadata)
-    assert 1 <= stopped_at < 4
-    resubmitted = _submit(slurm_cluster, tmp_path, run_dir, epochs=4)
+    wait_for(lambda: slurm_cluster.job_state(job_id) in ("CANCELLED", ""), [], "cancelled job", details=details,
+             interval=0.2)
+    cancelled_at = backed_up_epochs(backup)
+    assert 1 <= requeued_at < cancelled_at < epochs
+    first_start, second_start = output.read_text().split(f"lenet-tf: job {job_id}, start 1")
+    assert f"lenet-tf: job {job_id}, start 0" in first_start
+    # The requeued job resumed after the backed-up epochs, both tasks together.
+    assert _epochs_started(second_start)[:2] == [requeued_at + 1] * 2
+    assert "Traceback" not in second_start
+
+    resubmitted = _submit(slurm_cluster, tmp_path, run_dir, epochs=epochs)
     wait_for(lambda: slurm_cluster.job_state(resubmitted) in ("COMPLETED", "FAILED", "CANCELLED"), [], "finished job",
              timeout=900, details=lambda: _job_details(slurm_cluster, resubmitted, tmp_path / f"job-{resubmitted}.out"),
              interval=0.2)
-    output = (tmp_path / f"job-{resubmitted}.out").read_text()
-    assert slurm_cluster.job_state(resubmitted) == "COMPLETED", output[-3000:]
-    assert _epochs_started(output) == [epoch for epoch in range(stopped_at + 1, 5) for _ in range(2)]
-    assert len(json.loads((run_dir / "metrics.json").read_text())["history"]["loss"]) == 4
+    log = (tmp_path / f"job-{resubmitted}.out").read_text()
+    assert slurm_cluster.job_state(resubmitted) == "COMPLETED", log[-3000:]
+    assert _epochs_started(log) == [epoch for epoch in range(cancelled_at + 1, epochs + 1) for _ in range(2)]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2
+    assert len(metrics["history"]["loss"]) == epochs  # Every epoch once, across the three starts.
 
 
 @pytest.mark.slow
