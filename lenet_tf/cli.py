@@ -641,10 +641,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # that as a traceback after the one line. Those objects are freed
             # with the stop's exception, by now, or by this collection; what
             # their finalizers raise was dropped (the stop's handler set the hook).
+            # Others live until the process exits (a multiprocessing pool the
+            # stop left open, whose __del__ writes to a pipe already closed):
+            # their errors are dropped then too.
+            import atexit
             import gc
 
             gc.collect()
             sys.unraisablehook = unraisable_hook
+            atexit.register(setattr, sys, "unraisablehook", _drop_unraisable)
 
 
 def _report_error(command: str, error: UsageError | ParityError | StoppedError) -> int:
@@ -687,7 +692,7 @@ def _stop_signals_as_interrupts(received: list[int]):
 
 
 def _drop_unraisable(unraisable) -> None:
-    """sys.unraisablehook after a stop: a finalizer's error on an object the stop interrupted mid-construction."""
+    """sys.unraisablehook after a stop: a finalizer's error on what the stop interrupted."""
 
 
 def _in_a_finalizer(frame) -> bool:

@@ -263,6 +263,35 @@ def test_a_stop_inside_a_constructor_is_one_line_without_its_finalizers_tracebac
     assert unraisable == [] and sys.unraisablehook == unraisable.append  # Dropped, and the hook put back.
 
 
+def test_a_stopped_process_ends_in_its_one_line_whatever_its_finalizers_raise_at_exit():
+    """What a stop leaves open until the process exits (a multiprocessing pool,
+    whose __del__ then writes to a closed pipe: seen after scancel) fails in its
+    finalizer at exit: before, Python printed that as a traceback after the line."""
+    script = """
+import os, signal, sys, time
+import lenet_tf.cli as cli
+
+class LeftOpen:
+    def __del__(self):
+        raise OSError(9, "Bad file descriptor")
+
+def stopped(args):
+    global left_open
+    left_open = LeftOpen()  # Freed only as the interpreter shuts down.
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+cli.import_tensorflow_quietly = lambda: None
+cli.HANDLERS["summary"] = stopped
+sys.exit(cli.main(["summary"]))
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert completed.returncode == 143
+    assert completed.stderr.strip().splitlines() == [
+        "lenet-tf summary: terminated (SIGTERM); run the same command again to resume"]
+
+
 @pytest.mark.parametrize("stop, line, code", [
     (signal.SIGTERM, "lenet-tf train: terminated (SIGTERM); run the same command again to resume", 143),
     (signal.SIGINT, "lenet-tf train: interrupted; run the same command again to resume", 130),
