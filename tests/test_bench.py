@@ -87,18 +87,19 @@ def test_speedrun_scales_each_seed_by_the_faster_yardstick_run_beside_it():
 
 @pytest.mark.slow
 def test_speedrun_reports_every_seed_and_the_yardstick_in_the_doc(tmp_path):
-    """Two tiny seeds in fresh train.py processes and the yardstick before and after them."""
+    """Two tiny seeds in fresh train.py processes and the yardstick before them (where the yardstick
+    runs go among the seeds: the test above)."""
     from benchmarks import speedrun
 
     output, page = tmp_path / "speedrun.json", tmp_path / "speedrun.md"
     page.write_text("# Speedrun\n\n<!-- speedrun-fashion_mnist:start -->\nold\n<!-- speedrun-fashion_mnist:end -->\n")
-    assert speedrun.main(["--seeds", "2", "--yardstick-repeats", "2", "--yardstick-examples", "2048",
+    assert speedrun.main(["--seeds", "2", "--yardstick-repeats", "1", "--yardstick-examples", "2048",
                           "--target", "0.5", "--time-target", "45",
                           "--output", str(output), "--doc", str(page),
                           "--", "--limit-train", "1024", "--limit-test", "256", "--epochs", "2", "--format", ""]) == 0
     result = json.loads(output.read_text())
     assert [run["seed"] for run in result["runs"]] == [0, 1]
-    assert len(result["summary"]["yardstick_seconds"]) == 2
+    assert len(result["summary"]["yardstick_seconds"]) == 1
     for run in result["runs"]:
         # The wait for a tested model is part of the process's life, which is longer.
         assert 0 < run["seconds_to_tested_model"] < run["process_seconds_with_export"]
@@ -109,7 +110,7 @@ def test_speedrun_reports_every_seed_and_the_yardstick_in_the_doc(tmp_path):
     summary = result["summary"]
     yardstick = summary["yardstick_seconds"]
     assert summary["scaled_time_target"] == pytest.approx(45 * min(yardstick) / 10)
-    assert summary["yardstick_after_seeds"] == [0, 2]
+    assert summary["yardstick_after_seeds"] == [0]
     text = page.read_text()
     assert "old" not in text
     for run in result["runs"]:  # Each seed's row, with the accuracy its run measured.

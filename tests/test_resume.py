@@ -178,8 +178,8 @@ def test_a_kill_while_the_backup_is_written_leaves_the_previous_one(tmp_path):
 @pytest.mark.slow
 def test_two_trainings_on_one_run_dir_the_second_refuses_at_once(tmp_path, fashion_mnist_dir):
     run_dir = RunDir(tmp_path / "run")
-    command = [sys.executable, "-m", "lenet_tf", "train", "--limit-train", "20000", "--limit-test", "500",
-               "--epochs", "5", "--run-dir", str(run_dir.root), "--format", "", "--image-every-epochs", "0"]
+    command = [sys.executable, "-m", "lenet_tf", "train", "--limit-train", "8192", "--limit-test", "500",
+               "--epochs", "4", "--run-dir", str(run_dir.root), "--format", "", "--image-every-epochs", "0"]
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     first = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
