@@ -40,6 +40,8 @@ def missing_chromium() -> str | None:
     if not CHROMIUM.is_file():
         return "Chromium is not installed (apt-get install chromium)"
     return None
+
+
 def pytest_collection_modifyitems(config, items):
     """Slow tests first, so that the workers of `-n` (pyproject.toml) end
     together instead of one starting a minute-long test as the others finish.
