@@ -226,9 +226,11 @@ def write_flag_table(page: str = FLAG_TABLE_PAGE) -> None:
     """Rewrites the flag table of `page` (run from the repository's root) from the flags' help."""
     from pathlib import Path
 
+    from lenet_tf.io_utils import write_text_atomic
+
     text = Path(page).read_text()
     start, end = text.index(_FLAG_TABLE_START), text.index(_FLAG_TABLE_END) + len(_FLAG_TABLE_END)
-    Path(page).write_text(text[:start] + flag_table_markdown() + text[end:])
+    write_text_atomic(Path(page), text[:start] + flag_table_markdown() + text[end:])
 
 
 def _train_parser() -> argparse.ArgumentParser:
