@@ -18,9 +18,24 @@ from pathlib import Path
 
 import keras
 
+from lenet_tf import stop
 from lenet_tf.errors import UsageError
 from lenet_tf.io_utils import reporting_full_disk, write_json_atomic
 from lenet_tf.run_dir import BACKUP_RECORD_FILE
+
+
+class HonourStop(keras.callbacks.Callback):
+    """Raises a stop's interrupt again at each batch and epoch, when its first
+    one was lost (see lenet_tf/stop.py): the run stops there, as it would have."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        stop.raise_if_requested()
+
+    def on_train_batch_end(self, batch, logs=None):
+        stop.raise_if_requested()
+
+    def on_test_batch_end(self, batch, logs=None):
+        stop.raise_if_requested()
 
 
 class ThroughputCallback(keras.callbacks.Callback):

@@ -15,6 +15,7 @@ import re
 import sys
 from typing import TYPE_CHECKING, Sequence
 
+from lenet_tf import stop
 from lenet_tf.config import (
     ACTIVATIONS, AUGMENTATIONS, EXPORT_FORMATS, FOLDER_SETTINGS, OPTIMIZERS, POOLINGS, PRESET_SETTINGS, PRESETS,
     SCHEDULES, STRATEGIES, TrainConfig, folder_preset, power_of_two_at_most, preset, validation_count,
@@ -617,7 +618,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # Inside: Ctrl-C in the seconds TensorFlow takes to import is a
                 # stop like any other, not a traceback from its import machinery.
                 import_tensorflow_quietly()
-            return HANDLERS[args.command](args)
+            exit_code = HANDLERS[args.command](args)
+        if stop_signals:
+            # The stop's interrupt was lost somewhere no safe point came after
+            # (see lenet_tf/stop.py): the work is done, but the stop is still reported.
+            return _report_stop(args.command, stop_signals)
+        return exit_code
     except (UsageError, ParityError, StoppedError) as error:
         if stop_signals and isinstance(error, StoppedError):
             # Stopped together (scancel signals every task): a peer that stopped
@@ -674,7 +680,7 @@ def _stop_signals_as_interrupts(received: list[int]):
         yield  # Only the main thread may set signal handlers.
         return
 
-    def stop(signal_number, frame):
+    def interrupt(signal_number, frame):
         if _in_a_finalizer(frame):
             # Python prints and drops an exception raised in a finalizer (a
             # __del__ or multiprocessing's Finalize), and the run would train on
@@ -682,15 +688,17 @@ def _stop_signals_as_interrupts(received: list[int]):
             threading.Timer(0.05, os.kill, (os.getpid(), signal_number)).start()
             return
         received.append(signal_number)
+        stop.record(signal_number)  # Raised again at the next safe point if this interrupt is lost.
         sys.unraisablehook = _drop_unraisable  # Until main() has freed what the stop left half-built.
         raise KeyboardInterrupt()
 
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        stop.forget()
 
 
 def _drop_unraisable(unraisable) -> None:

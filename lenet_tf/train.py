@@ -29,8 +29,8 @@ import tensorflow as tf
 
 from lenet_tf import dashboards
 from lenet_tf.callbacks import (
-    AtomicCheckpoint, Backup, BackupCallback, BestEpoch, EpochHistory, EpochTensorBoard, StopOnNonFiniteLoss,
-    ThroughputCallback, check_workers_resume_together, save_atomically,
+    AtomicCheckpoint, Backup, BackupCallback, BestEpoch, EpochHistory, EpochTensorBoard, HonourStop,
+    StopOnNonFiniteLoss, ThroughputCallback, check_workers_resume_together, save_atomically,
 )
 from lenet_tf.config import TrainConfig, validation_count
 from lenet_tf.data import (
@@ -389,7 +389,8 @@ def make_callbacks(config: TrainConfig, write_to: RunDir, datasets: Datasets, th
     info = resolve_dataset(config.dataset, dataset)
     history = EpochHistory(write_to.history)
     callbacks = [
-        throughput,  # First, so the others see examples_per_sec in the logs.
+        HonourStop(),
+        throughput,  # Before the others, so they see examples_per_sec in the logs.
         StopOnNonFiniteLoss(),
         # An epoch's history, checkpoint and dashboards are written before its
         # backup, so a kill in between never leaves a backed-up epoch unrecorded.

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from lenet_tf import stop
 from lenet_tf.config import TrainConfig
 from lenet_tf.errors import UsageError
 from lenet_tf.io_utils import write_json_atomic
@@ -583,6 +584,7 @@ def run_worker(options: TuneOptions, datasets=None, out: TextIO | None = None) -
         datasets = load_datasets(_dataset(options), options.base.data_dir)
     trained = 0
     while True:
+        stop.raise_if_requested()  # A stop whose interrupt a trial lost ends the search here, not a trial later.
         taken = _next_trial(study, options, seed)
         if taken is None:
             return trained

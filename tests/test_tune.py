@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,40 @@ def test_a_small_search_stopped_by_sigterm_resumes_to_its_trials_best_and_export
     assert again.returncode == 0 and "tune: trial" not in again.stdout, again.stdout
     assert json.loads((run_dir / "best.json").read_text()) == best
     assert [path.name for path in Path(best["export"]).parent.iterdir()] == ["1"]
+
+
+@pytest.mark.slow
+def test_a_stop_whose_interrupt_is_lost_still_ends_the_search_at_the_next_batch(tmp_path, fashion_mnist_dir,
+                                                                                monkeypatch):
+    """TensorFlow's C++ now and then clears the KeyboardInterrupt a stop raises
+    in Python code it called (lenet_tf/stop.py); under SLURM a requeued job's
+    worker trained on, trial after trial. Here trial 1's settings are drawn by
+    code that loses the interrupt the same way: the search still stops, at that
+    trial's first epoch, with its one line and exit code 143."""
+    from lenet_tf import tune
+
+    draw_settings = tune._suggest
+
+    def draw_settings_losing_a_stop(trial, space, structures):
+        if trial.number == 1:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # The handler raises the interrupt in here ...
+            except KeyboardInterrupt:
+                pass  # ... and it is lost, as in TensorFlow's C++.
+            else:
+                pytest.fail("the SIGTERM handler raised nothing")
+        return draw_settings(trial, space, structures)
+
+    monkeypatch.setattr(tune, "_suggest", draw_settings_losing_a_stop)
+    run_dir = tmp_path / "run"
+    result = run_main(*_tune_command(run_dir, 3, 1, "--format", "")[3:], cwd=tmp_path)
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == ("lenet-tf tune: terminated (SIGTERM); run the same command "
+                                                      "again to resume")
+    assert sorted(_trial_metrics(run_dir)) == [0]  # Trial 1 did not finish its epoch; trial 2 never began.
+    assert re.findall(r"^tune: trial (\d+) \(", result.stdout, re.MULTILINE) == ["0", "1"]
+    assert backed_up_epochs(RunDir(run_dir / "trials" / "1").backup_metadata) == 0
 
 
 @pytest.mark.slow
