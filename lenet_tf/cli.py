@@ -430,24 +430,43 @@ def _train(args) -> int:
 
 
 def _tune(args) -> int:
-    from lenet_tf.tune import WORKER_VARIABLE, check_options, finish, run_parallel, run_worker
+    from lenet_tf.tune import WORKER_VARIABLE, ParallelWorkers, finish, run_worker, wait_for_go_ahead
 
     options = args.tune_options
-    in_a_parallel_run = bool(os.environ.get(WORKER_VARIABLE))
-    if not in_a_parallel_run:
-        check_options(options)  # With --max-params against the models' parameter counts.
+    if os.environ.get(WORKER_VARIABLE):  # Started by a --parallel K run, whose first worker checks and finishes.
+        import_tensorflow_quietly()
+        if wait_for_go_ahead():
+            run_worker(options)
+        return 0
     if options.parallel > 1:
-        code = run_parallel(options, args.argv)
+        workers = ParallelWorkers(options, args.argv)  # Before this import: the K imports run at once.
+        try:
+            _import_tensorflow_and_check(options, threads=len(workers.own_cpus))
+        except BaseException:
+            workers.cancel()
+            raise
+        code = workers.run(options)
         if code:
             return code
     else:
+        _import_tensorflow_and_check(options)
         run_worker(options)
-    if in_a_parallel_run:
-        return 0  # The parent finishes.
     if finish(options) is None:
         print("tune: the remaining trials are in other workers' hands; the last one to finish writes best.json",
               flush=True)
     return 0
+
+
+def _import_tensorflow_and_check(options, threads: int | None = None) -> None:
+    """TensorFlow's import, then the check of --max-params against the models'
+    parameter counts. `threads`: the size of TensorFlow's thread pools for a
+    worker of --parallel, set before the check's models start its runtime."""
+    from lenet_tf.tune import check_options, size_thread_pools
+
+    import_tensorflow_quietly()
+    if threads is not None:
+        size_thread_pools(threads)
+    check_options(options)
 
 
 def _check_flags_and_start_reading_data(args) -> None:
@@ -597,6 +616,9 @@ HANDLERS = {
 }
 # Servers of files already written: they start at once, without TensorFlow's import.
 WITHOUT_TENSORFLOW = ("serve-web", "tensorboard")
+# It imports TensorFlow itself, once it has started what must not wait for the
+# import (the other workers of --parallel, which import it meanwhile).
+IMPORTS_TENSORFLOW_ITSELF = ("tune",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -614,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unraisable_hook = sys.unraisablehook
     try:
         with _stop_signals_as_interrupts(stop_signals):
-            if args.command not in WITHOUT_TENSORFLOW:
+            if args.command not in WITHOUT_TENSORFLOW + IMPORTS_TENSORFLOW_ITSELF:
                 # Inside: Ctrl-C in the seconds TensorFlow takes to import is a
                 # stop like any other, not a traceback from its import machinery.
                 import_tensorflow_quietly()

@@ -47,10 +47,12 @@ from lenet_tf.registry import DatasetInfo, resolve_dataset
 DEFAULT_MAX_PARAMS = 100_000
 DEFAULT_VALIDATION_SPLIT = 0.1
 STUDY_NAME = "lenet-tf"
-# Set by `--parallel K` for its worker processes: the worker's index, and the
-# CPUs it may use (its share of this machine's).
+# Set by `--parallel K` for the worker processes it starts: the worker's index,
+# the CPUs it may use (its share of this machine's), and the pipe it reads the
+# first worker's go-ahead from.
 WORKER_VARIABLE = "LENET_TF_TUNE_WORKER"
 CPUS_VARIABLE = "LENET_TF_TUNE_CPUS"
+GO_AHEAD_VARIABLE = "LENET_TF_TUNE_GO_AHEAD"
 
 
 @dataclass(frozen=True)
@@ -496,7 +498,8 @@ def _pruning_callback(trial):
     return ReportValidationAccuracy()
 
 
-def _run_trial(study, trial, options: TuneOptions, structures: list[str], datasets, out: TextIO) -> None:
+def _run_trial(study, trial, options: TuneOptions, structures: list[str], datasets, out: TextIO,
+               worker: int | None) -> None:
     """Trains one trial in its folder (resuming it if a worker left it) and tells Optuna how it went."""
     from optuna.trial import TrialState
 
@@ -524,7 +527,7 @@ def _run_trial(study, trial, options: TuneOptions, structures: list[str], datase
     metrics = json.loads(run_dir.metrics.read_text()) if run_dir.metrics.is_file() else None
     pruned = False
     if metrics is None:  # Else trained by a worker that stopped before telling Optuna.
-        print(f"tune: trial {trial.number} ({_worker_name()}): {settings_as_flags(settings)}", file=out, flush=True)
+        print(f"tune: trial {trial.number} ({_worker_name(worker)}): {settings_as_flags(settings)}", file=out, flush=True)
         callback = _pruning_callback(trial)
         try:
             metrics = train_and_evaluate(config, datasets=datasets, out=out, extra_callbacks=(callback,),
@@ -545,32 +548,44 @@ def _run_trial(study, trial, options: TuneOptions, structures: list[str], datase
           file=out, flush=True)
 
 
-def _worker_name() -> str:
-    if os.environ.get(WORKER_VARIABLE):
-        return f"worker {os.environ[WORKER_VARIABLE]}"
+def _worker_index() -> int | None:
+    """This process's index among the workers of a --parallel run (None outside one)."""
+    index = os.environ.get(WORKER_VARIABLE, "")
+    return int(index) if index.isdigit() else None
+
+
+def _worker_name(worker: int | None) -> str:
+    if worker is not None:
+        return f"worker {worker}"
     if os.environ.get("SLURM_PROCID") and os.environ.get("SLURM_STEP_NUM_TASKS", "1") != "1":
         return f"SLURM task {os.environ['SLURM_PROCID']}"
     return f"process {os.getpid()}"
 
 
-def _worker_seed(seed: int) -> int:
+def _worker_seed(seed: int, worker: int | None) -> int:
     """Different for each worker of one search (several may ask at the same count after a takeover)."""
-    index = os.environ.get(WORKER_VARIABLE) or os.environ.get("SLURM_PROCID") or "0"
+    index = str(worker) if worker is not None else os.environ.get("SLURM_PROCID") or "0"
     array_task = os.environ.get("SLURM_ARRAY_TASK_ID", "0")
     return seed + 1000 * int(index if index.isdigit() else 0) + 100_000 * int(array_task if array_task.isdigit()
                                                                                 else 0)
 
 
-def run_worker(options: TuneOptions, datasets=None, out: TextIO | None = None) -> int:
+def run_worker(options: TuneOptions, datasets=None, out: TextIO | None = None, worker: int | None = None) -> int:
     """Trains trials until the study has --trials finished ones (or every
     remaining one is in another worker's hands); returns how many it trained.
-    Progress goes to `out` (default: sys.stdout as it is at the call)."""
+    Progress goes to `out` (default: sys.stdout as it is at the call).
+    `worker`: its index in a --parallel run (default: from the environment
+    run_parallel gives the workers it starts; None outside one)."""
     out = out or sys.stdout
     from lenet_tf.data import load_datasets
 
-    _use_cpu_share()
+    if worker is None:
+        worker = _worker_index()
+        cpus = os.environ.get(CPUS_VARIABLE)
+        if cpus:
+            _use_cpu_share({int(cpu) for cpu in cpus.split(",")})
     options.run_dir.mkdir(parents=True, exist_ok=True)
-    seed = _worker_seed(options.base.seed)
+    seed = _worker_seed(options.base.seed, worker)
     study = _open_study(options, seed)
     structures = allowed_structures(options)
     with _locked(options.run_dir / "study.lock"):
@@ -592,27 +607,34 @@ def run_worker(options: TuneOptions, datasets=None, out: TextIO | None = None) -
         try:
             if resumed:
                 print(f"tune: taking over trial {trial.number}, left unfinished", file=out, flush=True)
-            _run_trial(study, trial, options, structures, datasets, out)
+            _run_trial(study, trial, options, structures, datasets, out, worker)
             trained += 1
         finally:
             claim.release()
 
 
-def _use_cpu_share() -> None:
+def _use_cpu_share(cpus: set[int]) -> None:
     """A --parallel worker: its share of the CPUs, and TensorFlow's thread pools sized to it."""
-    cpus = os.environ.get(CPUS_VARIABLE)
-    if not cpus:
-        return
-    chosen = {int(cpu) for cpu in cpus.split(",")}
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, chosen)
+        os.sched_setaffinity(0, cpus)
+    size_thread_pools(len(cpus))
+
+
+def size_thread_pools(threads: int) -> None:
+    """TensorFlow's thread pools for a worker of `threads` CPUs; before its runtime starts (the first op)."""
     import tensorflow as tf
 
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(len(chosen))
-        tf.config.threading.set_inter_op_parallelism_threads(len(chosen))
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError:
         pass  # TensorFlow's runtime has started already (in a test's process): its pools stay.
+
+
+def cpu_shares(workers: int) -> list[set[int]]:
+    """This process's CPUs dealt out among `workers` workers (all of them to each, when fewer CPUs than workers)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return [set(cpus[index::workers] or cpus) for index in range(workers)]
 
 
 # --- the end: the best trial, tested once and exported ----------------------------------------------------------
@@ -713,29 +735,85 @@ def _dataset(options: TuneOptions) -> DatasetInfo:
 # --- --parallel K: K workers on this machine ---------------------------------------------------------------------
 
 
-def run_parallel(options: TuneOptions, argv: list[str], out: TextIO | None = None) -> int:
-    """Runs `lenet-tf tune ARGV --parallel 1` K times, each on its share of the
-    CPUs, and waits for them; returns the first failing worker's exit code, or 0.
-    Progress goes to `out` (default: sys.stdout as it is at the call)."""
-    out = out or sys.stdout
-    from lenet_tf.io_utils import child_environment
+class ParallelWorkers:
+    """The K-1 processes of a `--parallel K` search beside this one, each
+    `lenet-tf tune ARGV --parallel 1` on its own share of the CPUs, this
+    process being the first worker (a parent that only waited would pay
+    TensorFlow's import, seconds of CPU, for nothing).
 
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    shares = [cpus[index::options.parallel] or cpus for index in range(options.parallel)]
-    workers = []
+    Started before this process imports TensorFlow, so that the K imports run
+    at once. Each waits for go_ahead() before it touches the run folder
+    (wait_for_go_ahead): a search this process then finds it cannot run
+    (cancel()) leaves nothing behind.
+    """
+
+    def __init__(self, options: TuneOptions, argv: list[str]):
+        from lenet_tf.io_utils import child_environment
+
+        shares = cpu_shares(options.parallel)
+        self.own_cpus = shares[0]
+        self._processes: list[subprocess.Popen] = []
+        read_end, write_end = os.pipe()
+        self._go_ahead: int | None = write_end
+        try:
+            for index, share in enumerate(shares[1:], start=1):
+                environment = child_environment(**{WORKER_VARIABLE: str(index),
+                                                   CPUS_VARIABLE: ",".join(map(str, sorted(share))),
+                                                   GO_AHEAD_VARIABLE: str(read_end)})
+                command = [sys.executable, "-m", "lenet_tf.child", str(os.getpid()), "lenet_tf", "tune", *argv,
+                           "--parallel", "1"]
+                self._processes.append(subprocess.Popen(command, env=environment, pass_fds=(read_end,)))
+        except BaseException:
+            self.cancel()
+            raise
+        finally:
+            os.close(read_end)
+
+    def cancel(self) -> None:
+        """Ends the others before they touch the run folder (nothing of theirs to keep)."""
+        self._close_go_ahead()
+        for process in self._processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+    def run(self, options: TuneOptions, out: TextIO | None = None) -> int:
+        """Lets the others start, trains trials here on this process's share
+        of the CPUs, and waits for them; returns the first failing worker's
+        exit code, or 0. This process's thread pools must be sized to its
+        share before TensorFlow's runtime starts (size_thread_pools)."""
+        os.write(self._go_ahead, b"1" * len(self._processes))  # One byte for each of them to read.
+        self._close_go_ahead()
+        all_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        try:
+            _use_cpu_share(self.own_cpus)
+            run_worker(options, out=out, worker=0)
+            codes = [process.wait() for process in self._processes]
+        except BaseException:
+            for process in self._processes:
+                if process.poll() is None:
+                    process.terminate()  # SIGTERM: it stops at its next safe point, its trial's backup intact.
+            for process in self._processes:
+                process.wait()
+            raise
+        finally:
+            if all_cpus is not None:
+                os.sched_setaffinity(0, all_cpus)  # The end (the best trial's test and export) on every CPU.
+        return next((code for code in codes if code != 0), 0)
+
+    def _close_go_ahead(self) -> None:
+        if self._go_ahead is not None:
+            os.close(self._go_ahead)
+            self._go_ahead = None
+
+
+def wait_for_go_ahead() -> bool:
+    """In a worker that ParallelWorkers started: waits until the first worker
+    has checked the search; False when it found that the search cannot run."""
+    descriptor = os.environ.get(GO_AHEAD_VARIABLE)
+    if not descriptor:
+        return True
     try:
-        for index, share in enumerate(shares):
-            environment = child_environment(**{WORKER_VARIABLE: str(index),
-                                               CPUS_VARIABLE: ",".join(map(str, share))})
-            command = [sys.executable, "-m", "lenet_tf.child", str(os.getpid()), "lenet_tf", "tune", *argv,
-                       "--parallel", "1"]
-            workers.append(subprocess.Popen(command, env=environment))
-        codes = [worker.wait() for worker in workers]
-    except KeyboardInterrupt:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.terminate()  # SIGTERM: the worker stops at its next safe point, its trial's backup intact.
-        for worker in workers:
-            worker.wait()
-        raise
-    return next((code for code in codes if code != 0), 0)
+        return os.read(int(descriptor), 1) == b"1"
+    finally:
+        os.close(int(descriptor))

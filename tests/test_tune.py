@@ -79,6 +79,8 @@ def test_every_default_setting_is_a_valid_value_and_the_defaults_fit_max_params(
     (["--trials", "0"], "--trials must be a positive integer (got 0)"),
     (["--trials", "3", "--search", "optimiser=sgd"], "--optimiser is not a setting the search can vary"),
     (["--trials", "3", "--max-params", "5000"], "--max-params 5,000: no setting of the search space is that small"),
+    # Found by the first worker once the others were started: they end, and nothing is written.
+    (["--trials", "3", "--max-params", "5000", "--parallel", "2"], "--max-params 5,000: no setting"),
     (["--trials", "3", "--search", "batch-size=0|64"], "--batch-size must be a positive integer (got 0)"),
     (["--trials", "3", "--validation-split", "0"], "--validation-split must be above 0"),
 ])
@@ -203,21 +205,20 @@ def test_a_stop_whose_interrupt_is_lost_still_ends_the_search_at_the_next_batch(
 
 
 @pytest.mark.slow
-def test_two_workers_at_once_share_one_study_and_train_each_trial_once(tmp_path, fashion_mnist_dir):
+def test_parallel_2_trains_in_two_processes_on_one_study_and_each_trial_once(tmp_path, fashion_mnist_dir):
+    """`--parallel 2`: this process and one it starts, each on one of the two
+    CPUs, share the study: each trial trained once, none lost, both trained."""
     run_dir = tmp_path / "run"
-    command = _tune_command(run_dir, 4, 1, "--format", "")
-    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    workers = [subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [worker.communicate(timeout=600) for worker in workers]
-    for worker, (_, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
-    started = [re.findall(r"^tune: trial (\d+) \(process (\d+)\)", stdout, re.MULTILINE) for stdout, _ in outputs]
-    numbers = sorted(int(number) for trials in started for number, _ in trials)
-    assert numbers == [0, 1, 2, 3]  # Each trained once, none lost.
-    assert all(started), "both workers trained"
+    command = _tune_command(run_dir, 4, 1, "--format", "", "--parallel", "2")
+    result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    started = re.findall(r"^tune: trial (\d+) \(worker (\d)\)", result.stdout, re.MULTILINE)
+    assert sorted(int(number) for number, _ in started) == [0, 1, 2, 3], result.stdout  # Each once, none lost.
+    assert {worker for _, worker in started} == {"0", "1"}, result.stdout  # Both trained.
     assert sorted(_trial_metrics(run_dir)) == [0, 1, 2, 3]
     assert json.loads((run_dir / "best.json").read_text())["trials"] == 4
+    assert "tune: best of 4 trials" in result.stdout and "Traceback" not in result.stderr
 
 
 def test_the_docs_show_the_tune_sbatch_script():
