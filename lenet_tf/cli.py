@@ -711,6 +711,8 @@ def _stop_signals_as_interrupts(received: list[int]):
             return
         received.append(signal_number)
         stop.record(signal_number)  # Raised again at the next safe point if this interrupt is lost.
+        if stop.deferring():
+            return  # Raised when the block that must not be interrupted ends.
         sys.unraisablehook = _drop_unraisable  # Until main() has freed what the stop left half-built.
         raise KeyboardInterrupt()
 

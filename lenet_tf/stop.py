@@ -8,9 +8,18 @@ vanishes: the run would go on as if never asked to stop (a SLURM requeue
 left one of a job's tune workers training trial after trial). So the signal
 is also recorded here, and the loops raise the interrupt again at their safe
 points: each training batch and epoch, each trial of a search.
+
+The opposite case, code that must not be interrupted halfway (Optuna's
+journal lock: an interrupt between the two steps of its release made it
+fail on its own clean-up, a traceback), runs inside deferred(): a stop
+signal that arrives meanwhile raises its interrupt when the block ends.
 """
 
+import contextlib
+from typing import Iterator
+
 _signals: list[int] = []
+_deferring = 0  # How many deferred() blocks the main thread is in.
 
 
 def record(signal_number: int) -> None:
@@ -31,3 +40,21 @@ def raise_if_requested() -> None:
     """At a safe point: the interrupt again, if a stop was asked for and its first one was lost."""
     if _signals:
         raise KeyboardInterrupt()
+
+
+def deferring() -> bool:
+    """Whether a stop signal must wait (asked by the signal handler)."""
+    return _deferring > 0
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A block that a stop signal does not interrupt: its interrupt is raised when the block ends."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring:
+        raise_if_requested()

@@ -339,8 +339,17 @@ def _open_study(options: TuneOptions, seed: int):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    class StopSafeJournal(JournalFileBackend):
+        """The study's journal file, each write under its lock finished before
+        a stop signal raises its interrupt: Optuna's lock release, interrupted
+        between its two steps, fails on its own clean-up."""
+
+        def append_logs(self, logs):
+            with stop.deferred():
+                super().append_logs(logs)
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(options.run_dir / "study.journal")))
+    storage = JournalStorage(StopSafeJournal(str(options.run_dir / "study.journal")))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if options.prune \
         else optuna.pruners.NopPruner()
     return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True,
@@ -782,7 +791,10 @@ class ParallelWorkers:
         of the CPUs, and waits for them; returns the first failing worker's
         exit code, or 0. This process's thread pools must be sized to its
         share before TensorFlow's runtime starts (size_thread_pools)."""
-        os.write(self._go_ahead, b"1" * len(self._processes))  # One byte for each of them to read.
+        try:
+            os.write(self._go_ahead, b"1" * len(self._processes))  # One byte for each of them to read.
+        except BrokenPipeError:
+            pass  # Every other worker has ended already: its exit code says how, below.
         self._close_go_ahead()
         all_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         try:

@@ -204,6 +204,40 @@ def test_a_stop_whose_interrupt_is_lost_still_ends_the_search_at_the_next_batch(
     assert backed_up_epochs(RunDir(run_dir / "trials" / "1").backup_metadata) == 0
 
 
+def test_a_stop_signal_inside_a_write_to_the_study_waits_for_the_write_and_its_lock(tmp_path, monkeypatch):
+    """Optuna's journal lock is released in two steps (rename, unlink), and its
+    clean-up after an interrupt unlinks again: a SIGTERM between the unlink and
+    the return ended a SLURM task with a FileNotFoundError traceback. The
+    study's writes are not interrupted: the stop comes once the write is done."""
+    from optuna.storages.journal import _file
+
+    from lenet_tf import tune
+
+    options = TuneOptions(TrainConfig(validation_split=0.1, run_dir=str(tmp_path / "run")), 3,
+                          default_space(TrainConfig()))
+    options.run_dir.mkdir()
+    study = tune._open_study(options, seed=0)
+    unlink = os.unlink
+
+    def unlink_then_stop(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)
+        if str(path).endswith(_file.RENAME_FILE_SUFFIX):  # The lock's release, its last step.
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)  # The handler runs in here.
+
+    received = []
+    with cli._stop_signals_as_interrupts(received):
+        monkeypatch.setattr(os, "unlink", unlink_then_stop)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                study.set_user_attr("note", "written")
+        finally:
+            monkeypatch.undo()
+    assert received == [signal.SIGTERM]
+    assert tune._open_study(options, seed=0).user_attrs == {"note": "written"}
+    assert sorted(path.name for path in options.run_dir.iterdir()) == ["study.journal"]  # No lock left behind.
+
+
 @pytest.mark.slow
 def test_parallel_2_trains_in_two_processes_on_one_study_and_each_trial_once(tmp_path, fashion_mnist_dir):
     """`--parallel 2`: this process and one it starts, each on one of the two
