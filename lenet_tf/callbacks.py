@@ -26,15 +26,18 @@ from lenet_tf.run_dir import BACKUP_RECORD_FILE
 
 class HonourStop(keras.callbacks.Callback):
     """Raises a stop's interrupt again at each batch and epoch, when its first
-    one was lost (see lenet_tf/stop.py): the run stops there, as it would have."""
+    one was lost (see lenet_tf/stop.py): the run stops there, as it would have.
+    At the start of each batch, whose hooks get no logs: nothing waits for a step."""
+
+    async_safe = True
 
     def on_epoch_begin(self, epoch, logs=None):
         stop.raise_if_requested()
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_begin(self, batch, logs=None):
         stop.raise_if_requested()
 
-    def on_test_batch_end(self, batch, logs=None):
+    def on_test_batch_begin(self, batch, logs=None):
         stop.raise_if_requested()
 
 

@@ -430,7 +430,9 @@ def _train(args) -> int:
 
 
 def _tune(args) -> int:
-    from lenet_tf.tune import WORKER_VARIABLE, ParallelWorkers, finish, run_worker, wait_for_go_ahead
+    from lenet_tf.tune import (
+        WORKER_VARIABLE, ParallelWorkers, finish, run_worker, start_worker, train_trials, wait_for_go_ahead,
+    )
 
     options = args.tune_options
     if os.environ.get(WORKER_VARIABLE):  # Started by a --parallel K run, whose first worker checks and finishes.
@@ -440,18 +442,22 @@ def _tune(args) -> int:
         return 0
     if options.parallel > 1:
         workers = ParallelWorkers(options, args.argv)  # Before this import: the K imports run at once.
-        try:
-            _import_tensorflow_and_check(options, threads=len(workers.own_cpus))
-        except BaseException:
-            workers.cancel()
-            raise
-        code = workers.run(options)
+        with workers.own_share():
+            try:
+                # A mistake found here ends the others before they touch anything: one line.
+                _import_tensorflow_and_check(options, threads=len(workers.own_cpus))
+                started = start_worker(options, worker=0)
+            except BaseException:
+                workers.cancel()
+                raise
+            code = workers.run(started, options)
         if code:
             return code
     else:
         _import_tensorflow_and_check(options)
-        run_worker(options)
-    if finish(options) is None:
+        started = start_worker(options)
+        train_trials(started, options)
+    if finish(options, started.datasets) is None:
         print("tune: the remaining trials are in other workers' hands; the last one to finish writes best.json",
               flush=True)
     return 0
@@ -641,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # stop like any other, not a traceback from its import machinery.
                 import_tensorflow_quietly()
             exit_code = HANDLERS[args.command](args)
-        if stop_signals:
+        if stop_signals and args.command not in WITHOUT_TENSORFLOW:  # A server ends on Ctrl-C: that is its end.
             # The stop's interrupt was lost somewhere no safe point came after
             # (see lenet_tf/stop.py): the work is done, but the stop is still reported.
             return _report_stop(args.command, stop_signals)

@@ -10,12 +10,13 @@ is also recorded here, and the loops raise the interrupt again at their safe
 points: each training batch and epoch, each trial of a search.
 
 The opposite case, code that must not be interrupted halfway (Optuna's
-journal lock: an interrupt between the two steps of its release made it
-fail on its own clean-up, a traceback), runs inside deferred(): a stop
-signal that arrives meanwhile raises its interrupt when the block ends.
+journal lock: interrupted, its release fails on its own clean-up, a
+traceback), runs inside deferred(): a stop signal that arrives meanwhile
+raises its interrupt when the block ends.
 """
 
 import contextlib
+import threading
 from typing import Iterator
 
 _signals: list[int] = []
@@ -32,10 +33,6 @@ def forget() -> None:
     _signals.clear()
 
 
-def requested() -> bool:
-    return bool(_signals)
-
-
 def raise_if_requested() -> None:
     """At a safe point: the interrupt again, if a stop was asked for and its first one was lost."""
     if _signals:
@@ -43,18 +40,24 @@ def raise_if_requested() -> None:
 
 
 def deferring() -> bool:
-    """Whether a stop signal must wait (asked by the signal handler)."""
+    """Whether a stop signal must wait for the end of a deferred() block (asked by the signal handler)."""
     return _deferring > 0
 
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """A block that a stop signal does not interrupt: its interrupt is raised when the block ends."""
+    """A block of the main thread that a stop signal does not interrupt: the
+    interrupt of one that arrives meanwhile is raised when the block ends.
+    (Signal handlers run in the main thread: elsewhere there is nothing to defer.)"""
     global _deferring
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals_before = len(_signals)
     _deferring += 1
     try:
         yield
     finally:
         _deferring -= 1
-    if not _deferring:
-        raise_if_requested()
+    if not _deferring and len(_signals) > signals_before:
+        raise KeyboardInterrupt()

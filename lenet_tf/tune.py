@@ -341,8 +341,11 @@ def _open_study(options: TuneOptions, seed: int):
 
     class StopSafeJournal(JournalFileBackend):
         """The study's journal file, each write under its lock finished before
-        a stop signal raises its interrupt: Optuna's lock release, interrupted
-        between its two steps, fails on its own clean-up."""
+        a stop signal raises its interrupt. Optuna's lock is not safe against
+        one: interrupted between the two steps of its release, it fails on its
+        own clean-up; interrupted while it waits, it removes the lock another
+        worker holds. (A stop then waits as long as the lock does: at most
+        Optuna's 30 s grace for a lock whose holder died.)"""
 
         def append_logs(self, logs):
             with stop.deferred():
@@ -536,7 +539,8 @@ def _run_trial(study, trial, options: TuneOptions, structures: list[str], datase
     metrics = json.loads(run_dir.metrics.read_text()) if run_dir.metrics.is_file() else None
     pruned = False
     if metrics is None:  # Else trained by a worker that stopped before telling Optuna.
-        print(f"tune: trial {trial.number} ({_worker_name(worker)}): {settings_as_flags(settings)}", file=out, flush=True)
+        print(f"tune: trial {trial.number} ({_worker_name(worker)}): {settings_as_flags(settings)}", file=out,
+              flush=True)
         callback = _pruning_callback(trial)
         try:
             metrics = train_and_evaluate(config, datasets=datasets, out=out, extra_callbacks=(callback,),
@@ -579,13 +583,25 @@ def _worker_seed(seed: int, worker: int | None) -> int:
                                                                                 else 0)
 
 
-def run_worker(options: TuneOptions, datasets=None, out: TextIO | None = None, worker: int | None = None) -> int:
-    """Trains trials until the study has --trials finished ones (or every
-    remaining one is in another worker's hands); returns how many it trained.
-    Progress goes to `out` (default: sys.stdout as it is at the call).
-    `worker`: its index in a --parallel run (default: from the environment
-    run_parallel gives the workers it starts; None outside one)."""
-    out = out or sys.stdout
+@dataclass
+class StartedWorker:
+    """A worker ready for its first trial: its index in a --parallel run
+    (None outside one), its seed, the study, the structures under
+    --max-params and the data."""
+
+    index: int | None
+    seed: int
+    study: Any
+    structures: list[str]
+    datasets: Any
+
+
+def start_worker(options: TuneOptions, datasets=None, worker: int | None = None) -> StartedWorker:
+    """Everything a worker does before its first trial: the run folder and
+    the study (UsageError for one started with other settings), the data
+    (UsageError when it cannot be found). `worker`: its index in a --parallel
+    run (default: from the environment ParallelWorkers gives the workers it
+    starts, whose CPU share is then set here; None outside one)."""
     from lenet_tf.data import load_datasets
 
     if worker is None:
@@ -606,20 +622,33 @@ def run_worker(options: TuneOptions, datasets=None, out: TextIO | None = None, w
                 study.enqueue_trial(params, user_attrs={"starting_settings": True})
     if datasets is None:
         datasets = load_datasets(_dataset(options), options.base.data_dir)
+    return StartedWorker(worker, seed, study, structures, datasets)
+
+
+def train_trials(started: StartedWorker, options: TuneOptions, out: TextIO | None = None) -> int:
+    """Trains trials until the study has --trials finished ones (or every
+    remaining one is in another worker's hands); returns how many it trained.
+    Progress goes to `out` (default: sys.stdout as it is at the call)."""
+    out = out or sys.stdout
     trained = 0
     while True:
         stop.raise_if_requested()  # A stop whose interrupt a trial lost ends the search here, not a trial later.
-        taken = _next_trial(study, options, seed)
+        taken = _next_trial(started.study, options, started.seed)
         if taken is None:
             return trained
         trial, claim, resumed = taken
         try:
             if resumed:
                 print(f"tune: taking over trial {trial.number}, left unfinished", file=out, flush=True)
-            _run_trial(study, trial, options, structures, datasets, out, worker)
+            _run_trial(started.study, trial, options, started.structures, started.datasets, out, started.index)
             trained += 1
         finally:
             claim.release()
+
+
+def run_worker(options: TuneOptions, datasets=None, out: TextIO | None = None) -> int:
+    """start_worker, then train_trials: a worker's whole part of the search; returns how many trials it trained."""
+    return train_trials(start_worker(options, datasets), options, out)
 
 
 def _use_cpu_share(cpus: set[int]) -> None:
@@ -751,9 +780,9 @@ class ParallelWorkers:
     TensorFlow's import, seconds of CPU, for nothing).
 
     Started before this process imports TensorFlow, so that the K imports run
-    at once. Each waits for go_ahead() before it touches the run folder
-    (wait_for_go_ahead): a search this process then finds it cannot run
-    (cancel()) leaves nothing behind.
+    at once. Each then waits for the go-ahead run() gives (wait_for_go_ahead)
+    before it touches the run folder: a search this process finds it cannot
+    run, before that, ends them (cancel()) and leaves nothing of theirs behind.
     """
 
     def __init__(self, options: TuneOptions, argv: list[str]):
@@ -778,6 +807,22 @@ class ParallelWorkers:
         finally:
             os.close(read_end)
 
+    @contextlib.contextmanager
+    def own_share(self) -> Iterator[None]:
+        """This process on its share of the CPUs for the duration. Entered
+        before TensorFlow's runtime starts, whose threads then keep the share
+        (an affinity set later holds for the calling thread only), as does
+        the end (the best trial's test and export) after the block."""
+        if not hasattr(os, "sched_setaffinity"):
+            yield
+            return
+        all_cpus = os.sched_getaffinity(0)
+        _use_cpu_share(self.own_cpus)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, all_cpus)
+
     def cancel(self) -> None:
         """Ends the others before they touch the run folder (nothing of theirs to keep)."""
         self._close_go_ahead()
@@ -786,20 +831,18 @@ class ParallelWorkers:
                 process.kill()
             process.wait()
 
-    def run(self, options: TuneOptions, out: TextIO | None = None) -> int:
-        """Lets the others start, trains trials here on this process's share
-        of the CPUs, and waits for them; returns the first failing worker's
-        exit code, or 0. This process's thread pools must be sized to its
-        share before TensorFlow's runtime starts (size_thread_pools)."""
+    def run(self, started: StartedWorker, options: TuneOptions, out: TextIO | None = None) -> int:
+        """Gives the others the go-ahead, trains trials here (`started`: this
+        process's start_worker, index 0) and waits for them; returns the first
+        failing worker's exit code, or 0."""
         try:
-            os.write(self._go_ahead, b"1" * len(self._processes))  # One byte for each of them to read.
-        except BrokenPipeError:
-            pass  # Every other worker has ended already: its exit code says how, below.
-        self._close_go_ahead()
-        all_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-        try:
-            _use_cpu_share(self.own_cpus)
-            run_worker(options, out=out, worker=0)
+            try:
+                os.write(self._go_ahead, b"1" * len(self._processes))  # One byte for each of them to read.
+            except BrokenPipeError:
+                pass  # Every other worker has ended already: its exit code says how, below.
+            self._close_go_ahead()
+            train_trials(started, options, out)
+            stop.raise_if_requested()  # A stop this process lost must still reach the others.
             codes = [process.wait() for process in self._processes]
         except BaseException:
             for process in self._processes:
@@ -808,9 +851,6 @@ class ParallelWorkers:
             for process in self._processes:
                 process.wait()
             raise
-        finally:
-            if all_cpus is not None:
-                os.sched_setaffinity(0, all_cpus)  # The end (the best trial's test and export) on every CPU.
         return next((code for code in codes if code != 0), 0)
 
     def _close_go_ahead(self) -> None:

@@ -365,14 +365,15 @@ class Watched:
     def write(self, text):
         sys.__stdout__.write(text)
         if "(Ctrl-C to stop)" in text:
-            threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT)).start()
+            # A moment later: in the server's loop, where Ctrl-C ends it with exit code 0.
+            threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGINT)).start()
         return len(text)
 
     def flush(self):
         sys.__stdout__.flush()
 
 sys.stdout = Watched()
-main(sys.argv[1:])
+print("exit code:", main(sys.argv[1:]), file=sys.__stdout__)  # Ctrl-C is how a server ends: 0.
 if sys.argv[1] == "tensorboard":
     import tensorboard.compat
     tensorboard.compat.tf.io  # What TensorBoard reads the logs with: TensorFlow, if it would import it.
@@ -393,3 +394,4 @@ def test_the_servers_start_and_stop_without_importing_tensorflow(command, tmp_pa
                                capture_output=True, text=True, timeout=300)
     assert "(Ctrl-C to stop)" in completed.stdout, completed.stderr[-3000:]
     assert completed.stdout.strip().splitlines()[-1] == "tensorflow imported: False", completed.stderr[-3000:]
+    assert "exit code: 0" in completed.stdout and "interrupted" not in completed.stderr, completed.stderr[-3000:]

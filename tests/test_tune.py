@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -175,25 +174,24 @@ def test_a_stop_whose_interrupt_is_lost_still_ends_the_search_at_the_next_batch(
                                                                                 monkeypatch):
     """TensorFlow's C++ now and then clears the KeyboardInterrupt a stop raises
     in Python code it called (lenet_tf/stop.py); under SLURM a requeued job's
-    worker trained on, trial after trial. Here trial 1's settings are drawn by
+    worker trained on, trial after trial. Here trial 1's training starts in
     code that loses the interrupt the same way: the search still stops, at that
     trial's first epoch, with its one line and exit code 143."""
-    from lenet_tf import tune
+    from lenet_tf import train
 
-    draw_settings = tune._suggest
+    train_and_evaluate = train.train_and_evaluate
 
-    def draw_settings_losing_a_stop(trial, space, structures):
-        if trial.number == 1:
+    def train_losing_a_stop(config, *args, **kwargs):
+        if Path(config.run_dir).name == "1":
             try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(10)  # The handler raises the interrupt in here ...
+                signal.raise_signal(signal.SIGTERM)  # The handler raises the interrupt ...
             except KeyboardInterrupt:
                 pass  # ... and it is lost, as in TensorFlow's C++.
             else:
                 pytest.fail("the SIGTERM handler raised nothing")
-        return draw_settings(trial, space, structures)
+        return train_and_evaluate(config, *args, **kwargs)
 
-    monkeypatch.setattr(tune, "_suggest", draw_settings_losing_a_stop)
+    monkeypatch.setattr(train, "train_and_evaluate", train_losing_a_stop)
     run_dir = tmp_path / "run"
     result = run_main(*_tune_command(run_dir, 3, 1, "--format", "")[3:], cwd=tmp_path)
     assert result.returncode == 143, result.stderr[-3000:]
@@ -222,8 +220,7 @@ def test_a_stop_signal_inside_a_write_to_the_study_waits_for_the_write_and_its_l
     def unlink_then_stop(path, *args, **kwargs):
         unlink(path, *args, **kwargs)
         if str(path).endswith(_file.RENAME_FILE_SUFFIX):  # The lock's release, its last step.
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(2)  # The handler runs in here.
+            signal.raise_signal(signal.SIGTERM)  # Its handler runs before this returns.
 
     received = []
     with cli._stop_signals_as_interrupts(received):
