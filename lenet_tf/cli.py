@@ -715,13 +715,13 @@ def _stop_signals_as_interrupts(received: list[int]):
             # as if never stopped: deliver the signal again once it has returned.
             threading.Timer(0.05, os.kill, (os.getpid(), signal_number)).start()
             return
-        received.append(signal_number)
-        stop.record(signal_number)  # Raised again at the next safe point if this interrupt is lost.
+        received.append(signal_number)  # Also what stop.raise_if_requested() reads, at the next safe point.
         if stop.deferring():
             return  # Raised when the block that must not be interrupted ends.
         sys.unraisablehook = _drop_unraisable  # Until main() has freed what the stop left half-built.
         raise KeyboardInterrupt()
 
+    stop.watch(received)
     previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

@@ -5,9 +5,10 @@ main thread is. Now and then that is inside Python code which TensorFlow's C++
 called and whose error it clears (seen: a tf.function's `name` property, read
 by TFE_Py_FastPathExecute while tf.data builds a map), and the interrupt
 vanishes: the run would go on as if never asked to stop (a SLURM requeue
-left one of a job's tune workers training trial after trial). So the signal
-is also recorded here, and the loops raise the interrupt again at their safe
-points: each training batch and epoch, each trial of a search.
+left one of a job's tune workers training trial after trial). So the list
+of signals the handler received is also this module's (watch()), and the
+loops raise the interrupt again at their safe points: each training batch
+and epoch, each trial of a search.
 
 The opposite case, code that must not be interrupted halfway (Optuna's
 journal lock: interrupted, its release fails on its own clean-up, a
@@ -19,18 +20,20 @@ import contextlib
 import threading
 from typing import Iterator
 
-_signals: list[int] = []
+_signals: list[int] = []  # The stop signals received: the list the CLI's handler appends to, while it is set.
 _deferring = 0  # How many deferred() blocks the main thread is in.
 
 
-def record(signal_number: int) -> None:
-    """Called by the signal handler, before it raises the interrupt."""
-    _signals.append(signal_number)
+def watch(received: list[int]) -> None:
+    """From now on, `received` (the list of signals the CLI's handler appends to) says whether a stop was asked for."""
+    global _signals
+    _signals = received
 
 
 def forget() -> None:
-    """Called once the stop has been reported (tests run main() many times in one process)."""
-    _signals.clear()
+    """Once the handler is gone (tests run main() many times in one process)."""
+    global _signals
+    _signals = []
 
 
 def raise_if_requested() -> None:
