@@ -812,12 +812,14 @@ class ParallelWorkers:
         """This process on its share of the CPUs for the duration. Entered
         before TensorFlow's runtime starts, whose threads then keep the share
         (an affinity set later holds for the calling thread only), as does
-        the end (the best trial's test and export) after the block."""
+        the end (the best trial's test and export) after the block. Its thread
+        pools are sized by the caller, once TensorFlow is imported quietly
+        (size_thread_pools)."""
         if not hasattr(os, "sched_setaffinity"):
             yield
             return
         all_cpus = os.sched_getaffinity(0)
-        _use_cpu_share(self.own_cpus)
+        os.sched_setaffinity(0, self.own_cpus)
         try:
             yield
         finally:
